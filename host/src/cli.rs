@@ -1,0 +1,393 @@
+//! The `wafer` command line: server roles (`dev`), local execution (`run`) and client
+//! verbs (`deploy`, `invoke`, `fns`, `rm`).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use crate::client::{Client, ClientError};
+use crate::dev::{self, DevConfig};
+use crate::runtime::{Exit, Invocation, Limits, Runtime, RuntimeConfig, Stdio};
+use crate::state::FunctionSpec;
+
+/// wafer: a WebAssembly serverless compute fabric.
+#[derive(Debug, Parser)]
+#[command(name = "wafer", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Server URL for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "WAFER_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Limits shared by `run` and `deploy`.
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Memory limit, MiB [default: 128].
+    #[arg(long = "memory", value_name = "MB")]
+    memory_mb: Option<u64>,
+    /// Wall-clock timeout, ms [default: 10000].
+    #[arg(long = "timeout", value_name = "MS")]
+    timeout_ms: Option<u64>,
+    /// Environment variable for the function (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+}
+
+impl LimitArgs {
+    fn apply(&self, spec: &mut FunctionSpec) -> anyhow::Result<()> {
+        if let Some(mb) = self.memory_mb {
+            spec.limits.memory_mb = mb;
+        }
+        if let Some(ms) = self.timeout_ms {
+            spec.limits.timeout_ms = ms;
+        }
+        for pair in &self.env {
+            let (k, v) = pair
+                .split_once('=')
+                .with_context(|| format!("--env must be KEY=VALUE, got {pair:?}"))?;
+            spec.env.insert(k.to_string(), v.to_string());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a single-node server (state, runtime, gateway) with the example functions.
+    Dev {
+        /// Gateway address (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Data folder; survives restarts.
+        #[arg(long, default_value = ".wafer/dev")]
+        data: PathBuf,
+        /// Folder of example functions to deploy at start (`NAME.wasm` + `NAME.json`).
+        #[arg(long, default_value = "target/functions")]
+        functions: PathBuf,
+        /// Do not deploy example functions.
+        #[arg(long)]
+        no_examples: bool,
+        /// Largest module accepted, MiB.
+        #[arg(long, default_value_t = 64)]
+        max_module_mb: u64,
+        /// Most function instances alive at once.
+        #[arg(long, default_value_t = 1000)]
+        max_instances: u32,
+    },
+    /// Run a WASI command module locally in wafer's sandbox: stdin -> stdout, exit code
+    /// passed through.
+    Run {
+        /// The module.
+        file: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Arguments passed to the module.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Deploy (or update) a function.
+    Deploy {
+        /// Function name.
+        name: String,
+        /// The module (.wasm).
+        file: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// JSON manifest with limits and env (flags win).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Invoke a function and print its response body.
+    Invoke {
+        /// Function name.
+        name: String,
+        /// Request body: text, `@FILE`, or `-` for stdin.
+        #[arg(long, short)]
+        data: Option<String>,
+        /// HTTP method [default: POST with --data, else GET].
+        #[arg(long, short = 'X')]
+        method: Option<String>,
+        /// Path below the function, e.g. `/items/1?x=2`.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Request header `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Print the status line and headers too.
+        #[arg(long, short)]
+        include: bool,
+    },
+    /// List deployed functions.
+    Fns {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a function.
+    Rm {
+        /// Function name.
+        name: String,
+    },
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Command::Run { file, limits, args } = &cli.command {
+        return match run_local(file, limits, args) {
+            Ok(code) => code,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: starting the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if let Some(ClientError::Api { log: Some(log), .. }) = err.downcast_ref::<ClientError>()
+            {
+                eprintln!("function log:\n{log}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&cli.server);
+    match cli.command {
+        Command::Dev {
+            http,
+            data,
+            functions,
+            no_examples,
+            max_module_mb,
+            max_instances,
+        } => {
+            let examples = if no_examples {
+                None
+            } else if functions.is_dir() {
+                Some(functions)
+            } else {
+                tracing::warn!(
+                    folder = %functions.display(),
+                    "no example functions found (run scripts/bootstrap.sh to build them)"
+                );
+                None
+            };
+            dev::run(DevConfig {
+                http,
+                data,
+                examples,
+                max_module_mb,
+                runtime: RuntimeConfig {
+                    max_instances,
+                    ..RuntimeConfig::default()
+                },
+            })
+            .await?;
+        }
+        Command::Run { .. } => unreachable_run()?,
+        Command::Deploy {
+            name,
+            file,
+            limits,
+            manifest,
+        } => {
+            let mut spec = match manifest {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("parsing {}", path.display()))?
+                }
+                None => FunctionSpec::default(),
+            };
+            limits.apply(&mut spec)?;
+            let wasm =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bar = indicatif::ProgressBar::new(wasm.len() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "uploading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(name.clone());
+            let progress = bar.clone();
+            let result = client
+                .deploy(&name, wasm, &spec, move |sent| progress.set_position(sent))
+                .await;
+            bar.finish_and_clear();
+            let record = result?;
+            println!(
+                "deployed {} version {} ({}, {} bytes)",
+                record.name, record.version, record.digest, record.size
+            );
+        }
+        Command::Invoke {
+            name,
+            data,
+            method,
+            path,
+            headers,
+            include,
+        } => {
+            let body = match data.as_deref() {
+                None => Vec::new(),
+                Some("-") => {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .context("reading stdin")?;
+                    buf
+                }
+                Some(d) if d.starts_with('@') => {
+                    std::fs::read(&d[1..]).with_context(|| format!("reading {}", &d[1..]))?
+                }
+                Some(d) => d.as_bytes().to_vec(),
+            };
+            let method = match method {
+                Some(m) => reqwest::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                    .with_context(|| format!("invalid method {m:?}"))?,
+                None if data.is_some() => reqwest::Method::POST,
+                None => reqwest::Method::GET,
+            };
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                        .with_context(|| format!("header must be `Name: value`, got {h:?}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let response = client.invoke(&name, method, &path, &headers, body).await?;
+            let mut out = std::io::stdout().lock();
+            if include {
+                writeln!(out, "HTTP {}", response.status)?;
+                for (k, v) in &response.headers {
+                    writeln!(out, "{}: {}", k, v.to_str().unwrap_or("<binary>"))?;
+                }
+                writeln!(out)?;
+            }
+            out.write_all(&response.body)?;
+            out.flush()?;
+            if !response.status.is_success() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Fns { json } => {
+            let functions = client.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&functions)?);
+            } else if functions.is_empty() {
+                println!("no functions deployed");
+            } else {
+                let mut table = comfy_table::Table::new();
+                table.load_preset(comfy_table::presets::NOTHING);
+                table.set_header(["NAME", "VERSION", "SIZE", "MEMORY", "TIMEOUT", "DIGEST"]);
+                for f in functions {
+                    table.add_row([
+                        f.name.to_string(),
+                        f.version.to_string(),
+                        human_bytes(f.size),
+                        format!("{} MiB", f.spec.limits.memory_mb),
+                        format!("{} ms", f.spec.limits.timeout_ms),
+                        f.digest.short(),
+                    ]);
+                }
+                println!("{table}");
+            }
+        }
+        Command::Rm { name } => {
+            let record = client.remove(&name).await?;
+            println!("removed {} (version {})", record.name, record.version);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unreachable_run() -> anyhow::Result<()> {
+    bail!("`wafer run` is handled before the async runtime starts")
+}
+
+/// `wafer run`: the module in wafer's sandbox with the host's stdio.
+fn run_local(file: &PathBuf, limit_args: &LimitArgs, args: &[String]) -> anyhow::Result<ExitCode> {
+    let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut spec = FunctionSpec::default();
+    limit_args.apply(&mut spec)?;
+    let limits: Limits = spec.limits;
+    let runtime = Runtime::new(&RuntimeConfig {
+        pooling: false,
+        ..RuntimeConfig::default()
+    })?;
+    let prepared = runtime.prepare(&wasm, &limits)?;
+    let program = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "main.wasm".into());
+    let mut argv = vec![program];
+    argv.extend(args.iter().cloned());
+    let outcome = runtime.invoke(
+        &prepared,
+        &limits,
+        Invocation {
+            args: argv,
+            env: spec.env.into_iter().collect(),
+            stdio: Stdio::Inherit,
+        },
+    )?;
+    let _ = std::io::stdout().flush();
+    Ok(match outcome.exit {
+        Exit::Code(code) => ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)),
+        Exit::Timeout => {
+            eprintln!("error: timed out after {} ms", limits.timeout_ms);
+            ExitCode::from(124)
+        }
+        Exit::MemoryLimit => {
+            eprintln!("error: memory limit of {} MiB exceeded", limits.memory_mb);
+            ExitCode::from(137)
+        }
+        Exit::ResponseTooLarge => ExitCode::from(1),
+        Exit::Trap(message) => {
+            eprintln!("error: trapped: {message}");
+            ExitCode::from(134)
+        }
+    })
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}

@@ -1,0 +1,231 @@
+//! HTTP client for a wafer server's REST API and invocation routes (used by the CLI).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+
+use crate::state::{FunctionRecord, FunctionSpec};
+
+/// What a client call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot reach the wafer server at {url}: {source} (is `wafer dev` running? set --server or WAFER_SERVER)")]
+    Connect {
+        /// The server URL.
+        url: String,
+        /// Why.
+        source: reqwest::Error,
+    },
+    /// The server answered with an error.
+    #[error("{message} (HTTP {status}, {code})")]
+    Api {
+        /// HTTP status.
+        status: StatusCode,
+        /// The error code from the body.
+        code: String,
+        /// The message from the body.
+        message: String,
+        /// The guest's log, if any.
+        log: Option<String>,
+    },
+    /// The server's answer could not be read.
+    #[error("reading the server's answer: {0}")]
+    Response(reqwest::Error),
+    /// Encoding the request failed.
+    #[error("encoding the request: {0}")]
+    Encode(String),
+}
+
+/// A client of one server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// An invocation's HTTP response.
+#[derive(Debug)]
+pub struct InvokeResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Client {
+    /// A client of the server at `base` (`http://host:port`).
+    pub fn new(base: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let response = request.send().await.map_err(|source| {
+            if source.is_connect() || source.is_timeout() {
+                ClientError::Connect {
+                    url: self.base.clone(),
+                    source,
+                }
+            } else {
+                ClientError::Response(source)
+            }
+        })?;
+        Ok(response)
+    }
+
+    async fn checked(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let response = self.send(request).await?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(api_error(response).await)
+        }
+    }
+
+    /// Uploads `wasm` as function `name`; `progress` is called with bytes sent so far.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+        spec: &FunctionSpec,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<FunctionRecord, ClientError> {
+        let manifest =
+            serde_json::to_string(spec).map_err(|e| ClientError::Encode(e.to_string()))?;
+        let total = wasm.len() as u64;
+        let data = Bytes::from(wasm);
+        const CHUNK: usize = 64 << 10;
+        let chunks: Vec<Bytes> = (0..data.len())
+            .step_by(CHUNK)
+            .map(|i| data.slice(i..(i + CHUNK).min(data.len())))
+            .collect();
+        let mut sent = 0u64;
+        let stream = futures_util::stream::iter(chunks).map(move |chunk| {
+            sent += chunk.len() as u64;
+            progress(sent);
+            Ok::<Bytes, std::io::Error>(chunk)
+        });
+        let request = self
+            .http
+            .put(self.url(&format!("/v1/functions/{name}")))
+            .header(crate::gateway::MANIFEST_HEADER, manifest)
+            .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+            .header(reqwest::header::CONTENT_LENGTH, total)
+            .body(reqwest::Body::wrap_stream(stream));
+        let response = self.checked(request).await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// Every deployed function.
+    pub async fn list(&self) -> Result<Vec<FunctionRecord>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            functions: Vec<FunctionRecord>,
+        }
+        let response = self
+            .checked(self.http.get(self.url("/v1/functions")))
+            .await?;
+        let list: List = response.json().await.map_err(ClientError::Response)?;
+        Ok(list.functions)
+    }
+
+    /// Removes function `name`.
+    pub async fn remove(&self, name: &str) -> Result<FunctionRecord, ClientError> {
+        let response = self
+            .checked(self.http.delete(self.url(&format!("/v1/functions/{name}"))))
+            .await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// Invokes function `name` at `path` with `method`, `headers` and `body`. Errors
+    /// answered by wafer itself (JSON with `error`) come back as [`ClientError::Api`];
+    /// anything the function answered, whatever its status, comes back as a response.
+    pub async fn invoke(
+        &self,
+        name: &str,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> Result<InvokeResponse, ClientError> {
+        let path = path.trim_start_matches('/');
+        let url = if path.is_empty() {
+            self.url(&format!("/fn/{name}"))
+        } else {
+            self.url(&format!("/fn/{name}/{path}"))
+        };
+        let mut request = self.http.request(method, url).body(body);
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        let response = self.send(request).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.map_err(ClientError::Response)?;
+        if !status.is_success() {
+            if let Ok(err) = serde_json::from_slice::<ErrorBody>(&body) {
+                return Err(ClientError::Api {
+                    status,
+                    code: err.error,
+                    message: err.message,
+                    log: err.log,
+                });
+            }
+        }
+        Ok(InvokeResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    error: String,
+    message: String,
+    log: Option<String>,
+}
+
+async fn api_error(response: reqwest::Response) -> ClientError {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(err) => ClientError::Api {
+            status,
+            code: err.error,
+            message: err.message,
+            log: err.log,
+        },
+        Err(_) => ClientError::Api {
+            status,
+            code: "http".into(),
+            message: if text.is_empty() {
+                status.to_string()
+            } else {
+                text
+            },
+            log: None,
+        },
+    }
+}

@@ -1,0 +1,128 @@
+//! The REST API for functions: deploy (`PUT`), list, show and remove.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::error::ApiError;
+use super::{read_body, AppState};
+use crate::state::{FunctionName, FunctionSpec};
+
+/// Header carrying a JSON manifest ([`FunctionSpec`]) with a deploy.
+pub const MANIFEST_HEADER: &str = "x-wafer-manifest";
+
+/// `PUT /v1/functions/{name}`: the body is the module; limits come from the
+/// `x-wafer-manifest` JSON header and/or the query (`memory_mb`, `timeout_ms`,
+/// `max_request_bytes`, `max_response_bytes`, `max_log_bytes`, repeated `env=KEY=VALUE`),
+/// the query winning.
+pub async fn deploy(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let name: FunctionName = name.parse()?;
+    let mut spec = match headers.get(MANIFEST_HEADER) {
+        Some(value) => {
+            let text = value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("x-wafer-manifest is not valid text"))?;
+            serde_json::from_str::<FunctionSpec>(text).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_manifest",
+                    format!("invalid manifest: {e}"),
+                )
+            })?
+        }
+        None => FunctionSpec::default(),
+    };
+    apply_query(&mut spec, query.as_deref().unwrap_or(""))?;
+    let limit = app.functions.max_module_bytes();
+    let wasm = read_body(body, &headers, limit, "module").await?;
+    let functions = app.functions.clone();
+    let record = tokio::task::spawn_blocking(move || functions.deploy(&name, &wasm, spec))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    let status = if record.version == 1 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(record)).into_response())
+}
+
+fn apply_query(spec: &mut FunctionSpec, query: &str) -> Result<(), ApiError> {
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let number = || {
+            value.parse::<u64>().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_limit",
+                    format!("{key} must be a non-negative integer, got {value:?}"),
+                )
+            })
+        };
+        match key.as_ref() {
+            "memory_mb" => spec.limits.memory_mb = number()?,
+            "timeout_ms" => spec.limits.timeout_ms = number()?,
+            "max_request_bytes" => spec.limits.max_request_bytes = number()?,
+            "max_response_bytes" => spec.limits.max_response_bytes = number()?,
+            "max_log_bytes" => spec.limits.max_log_bytes = number()?,
+            "env" => {
+                let (k, v) = value.split_once('=').ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_env",
+                        format!("env must be KEY=VALUE, got {value:?}"),
+                    )
+                })?;
+                spec.env.insert(k.to_string(), v.to_string());
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?} (expected memory_mb, timeout_ms, \
+                     max_request_bytes, max_response_bytes, max_log_bytes or env)"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `GET /v1/functions`.
+pub async fn list(State(app): State<Arc<AppState>>) -> impl IntoResponse {
+    Json(serde_json::json!({ "functions": app.functions.list() }))
+}
+
+/// `GET /v1/functions/{name}`.
+pub async fn show(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let name: FunctionName = name.parse()?;
+    let function = app.functions.get(&name)?;
+    Ok(Json(function.record.clone()).into_response())
+}
+
+/// `DELETE /v1/functions/{name}`.
+pub async fn remove(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let name: FunctionName = name.parse()?;
+    let functions = app.functions.clone();
+    let record = tokio::task::spawn_blocking(move || functions.remove(&name))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    Ok(Json(record).into_response())
+}

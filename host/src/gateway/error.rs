@@ -1,0 +1,99 @@
+//! API errors and how they become JSON HTTP responses, in one place.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::functions::FunctionError;
+use crate::runtime::{InvokeError, RuntimeError};
+use crate::state::InvalidName;
+
+/// An error answered as `{"error": CODE, "message": ..., "log": ...}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable message.
+    pub message: String,
+    /// The tail of the guest's log, when a guest failed.
+    pub log: Option<String>,
+}
+
+impl ApiError {
+    /// An error with no log.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            log: None,
+        }
+    }
+
+    /// 400 with code `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// Adds the guest's log.
+    pub fn with_log(mut self, log: Option<String>) -> ApiError {
+        self.log = log;
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "error": self.code, "message": self.message });
+        if let Some(log) = self.log {
+            body["log"] = serde_json::Value::String(log);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<InvalidName> for ApiError {
+    fn from(err: InvalidName) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_name", err.to_string())
+    }
+}
+
+impl From<FunctionError> for ApiError {
+    fn from(err: FunctionError) -> ApiError {
+        let message = err.to_string();
+        let (status, code) = match &err {
+            FunctionError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            FunctionError::Rejected(RuntimeError::Malformed(_)) => {
+                (StatusCode::BAD_REQUEST, "malformed_wasm")
+            }
+            FunctionError::Rejected(RuntimeError::ForbiddenImport { .. }) => {
+                (StatusCode::BAD_REQUEST, "forbidden_import")
+            }
+            FunctionError::Rejected(RuntimeError::NotACommand) => {
+                (StatusCode::BAD_REQUEST, "not_a_command")
+            }
+            FunctionError::Rejected(RuntimeError::InitialMemoryTooLarge { .. })
+            | FunctionError::Rejected(RuntimeError::MemoryLimitTooHigh { .. })
+            | FunctionError::InvalidLimit(_) => (StatusCode::BAD_REQUEST, "invalid_limit"),
+            FunctionError::Rejected(RuntimeError::Link(_)) => {
+                (StatusCode::BAD_REQUEST, "link_error")
+            }
+            FunctionError::InvalidEnv { .. } => (StatusCode::BAD_REQUEST, "invalid_env"),
+            FunctionError::ModuleTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            FunctionError::Invoke(InvokeError::Busy(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "busy")
+            }
+            FunctionError::Rejected(RuntimeError::Engine(_))
+            | FunctionError::Invoke(InvokeError::Instantiate(_))
+            | FunctionError::State(_) => {
+                tracing::error!(error = %message, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}

@@ -1,0 +1,273 @@
+//! WAGI-style invocation over HTTP: the request becomes stdin and CGI environment
+//! variables, the guest's stdout becomes the response.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use wafer_guest::http::Response as CgiResponse;
+
+use super::error::ApiError;
+use super::{read_body, AppState};
+use crate::functions::Deployed;
+use crate::functions::FunctionError;
+use crate::metrics::{ErrorKind, FunctionLabels, InvocationLabels};
+use crate::runtime::{Exit, Invocation, InvokeError, Outcome, Stdio};
+use crate::state::FunctionName;
+
+/// Most bytes of guest log returned in an error response.
+const LOG_TAIL_BYTES: usize = 4096;
+
+/// Route parameters of `/fn/{name}` and `/fn/{name}/{*path}`.
+#[derive(Debug, serde::Deserialize)]
+pub struct FnPath {
+    name: String,
+    path: Option<String>,
+}
+
+/// `ANY /fn/{name}` and `ANY /fn/{name}/{*path}`: runs the function once.
+pub async fn invoke(
+    State(app): State<Arc<AppState>>,
+    Path(params): Path<FnPath>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let name = params.name.clone();
+    let response = match run(&app, params, method, uri, headers, body).await {
+        Ok(response) => response,
+        Err((kind, err)) => {
+            if let Some(kind) = kind {
+                app.metrics.error(&name, kind);
+            }
+            err.into_response()
+        }
+    };
+    app.metrics
+        .invocations
+        .get_or_create(&InvocationLabels {
+            function: name,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+type Failure = (Option<ErrorKind>, ApiError);
+
+async fn run(
+    app: &Arc<AppState>,
+    params: FnPath,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Failure> {
+    let name: FunctionName = params
+        .name
+        .parse()
+        .map_err(|e: crate::state::InvalidName| (None, e.into()))?;
+    let function = app.functions.get(&name).map_err(|e| (None, e.into()))?;
+    let limits = function.record.spec.limits;
+    let input = read_body(body, &headers, limits.max_request_bytes, "request body")
+        .await
+        .map_err(|e| (Some(ErrorKind::RequestTooLarge), e))?;
+    let path_info = match params.path {
+        Some(p) => format!("/{p}"),
+        None => "/".to_string(),
+    };
+    let env = wagi_env(
+        &function,
+        &name,
+        &method,
+        &uri,
+        &headers,
+        &path_info,
+        input.len(),
+    );
+    let invocation = Invocation {
+        args: vec![name.to_string()],
+        env,
+        stdio: Stdio::Captured(input),
+    };
+    let functions = app.functions.clone();
+    let run_fn = function.clone();
+    let outcome = tokio::task::spawn_blocking(move || functions.invoke(&run_fn, invocation))
+        .await
+        .map_err(|e| {
+            (
+                Some(ErrorKind::Instantiate),
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+            )
+        })?
+        .map_err(|e| {
+            let kind = match &e {
+                FunctionError::Invoke(InvokeError::Busy(_)) => ErrorKind::Busy,
+                _ => ErrorKind::Instantiate,
+            };
+            (Some(kind), ApiError::from(e))
+        })?;
+    app.metrics
+        .duration
+        .get_or_create(&FunctionLabels {
+            function: name.to_string(),
+        })
+        .observe(outcome.duration.as_secs_f64());
+    if !outcome.log.is_empty() {
+        tracing::debug!(function = %name, log = %String::from_utf8_lossy(&outcome.log), "guest log");
+    }
+    respond(&name, &function, outcome)
+}
+
+/// The CGI/WAGI environment of one request, after the function's own variables.
+fn wagi_env(
+    function: &Deployed,
+    name: &FunctionName,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    path_info: &str,
+    content_length: usize,
+) -> Vec<(String, String)> {
+    let mut env = Vec::with_capacity(function.env().len() + headers.len() + 12);
+    env.extend(function.env().iter().cloned());
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let (server_name, server_port) = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, p),
+        _ => (host, "80"),
+    };
+    let query = uri.query().unwrap_or("");
+    let script = format!("/fn/{name}");
+    env.push(("REQUEST_METHOD".into(), method.as_str().into()));
+    env.push(("PATH_INFO".into(), path_info.into()));
+    env.push(("QUERY_STRING".into(), query.into()));
+    env.push(("X_FULL_URL".into(), format!("http://{host}{uri}")));
+    env.push(("X_MATCHED_ROUTE".into(), format!("{script}/...")));
+    env.push(("SCRIPT_NAME".into(), script));
+    env.push(("SERVER_NAME".into(), server_name.into()));
+    env.push(("SERVER_PORT".into(), server_port.into()));
+    env.push(("SERVER_PROTOCOL".into(), "HTTP/1.1".into()));
+    env.push((
+        "SERVER_SOFTWARE".into(),
+        concat!("wafer/", env!("CARGO_PKG_VERSION")).into(),
+    ));
+    env.push(("GATEWAY_INTERFACE".into(), "CGI/1.1".into()));
+    env.push(("CONTENT_LENGTH".into(), content_length.to_string()));
+    for (key, value) in headers {
+        let Ok(value) = value.to_str() else { continue };
+        match key.as_str() {
+            "content-type" => env.push(("CONTENT_TYPE".into(), value.into())),
+            // Credentials for wafer itself are not the guest's business.
+            "content-length" | "authorization" | "proxy-authorization" | "cookie" => {}
+            other => {
+                let var = format!("HTTP_{}", other.to_ascii_uppercase().replace('-', "_"));
+                env.push((var, value.into()));
+            }
+        }
+    }
+    env
+}
+
+/// Turns a finished run into the HTTP response.
+fn respond(
+    name: &FunctionName,
+    function: &Deployed,
+    outcome: Outcome,
+) -> Result<Response, Failure> {
+    let limits = &function.record.spec.limits;
+    let log = log_tail(&outcome);
+    let fail = |status, code, kind, message: String| {
+        Err((
+            Some(kind),
+            ApiError::new(status, code, message).with_log(log.clone()),
+        ))
+    };
+    match outcome.exit {
+        Exit::Timeout => fail(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            ErrorKind::Timeout,
+            format!(
+                "function `{name}` did not finish within its timeout of {} ms",
+                limits.timeout_ms
+            ),
+        ),
+        Exit::MemoryLimit => fail(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "memory_limit",
+            ErrorKind::MemoryLimit,
+            format!(
+                "function `{name}` exceeded its memory limit of {} MiB",
+                limits.memory_mb
+            ),
+        ),
+        Exit::ResponseTooLarge => fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "response_too_large",
+            ErrorKind::ResponseTooLarge,
+            format!(
+                "function `{name}` wrote more than its response limit of {} bytes",
+                limits.max_response_bytes
+            ),
+        ),
+        Exit::Trap(message) => fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "trap",
+            ErrorKind::Trap,
+            format!("function `{name}` trapped: {message}"),
+        ),
+        Exit::Code(code) => match CgiResponse::from_cgi(&outcome.stdout) {
+            Some(cgi) => Ok(http_response(name, cgi)),
+            None if code == 0 => Ok((StatusCode::OK, outcome.stdout).into_response()),
+            None => fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exit_status",
+                ErrorKind::ExitStatus,
+                format!("function `{name}` exited with status {code}"),
+            ),
+        },
+    }
+}
+
+/// Builds the HTTP response from a guest's CGI output, dropping headers that are not
+/// valid HTTP or that the server owns.
+fn http_response(name: &FunctionName, cgi: CgiResponse) -> Response {
+    let status = StatusCode::from_u16(cgi.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = HeaderMap::with_capacity(cgi.headers().len());
+    for (key, value) in cgi.headers() {
+        let lower = key.to_ascii_lowercase();
+        if matches!(
+            lower.as_str(),
+            "content-length" | "transfer-encoding" | "connection"
+        ) {
+            continue;
+        }
+        match (
+            HeaderName::from_bytes(lower.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(k), Ok(v)) => {
+                headers.append(k, v);
+            }
+            _ => {
+                tracing::debug!(function = %name, header = %key, "dropping invalid response header")
+            }
+        }
+    }
+    let body = cgi.body_bytes().to_vec();
+    (status, headers, body).into_response()
+}
+
+fn log_tail(outcome: &Outcome) -> Option<String> {
+    if outcome.log.is_empty() {
+        return None;
+    }
+    let start = outcome.log.len().saturating_sub(LOG_TAIL_BYTES);
+    Some(String::from_utf8_lossy(&outcome.log[start..]).into_owned())
+}

@@ -1,0 +1,13 @@
+//! wafer: a WebAssembly serverless compute fabric. This crate is the node daemon (runtime,
+//! state, gateway) and the command-line client; `wafer dev` runs all of it in one process.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod client;
+pub mod dev;
+pub mod digest;
+pub mod functions;
+pub mod gateway;
+pub mod metrics;
+pub mod runtime;
+pub mod state;

@@ -1,0 +1,5 @@
+//! The `wafer` binary.
+
+fn main() -> std::process::ExitCode {
+    wafer::cli::main()
+}

@@ -1,0 +1,456 @@
+//! The WebAssembly runtime: one wasmtime engine (pooling allocator, epoch interruption),
+//! module validation and compilation with an on-disk cache, and invocations that each
+//! run in a fresh instance under the function's limits.
+
+pub mod cache;
+mod imports;
+pub mod limits;
+mod stdio;
+mod validate;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap,
+};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
+
+use crate::digest::Digest;
+use cache::ModuleCache;
+pub use limits::Limits;
+use limits::MemoryLimiter;
+use stdio::LogPipe;
+pub use validate::ALLOWED_IMPORT_MODULES;
+
+/// How often the epoch advances; the granularity of wall-clock timeouts.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// How the runtime's engine is set up.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Use wasmtime's pooling instance allocator (pre-reserved slots) instead of
+    /// allocating each instance's memory with mmap on demand.
+    pub pooling: bool,
+    /// Most instances alive at once (pool size).
+    pub max_instances: u32,
+    /// Highest memory limit a function may ask for, MiB.
+    pub max_memory_mb: u64,
+    /// Folder for precompiled code; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> RuntimeConfig {
+        RuntimeConfig {
+            pooling: true,
+            max_instances: 1000,
+            max_memory_mb: 4096,
+            cache_dir: None,
+        }
+    }
+}
+
+/// What a deploy-time operation on a module can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The engine could not be set up.
+    #[error("setting up the wasm engine: {0}")]
+    Engine(String),
+    /// The bytes are not a valid WebAssembly module.
+    #[error("malformed wasm module: {0}")]
+    Malformed(String),
+    /// The module imports something the host does not provide.
+    #[error(
+        "module imports {kind} `{module}::{name}`, which wafer does not provide \
+         (guests may import WASI preview 1 `wasi_snapshot_preview1` functions and `wafer::log`)"
+    )]
+    ForbiddenImport {
+        /// Import module name.
+        module: String,
+        /// Import field name.
+        name: String,
+        /// Function, memory, table, global or tag.
+        kind: &'static str,
+    },
+    /// The module has no `_start` function.
+    #[error("module is not a WASI command: it exports no `_start` function")]
+    NotACommand,
+    /// The module's initial memory is larger than its memory limit.
+    #[error("module needs {needed} bytes of initial memory, above its limit of {limit} bytes")]
+    InitialMemoryTooLarge {
+        /// Initial memory, bytes.
+        needed: u64,
+        /// The function's limit, bytes.
+        limit: u64,
+    },
+    /// The requested memory limit is above what this node allows.
+    #[error("memory limit of {requested} MiB is above this node's maximum of {max} MiB")]
+    MemoryLimitTooHigh {
+        /// Requested limit, MiB.
+        requested: u64,
+        /// Node maximum, MiB.
+        max: u64,
+    },
+    /// Linking the module against the host failed.
+    #[error("linking the module: {0}")]
+    Link(String),
+}
+
+/// Why an invocation could not be started (a guest's own failure is an [`Exit`]).
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// Every instance slot is in use.
+    #[error("too many concurrent instances: {0}")]
+    Busy(String),
+    /// Instantiation failed for another reason.
+    #[error("instantiating the module: {0}")]
+    Instantiate(String),
+}
+
+/// How a guest's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// `_start` returned (0) or the guest called `proc_exit(code)`.
+    Code(i32),
+    /// The wall-clock limit interrupted the guest.
+    Timeout,
+    /// The guest trapped after a memory growth was refused by its limit.
+    MemoryLimit,
+    /// The guest wrote more than its response limit to stdout.
+    ResponseTooLarge,
+    /// The guest trapped (unreachable, out-of-bounds access, ...).
+    Trap(String),
+}
+
+/// Where an invocation's stdio goes.
+#[derive(Debug, Clone)]
+pub enum Stdio {
+    /// Stdin from these bytes; stdout and stderr captured in the [`Outcome`].
+    Captured(Bytes),
+    /// The host process's own stdin, stdout and stderr (`wafer run`).
+    Inherit,
+}
+
+/// One run of a function.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// `argv`, starting with the program name.
+    pub args: Vec<String>,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
+    /// Stdio wiring.
+    pub stdio: Stdio,
+}
+
+/// What a finished invocation produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// How it ended.
+    pub exit: Exit,
+    /// Captured stdout (empty for [`Stdio::Inherit`]).
+    pub stdout: Bytes,
+    /// Captured stderr and `wafer.log` lines, up to the log limit.
+    pub log: Bytes,
+    /// Log bytes dropped beyond the limit.
+    pub log_dropped: u64,
+    /// Time from instantiation to exit.
+    pub duration: Duration,
+}
+
+/// Counters the runtime keeps; the gateway exports them.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeMetrics {
+    /// Modules loaded from the precompiled cache.
+    pub cache_hits: Counter,
+    /// Modules not found in the precompiled cache.
+    pub cache_misses: Counter,
+    /// Modules compiled from wasm.
+    pub compilations: Counter,
+    /// Instances alive now.
+    pub live_instances: Gauge,
+}
+
+/// Per-instance host state.
+pub struct InstanceState {
+    wasi: WasiP1Ctx,
+    limiter: MemoryLimiter,
+    log: LogPipe,
+}
+
+/// A module ready to instantiate: validated, compiled (or loaded) and linked.
+pub struct Prepared {
+    pre: InstancePre<InstanceState>,
+    digest: Digest,
+    from_cache: bool,
+}
+
+impl Prepared {
+    /// The module's digest.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Whether the code came from the precompiled cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
+    }
+}
+
+/// Stops the epoch thread when the runtime goes away.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> std::io::Result<EpochTicker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("wafer-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(EpochTicker { stop })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The engine, linker and module cache of one node.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<InstanceState>,
+    provided: BTreeSet<(String, String)>,
+    cache: Option<ModuleCache>,
+    max_memory_mb: u64,
+    metrics: RuntimeMetrics,
+    _ticker: EpochTicker,
+}
+
+impl Runtime {
+    /// Builds the engine and linker.
+    pub fn new(config: &RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let mut wasm_config = Config::new();
+        wasm_config.epoch_interruption(true);
+        if config.pooling {
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_core_instances(config.max_instances)
+                .total_memories(config.max_instances)
+                .total_tables(config.max_instances)
+                .total_stacks(config.max_instances)
+                .total_component_instances(0)
+                .max_memories_per_module(1)
+                .max_tables_per_module(4)
+                .table_elements(1 << 16)
+                .max_memory_size(usize::try_from(config.max_memory_mb << 20).unwrap_or(usize::MAX));
+            wasm_config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = Engine::new(&wasm_config).map_err(engine_error)?;
+        let mut linker: Linker<InstanceState> = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s| &mut s.wasi)
+            .map_err(engine_error)?;
+        imports::add_to_linker(&mut linker).map_err(engine_error)?;
+        let provided = provided_imports(&engine, &linker);
+        let cache = match &config.cache_dir {
+            Some(dir) => Some(ModuleCache::open(dir, &engine).map_err(|e| {
+                RuntimeError::Engine(format!("module cache {}: {e}", dir.display()))
+            })?),
+            None => None,
+        };
+        let ticker = EpochTicker::start(engine.clone())
+            .map_err(|e| RuntimeError::Engine(format!("starting the epoch thread: {e}")))?;
+        Ok(Runtime {
+            engine,
+            linker,
+            provided,
+            cache,
+            max_memory_mb: config.max_memory_mb,
+            metrics: RuntimeMetrics::default(),
+            _ticker: ticker,
+        })
+    }
+
+    /// The runtime's counters.
+    pub fn metrics(&self) -> &RuntimeMetrics {
+        &self.metrics
+    }
+
+    /// Validates `wasm` under `limits`, then loads its precompiled code from the cache
+    /// or compiles it (and fills the cache), and links it.
+    pub fn prepare(&self, wasm: &[u8], limits: &Limits) -> Result<Prepared, RuntimeError> {
+        self.check_limits(limits)?;
+        let digest = Digest::of(wasm);
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.load(&self.engine, &digest));
+        let from_cache = cached.is_some();
+        let module = match cached {
+            Some(module) => {
+                self.metrics.cache_hits.inc();
+                module
+            }
+            None => {
+                if self.cache.is_some() {
+                    self.metrics.cache_misses.inc();
+                }
+                let module = Module::new(&self.engine, wasm)
+                    .map_err(|e| RuntimeError::Malformed(format!("{e:#}")))?;
+                self.metrics.compilations.inc();
+                module
+            }
+        };
+        validate::check_module(&module, &self.provided, limits.memory_bytes())?;
+        if let (Some(cache), false) = (&self.cache, from_cache) {
+            if let Err(err) = cache.store(&digest, &module) {
+                tracing::warn!(%digest, error = %err, "could not store precompiled module");
+            }
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        Ok(Prepared {
+            pre,
+            digest,
+            from_cache,
+        })
+    }
+
+    /// Checks that `limits` are within what this node allows.
+    pub fn check_limits(&self, limits: &Limits) -> Result<(), RuntimeError> {
+        if limits.memory_mb > self.max_memory_mb {
+            return Err(RuntimeError::MemoryLimitTooHigh {
+                requested: limits.memory_mb,
+                max: self.max_memory_mb,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `prepared` once in a fresh instance under `limits`. Blocks the calling
+    /// thread for up to the timeout: call it from a blocking-capable thread.
+    pub fn invoke(
+        &self,
+        prepared: &Prepared,
+        limits: &Limits,
+        invocation: Invocation,
+    ) -> Result<Outcome, InvokeError> {
+        let log = LogPipe::new(usize::try_from(limits.max_log_bytes).unwrap_or(usize::MAX));
+        let max_response = usize::try_from(limits.max_response_bytes).unwrap_or(usize::MAX);
+        let mut builder = WasiCtxBuilder::new();
+        builder.args(&invocation.args).envs(&invocation.env);
+        let stdout = match invocation.stdio {
+            Stdio::Captured(input) => {
+                // One byte of headroom tells "exactly at the limit" from "beyond it".
+                let out = MemoryOutputPipe::new(max_response.saturating_add(1));
+                builder
+                    .stdin(MemoryInputPipe::new(input))
+                    .stdout(out.clone())
+                    .stderr(log.clone());
+                Some(out)
+            }
+            Stdio::Inherit => {
+                builder.inherit_stdio();
+                None
+            }
+        };
+        let state = InstanceState {
+            wasi: builder.build_p1(),
+            limiter: MemoryLimiter::new(limits.memory_bytes()),
+            log: log.clone(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);
+
+        let started = Instant::now();
+        self.metrics.live_instances.inc();
+        let _live = LiveGuard(&self.metrics.live_instances);
+        let result = match prepared.pre.instantiate(&mut store) {
+            Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                Ok(start) => start.call(&mut store, ()),
+                Err(e) => return Err(InvokeError::Instantiate(format!("{e:#}"))),
+            },
+            Err(e) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
+                return Err(InvokeError::Busy(format!("{e:#}")))
+            }
+            Err(e) => Err(e),
+        };
+        let duration = started.elapsed();
+        let stdout = stdout.map(|s| s.contents()).unwrap_or_default();
+        let mut exit = match result {
+            Ok(()) => Exit::Code(0),
+            Err(e) => {
+                if let Some(code) = e.downcast_ref::<I32Exit>() {
+                    Exit::Code(code.0)
+                } else if store.data().limiter.refused() {
+                    Exit::MemoryLimit
+                } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+                    Exit::Timeout
+                } else {
+                    Exit::Trap(format!("{e:#}"))
+                }
+            }
+        };
+        if stdout.len() > max_response {
+            exit = Exit::ResponseTooLarge;
+        }
+        drop(store);
+        let (log, log_dropped) = log.contents();
+        Ok(Outcome {
+            exit,
+            stdout: if stdout.len() > max_response {
+                Bytes::new()
+            } else {
+                stdout
+            },
+            log,
+            log_dropped,
+            duration,
+        })
+    }
+}
+
+fn engine_error(e: wasmtime::Error) -> RuntimeError {
+    RuntimeError::Engine(format!("{e:#}"))
+}
+
+struct LiveGuard<'a>(&'a Gauge);
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Every `(module, name)` the linker defines.
+fn provided_imports(engine: &Engine, linker: &Linker<InstanceState>) -> BTreeSet<(String, String)> {
+    let state = InstanceState {
+        wasi: WasiCtxBuilder::new().build_p1(),
+        limiter: MemoryLimiter::new(0),
+        log: LogPipe::new(0),
+    };
+    let mut store = Store::new(engine, state);
+    linker
+        .iter(&mut store)
+        .map(|(module, name, _)| (module.to_string(), name.to_string()))
+        .collect()
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Installs the Debian packages wafer needs (when missing) and builds every guest in
+# functions/ for wasm32-wasip1 into target/functions/ (NAME.wasm, plus NAME.json when the
+# function ships a wafer.json manifest). Idempotent; quick when nothing is missing.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="$root/target/functions"
+packages=(capnproto libcapnp-dev rustc-web cargo-web rust-web-src lld wasi-libc clang
+          libclang-rt-14-dev-wasm32)
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+mkdir -p "$out"
+cd "$root/functions"
+
+if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+    log "building Rust guests with rustup's wasm32-wasip1 target"
+    cargo build --quiet --release --target wasm32-wasip1
+else
+    log "building Rust guests with Debian's rustc-web and build-std"
+    PATH=/usr/bin:$PATH RUSTC_BOOTSTRAP=1 \
+    CARGO_TARGET_WASM32_WASIP1_LINKER=wasm-ld \
+    RUSTFLAGS="-C link-self-contained=no -L /usr/lib/wasm32-wasi -C link-arg=/usr/lib/wasm32-wasi/crt1-command.o" \
+        /usr/bin/cargo build --quiet --release -Zbuild-std=std,panic_abort --target wasm32-wasip1
+fi
+
+for dir in */; do
+    name="${dir%/}"
+    if [ -f "$name/Cargo.toml" ]; then
+        wasm="target/wasm32-wasip1/release/$name.wasm"
+        [ -f "$wasm" ] || { log "error: $wasm was not built"; exit 1; }
+        cp -u "$wasm" "$out/$name.wasm"
+    elif ls "$name"/*.c >/dev/null 2>&1; then
+        if [ ! -f "$out/$name.wasm" ] || [ -n "$(find "$name" -name '*.c' -newer "$out/$name.wasm")" ]; then
+            log "building C guest $name with clang + wasi-libc"
+            clang --target=wasm32-wasi --sysroot=/usr -O2 -o "$out/$name.wasm" "$name"/*.c
+        fi
+    else
+        continue
+    fi
+    if [ -f "$name/wafer.json" ]; then
+        cp -u "$name/wafer.json" "$out/$name.json"
+    fi
+done
+
+log "guests in $out: $(cd "$out" && ls *.wasm | tr '\n' ' ')"
