@@ -67,6 +67,8 @@
 //! handler that panics produces a `500` whose body names the panic, and the instance
 //! exits with status 70 (as `EX_SOFTWARE`).
 #![warn(missing_docs)]
+// The examples are complete programs, `main` included, on purpose.
+#![allow(clippy::needless_doctest_main)]
 
 pub mod http;
 mod logging;

@@ -1,1 +1,157 @@
+//! Test harness for wafer's end-to-end tests: locates the built `wafer` binary and the
+//! example functions, and runs `wafer dev` as a real process on a port chosen at run time.
+#![warn(missing_docs)]
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// How long a server may take to start listening.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The `wafer` binary: `$WAFER_BIN`, else `wafer` next to the test binary's profile
+/// folder (`target/<profile>/wafer`).
+pub fn wafer_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("WAFER_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    // target/<profile>/deps/<test> -> target/<profile>/wafer
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no profile folder")?;
+    let bin = profile_dir.join("wafer");
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it first (`cargo build --release --bins`, as scripts/test.sh does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The folder of built example functions (`target/functions`).
+pub fn functions_dir() -> anyhow::Result<PathBuf> {
+    let dir = workspace_root().join("target").join("functions");
+    if !dir.join("hello.wasm").exists() {
+        bail!(
+            "example functions are not built in {}: run scripts/bootstrap.sh",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// One built example function's module.
+pub fn example(name: &str) -> anyhow::Result<Vec<u8>> {
+    let path = functions_dir()?.join(format!("{name}.wasm"));
+    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// A `wafer dev` process; killed when dropped.
+pub struct DevServer {
+    child: Child,
+    url: String,
+    data: PathBuf,
+}
+
+impl DevServer {
+    /// Starts `wafer dev` on `127.0.0.1:0` with data in `data`, plus `extra` arguments,
+    /// and waits until it prints its URL.
+    pub fn start(data: &Path, extra: &[&str]) -> anyhow::Result<DevServer> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.with_extension("log"))
+            .context("opening the server log")?;
+        let mut child = Command::new(wafer_bin()?)
+            .arg("dev")
+            .args(["--http", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting wafer dev")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("wafer dev: listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        match rx.recv_timeout(START_DEADLINE) {
+            Ok(url) => Ok(DevServer {
+                child,
+                url,
+                data: data.to_path_buf(),
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+                bail!("wafer dev did not start (exit: {status:?}); its log:\n{log}")
+            }
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.url, path)
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.url
+    }
+
+    /// The data folder.
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().context("killing wafer dev")?;
+        self.child.wait().context("waiting for wafer dev")?;
+        Ok(())
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads one sample's value from Prometheus text, e.g.
+/// `metric(text, "wafer_module_compilations_total")`; `None` if absent.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok()).flatten()
+    })
+}

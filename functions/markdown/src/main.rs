@@ -6,8 +6,8 @@ use wafer_guest::http::{serve, Request, Response};
 
 fn main() {
     serve(|req: Request| -> Result<Response, String> {
-        let text = std::str::from_utf8(req.body())
-            .map_err(|e| format!("body is not UTF-8: {e}"))?;
+        let text =
+            std::str::from_utf8(req.body()).map_err(|e| format!("body is not UTF-8: {e}"))?;
         let mut options = Options::empty();
         options.insert(Options::ENABLE_TABLES);
         options.insert(Options::ENABLE_STRIKETHROUGH);

@@ -7,10 +7,12 @@ use wafer_guest::http::{serve, Request, Response};
 
 fn main() {
     serve(|req: Request| -> Result<Response, String> {
-        let text = std::str::from_utf8(req.body())
-            .map_err(|e| format!("body is not UTF-8: {e}"))?;
+        let text =
+            std::str::from_utf8(req.body()).map_err(|e| format!("body is not UTF-8: {e}"))?;
         let top_n: usize = match req.query_param("top") {
-            Some(n) => n.parse().map_err(|_| format!("top must be a number, got {n:?}"))?,
+            Some(n) => n
+                .parse()
+                .map_err(|_| format!("top must be a number, got {n:?}"))?,
             None => 5,
         };
         let mut counts: HashMap<String, u64> = HashMap::new();

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what is missing, builds the guest
+# functions and the host, checks formatting and lints, then runs every test.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+"$root/scripts/bootstrap.sh"
+
+echo "test: cargo fmt --check" >&2
+cargo fmt --all -- --check
+(cd functions && cargo fmt --all -- --check)
+
+echo "test: cargo clippy" >&2
+cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+
+echo "test: building the wafer binary" >&2
+cargo build --release --workspace --bins --quiet
+
+echo "test: cargo test" >&2
+cargo test --release --workspace

@@ -1,0 +1,232 @@
+//! The `wafer` command line against a real server, and `wafer run`.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use wafer_tests::{example, functions_dir, wafer_bin};
+
+use crate::{plain_program, start};
+
+fn wafer(server: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(wafer_bin().expect("wafer binary"))
+        .args(["--server", server])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run wafer");
+    let mut input = child.stdin.take().expect("stdin");
+    input
+        .write_all(stdin.unwrap_or_default())
+        .expect("write stdin");
+    drop(input);
+    child.wait_with_output().expect("wafer output")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn deploy_list_invoke_and_remove_with_the_cli() {
+    let (dir, server) = start(&[]);
+    let base = server.base().to_string();
+    let hello = functions_dir().expect("examples").join("hello.wasm");
+    let hello = hello.to_str().expect("utf-8 path").to_string();
+    let out = tokio::task::spawn_blocking({
+        let base = base.clone();
+        move || {
+            wafer(
+                &base,
+                &[
+                    "deploy",
+                    "hi",
+                    &hello,
+                    "--memory",
+                    "32",
+                    "--timeout",
+                    "2000",
+                    "--env",
+                    "A=1",
+                ],
+                None,
+            )
+        }
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("deployed hi version 1"),
+        "{}",
+        stdout(&out)
+    );
+
+    let b = base.clone();
+    let out = tokio::task::spawn_blocking(move || wafer(&b, &["fns"], None))
+        .await
+        .expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(table.contains("NAME") && table.contains("hi"), "{table}");
+    assert!(
+        table.contains("32 MiB") && table.contains("2000 ms"),
+        "{table}"
+    );
+
+    let b = base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        wafer(
+            &b,
+            &["invoke", "hi", "--path", "/x?name=cli", "--data", "-"],
+            Some(b"some input"),
+        )
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let body = stdout(&out);
+    assert!(body.starts_with("Hello, cli!"), "{body}");
+    assert!(
+        body.contains("method: POST") && body.contains("body: 10 bytes"),
+        "{body}"
+    );
+
+    let file = dir.path().join("input.txt");
+    std::fs::write(&file, "from a file").expect("write");
+    let at_file = format!("@{}", file.display());
+    let b = base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        wafer(&b, &["invoke", "hi", "-d", &at_file, "-i"], None)
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("HTTP 200 OK"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("body: 11 bytes"), "{}", stdout(&out));
+
+    let b = base.clone();
+    let out = tokio::task::spawn_blocking(move || wafer(&b, &["rm", "hi"], None))
+        .await
+        .expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let b = base.clone();
+    let out = tokio::task::spawn_blocking(move || wafer(&b, &["invoke", "hi"], None))
+        .await
+        .expect("join");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no function named `hi`"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn cli_reports_errors_clearly() {
+    let (dir, server) = start(&[]);
+    let base = server.base().to_string();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"definitely not wasm").expect("write");
+    let junk = junk.to_str().expect("utf-8").to_string();
+    let b = base.clone();
+    let out = tokio::task::spawn_blocking(move || wafer(&b, &["deploy", "junk", &junk], None))
+        .await
+        .expect("join");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("malformed wasm"), "{}", stderr(&out));
+
+    // Nothing listens on port 9 of localhost.
+    let out = tokio::task::spawn_blocking(|| wafer("http://127.0.0.1:9", &["fns"], None))
+        .await
+        .expect("join");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot reach the wafer server"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn run_passes_stdio_and_exit_codes_through() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let module = dir.path().join("exit3.wasm");
+    std::fs::write(&module, plain_program("bye\n", 3)).expect("write");
+    let out = Command::new(wafer_bin().expect("wafer"))
+        .arg("run")
+        .arg(&module)
+        .output()
+        .expect("wafer run");
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(stdout(&out), "bye\n");
+
+    // A WAGI function run locally prints its CGI output.
+    let hello = dir.path().join("hello.wasm");
+    std::fs::write(&hello, example("hello").expect("example")).expect("write");
+    let out = Command::new(wafer_bin().expect("wafer"))
+        .arg("run")
+        .arg(&hello)
+        .output()
+        .expect("wafer run");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("Hello, world!"), "{}", stdout(&out));
+
+    // Sandbox defaults and limits apply.
+    let spin = dir.path().join("spin.wasm");
+    std::fs::write(&spin, example("spin").expect("example")).expect("write");
+    let out = Command::new(wafer_bin().expect("wafer"))
+        .args(["run", "--timeout", "200"])
+        .arg(&spin)
+        .output()
+        .expect("wafer run");
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+
+    let hog = dir.path().join("hog.wasm");
+    std::fs::write(&hog, example("hog").expect("example")).expect("write");
+    let out = Command::new(wafer_bin().expect("wafer"))
+        .args(["run", "--memory", "16"])
+        .arg(&hog)
+        .stdout(Stdio::null())
+        .output()
+        .expect("wafer run");
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("memory limit of 16 MiB"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn run_reads_stdin() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sha = dir.path().join("sha256.wasm");
+    std::fs::write(&sha, example("sha256").expect("example")).expect("write");
+    let mut child = Command::new(wafer_bin().expect("wafer"))
+        .arg("run")
+        .arg(&sha)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("wafer run");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"abc")
+        .expect("write");
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).contains("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+        "{}",
+        stdout(&out)
+    );
+}

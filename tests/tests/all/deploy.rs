@@ -1,0 +1,210 @@
+//! Deploying: validation, limits, listing, removal.
+
+use reqwest::StatusCode;
+
+use crate::{deploy, deploy_example, expect_error, start, wat};
+
+#[tokio::test]
+async fn deploy_list_show_and_remove() {
+    let (_dir, server) = start(&[]);
+    let http = reqwest::Client::new();
+    let wasm = wafer_tests::example("hello").expect("example");
+    let first = deploy(
+        &server,
+        "greeter",
+        wasm.clone(),
+        "memory_mb=64&timeout_ms=2500&env=GREETING=hi",
+    )
+    .await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let record: serde_json::Value = first.json().await.expect("record");
+    assert_eq!(record["name"], "greeter");
+    assert_eq!(record["version"], 1);
+    assert_eq!(record["memory_mb"], 64);
+    assert_eq!(record["timeout_ms"], 2500);
+    assert_eq!(record["env"]["GREETING"], "hi");
+    assert_eq!(record["size"], wasm.len());
+
+    let second = deploy(&server, "greeter", wasm, "").await;
+    assert_eq!(second.status(), StatusCode::OK);
+    let record: serde_json::Value = second.json().await.expect("record");
+    assert_eq!(record["version"], 2);
+
+    let list: serde_json::Value = http
+        .get(server.url("/v1/functions"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let names: Vec<&str> = list["functions"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(names, ["greeter"]);
+
+    let shown = http
+        .get(server.url("/v1/functions/greeter"))
+        .send()
+        .await
+        .expect("show");
+    assert_eq!(shown.status(), StatusCode::OK);
+
+    let removed = http
+        .delete(server.url("/v1/functions/greeter"))
+        .send()
+        .await
+        .expect("rm");
+    assert_eq!(removed.status(), StatusCode::OK);
+    let gone = http
+        .get(server.url("/fn/greeter"))
+        .send()
+        .await
+        .expect("invoke");
+    expect_error(gone, StatusCode::NOT_FOUND, "not_found").await;
+    let again = http
+        .delete(server.url("/v1/functions/greeter"))
+        .send()
+        .await
+        .expect("rm");
+    expect_error(again, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+#[tokio::test]
+async fn malformed_wasm_is_rejected_and_nothing_is_stored() {
+    let (_dir, server) = start(&[]);
+    let response = deploy(&server, "junk", b"\0asm\x01\0\0\0garbage".to_vec(), "").await;
+    let body = expect_error(response, StatusCode::BAD_REQUEST, "malformed_wasm").await;
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("malformed"),
+        "{body}"
+    );
+    let response = deploy(&server, "junk", b"not wasm at all".to_vec(), "").await;
+    expect_error(response, StatusCode::BAD_REQUEST, "malformed_wasm").await;
+    let shown = reqwest::get(server.url("/v1/functions/junk"))
+        .await
+        .expect("show");
+    expect_error(shown, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+#[tokio::test]
+async fn forbidden_import_is_named() {
+    let (_dir, server) = start(&[]);
+    let module = wat(r#"(module
+        (import "env" "system" (func (param i32) (result i32)))
+        (memory (export "memory") 1)
+        (func (export "_start")))"#);
+    let response = deploy(&server, "sneaky", module, "").await;
+    let body = expect_error(response, StatusCode::BAD_REQUEST, "forbidden_import").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("env::system"),
+        "{body}"
+    );
+
+    let sockets = wat(r#"(module
+        (import "wasi_snapshot_preview1" "not_a_wasi_call" (func))
+        (memory (export "memory") 1)
+        (func (export "_start")))"#);
+    let response = deploy(&server, "sneaky", sockets, "").await;
+    let body = expect_error(response, StatusCode::BAD_REQUEST, "forbidden_import").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("wasi_snapshot_preview1::not_a_wasi_call"),
+        "{body}"
+    );
+
+    let library = wat(r#"(module (memory (export "memory") 1) (func (export "helper")))"#);
+    let response = deploy(&server, "lib", library, "").await;
+    expect_error(response, StatusCode::BAD_REQUEST, "not_a_command").await;
+}
+
+#[tokio::test]
+async fn bad_names_limits_env_and_manifests_are_rejected() {
+    let (_dir, server) = start(&[]);
+    let wasm = wafer_tests::example("hello").expect("example");
+    let http = reqwest::Client::new();
+    expect_error(
+        deploy(&server, "Bad.Name", wasm.clone(), "").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_name",
+    )
+    .await;
+    expect_error(
+        deploy(&server, "f", wasm.clone(), "memory_mb=lots").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_limit",
+    )
+    .await;
+    expect_error(
+        deploy(&server, "f", wasm.clone(), "memory_mb=1000000").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_limit",
+    )
+    .await;
+    expect_error(
+        deploy(&server, "f", wasm.clone(), "timeout_ms=0").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_limit",
+    )
+    .await;
+    expect_error(
+        deploy(&server, "f", wasm.clone(), "env=REQUEST_METHOD=POST").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_env",
+    )
+    .await;
+    expect_error(
+        deploy(&server, "f", wasm.clone(), "env=novalue").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_env",
+    )
+    .await;
+    expect_error(
+        deploy(&server, "f", wasm.clone(), "memroy_mb=3").await,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await;
+    let bad_manifest = http
+        .put(server.url("/v1/functions/f"))
+        .header("x-wafer-manifest", "{\"memory_mb\": ")
+        .body(wasm.clone())
+        .send()
+        .await
+        .expect("deploy");
+    expect_error(bad_manifest, StatusCode::BAD_REQUEST, "invalid_manifest").await;
+    // A manifest works, and the query wins over it.
+    let good = http
+        .put(server.url("/v1/functions/f?timeout_ms=1234"))
+        .header(
+            "x-wafer-manifest",
+            r#"{"memory_mb": 48, "timeout_ms": 999, "env": {"A": "1"}}"#,
+        )
+        .body(wasm)
+        .send()
+        .await
+        .expect("deploy");
+    assert_eq!(good.status(), StatusCode::CREATED);
+    let record: serde_json::Value = good.json().await.expect("json");
+    assert_eq!(record["memory_mb"], 48);
+    assert_eq!(record["timeout_ms"], 1234);
+    assert_eq!(record["env"]["A"], "1");
+}
+
+#[tokio::test]
+async fn oversize_module_is_413() {
+    let (_dir, server) = start(&["--max-module-mb", "1"]);
+    let big = vec![0u8; 2 << 20];
+    let response = deploy(&server, "big", big, "").await;
+    expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    // The server goes on serving.
+    deploy_example(&server, "hello", "").await;
+}

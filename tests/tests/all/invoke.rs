@@ -1,0 +1,395 @@
+//! Invoking: every example's output, WAGI details, hostile guests, limits, metrics.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+
+use crate::{deploy, deploy_example, expect_error, plain_program, start};
+
+async fn text(response: reqwest::Response) -> (StatusCode, String) {
+    let status = response.status();
+    (status, response.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn every_example_answers() {
+    let (_dir, server) = start(&[]);
+    for name in ["hello", "wordcount", "markdown", "sha256", "hello-c"] {
+        deploy_example(&server, name, "").await;
+    }
+    let http = reqwest::Client::new();
+
+    let response = http
+        .get(server.url("/fn/hello/a/b?name=Ada%20L&x=1"))
+        .header("X-Test", "yes")
+        .send()
+        .await
+        .expect("hello");
+    assert_eq!(
+        response
+            .headers()
+            .get("x-wafer-example")
+            .and_then(|v| v.to_str().ok()),
+        Some("hello")
+    );
+    let (status, body) = text(response).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.starts_with("Hello, Ada L!\n"), "{body}");
+    assert!(body.contains("method: GET\n"), "{body}");
+    assert!(body.contains("path: /a/b\n"), "{body}");
+    assert!(body.contains("query: name=Ada L\n"), "{body}");
+    assert!(body.contains("query: x=1\n"), "{body}");
+    assert!(body.contains("header: x-test: yes\n"), "{body}");
+
+    let (status, body) = text(
+        http.get(server.url("/fn/hello"))
+            .send()
+            .await
+            .expect("hello"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        body.starts_with("Hello, world!\n") && body.contains("path: /\n"),
+        "{body}"
+    );
+
+    let response = http
+        .post(server.url("/fn/wordcount?top=2"))
+        .body("The cat saw the other cat.\nThe end")
+        .send()
+        .await
+        .expect("wordcount");
+    assert_eq!(response.status(), StatusCode::OK);
+    let stats: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(stats["words"], 8);
+    assert_eq!(stats["lines"], 2);
+    assert_eq!(stats["bytes"], 34);
+    assert_eq!(stats["top"][0]["word"], "the");
+    assert_eq!(stats["top"][0]["count"], 3);
+    assert_eq!(stats["top"][1]["word"], "cat");
+    assert_eq!(stats["top"].as_array().map(Vec::len), Some(2));
+
+    let response = http
+        .post(server.url("/fn/markdown"))
+        .body("# Title\n\nSome **bold** text.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+        .send()
+        .await
+        .expect("markdown");
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/html; charset=utf-8")
+    );
+    let (status, html) = text(response).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("<h1>Title</h1>"), "{html}");
+    assert!(html.contains("<strong>bold</strong>"), "{html}");
+    assert!(
+        html.contains("<table>") && html.contains("<td>2</td>"),
+        "{html}"
+    );
+
+    let payload = b"hash me, wafer".repeat(1000);
+    let (status, body) = text(
+        http.post(server.url("/fn/sha256"))
+            .body(payload.clone())
+            .send()
+            .await
+            .expect("sha256"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.trim(), hex::encode(Sha256::digest(&payload)));
+    let (status, body) = text(
+        http.post(server.url("/fn/sha256?rounds=3"))
+            .body("abc")
+            .send()
+            .await
+            .expect("sha256"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let expected = Sha256::digest(Sha256::digest(Sha256::digest(b"abc")));
+    assert_eq!(body.trim(), hex::encode(expected));
+
+    let (status, body) = text(
+        http.put(server.url("/fn/hello-c/some/where?k=v"))
+            .body("12345")
+            .send()
+            .await
+            .expect("hello-c"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.starts_with("Hello from C!\n"), "{body}");
+    assert!(body.contains("method: PUT\n"), "{body}");
+    assert!(body.contains("path: /some/where\n"), "{body}");
+    assert!(body.contains("query: k=v\n"), "{body}");
+    assert!(body.contains("body: 5 bytes\n"), "{body}");
+}
+
+#[tokio::test]
+async fn handler_errors_become_500_with_the_message() {
+    let (_dir, server) = start(&[]);
+    deploy_example(&server, "wordcount", "").await;
+    let http = reqwest::Client::new();
+    let (status, body) = text(
+        http.post(server.url("/fn/wordcount"))
+            .body(vec![0xff, 0xfe, 0x00])
+            .send()
+            .await
+            .expect("wordcount"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(body.contains("body is not UTF-8"), "{body}");
+    let (status, body) = text(
+        http.post(server.url("/fn/wordcount?top=many"))
+            .body("a b")
+            .send()
+            .await
+            .expect("wordcount"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(body.contains("top must be a number"), "{body}");
+}
+
+#[tokio::test]
+async fn plain_stdout_programs_and_exit_codes() {
+    let (_dir, server) = start(&[]);
+    let http = reqwest::Client::new();
+    let ok = deploy(
+        &server,
+        "plain",
+        plain_program("just text\n\nwith a blank line", 0),
+        "",
+    )
+    .await;
+    assert_eq!(ok.status(), StatusCode::CREATED);
+    let (status, body) = text(
+        http.get(server.url("/fn/plain"))
+            .send()
+            .await
+            .expect("plain"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "just text\n\nwith a blank line");
+
+    let failing = deploy(&server, "failing", plain_program("partial", 3), "").await;
+    assert_eq!(failing.status(), StatusCode::CREATED);
+    let response = http
+        .get(server.url("/fn/failing"))
+        .send()
+        .await
+        .expect("failing");
+    let body = expect_error(response, StatusCode::INTERNAL_SERVER_ERROR, "exit_status").await;
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("status 3"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn spin_times_out_and_the_server_keeps_serving() {
+    let (_dir, server) = start(&[]);
+    deploy_example(&server, "spin", "timeout_ms=400").await;
+    deploy_example(&server, "hello", "").await;
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let response = http.get(server.url("/fn/spin")).send().await.expect("spin");
+    let elapsed = started.elapsed();
+    let body = expect_error(response, StatusCode::GATEWAY_TIMEOUT, "timeout").await;
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("400 ms"),
+        "{body}"
+    );
+    // It ran until its timeout, and was stopped by it (not by a client or server limit).
+    assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+
+    // Several at once, while other calls go on being served.
+    let spins: Vec<_> = (0..3)
+        .map(|_| {
+            let http = http.clone();
+            let url = server.url("/fn/spin");
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    let (status, body) = text(
+        http.get(server.url("/fn/hello"))
+            .send()
+            .await
+            .expect("hello"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for spin in spins {
+        assert_eq!(
+            spin.await.expect("join").expect("spin"),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        wafer_tests::metric(
+            &metrics,
+            "wafer_invocation_errors_total{function=\"spin\",kind=\"Timeout\"}"
+        ),
+        Some(4.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        wafer_tests::metric(&metrics, "wafer_live_instances"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn hog_hits_its_memory_limit_and_the_server_keeps_serving() {
+    let (_dir, server) = start(&[]);
+    deploy_example(&server, "hog", "memory_mb=24").await;
+    deploy_example(&server, "hello", "").await;
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let response = http.get(server.url("/fn/hog")).send().await.expect("hog");
+        let body = expect_error(response, StatusCode::INSUFFICIENT_STORAGE, "memory_limit").await;
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("memory limit of 24 MiB"),
+            "{body}"
+        );
+        assert!(
+            body["log"]
+                .as_str()
+                .unwrap_or("")
+                .contains("memory allocation"),
+            "{body}"
+        );
+    }
+    let (status, _) = text(
+        http.get(server.url("/fn/hello"))
+            .send()
+            .await
+            .expect("hello"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn unknown_function_and_oversize_request() {
+    let (_dir, server) = start(&[]);
+    let http = reqwest::Client::new();
+    let response = http
+        .get(server.url("/fn/nobody"))
+        .send()
+        .await
+        .expect("invoke");
+    let body = expect_error(response, StatusCode::NOT_FOUND, "not_found").await;
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("nobody"),
+        "{body}"
+    );
+
+    deploy_example(&server, "sha256", "max_request_bytes=1024").await;
+    let response = http
+        .post(server.url("/fn/sha256"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .expect("invoke");
+    let body = expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("1024"),
+        "{body}"
+    );
+    // Streamed without a length, too.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..8).map(|_| Ok(vec![b'y'; 512])).collect();
+    let response = http
+        .post(server.url("/fn/sha256"))
+        .body(reqwest::Body::wrap_stream(futures_stream(chunks)))
+        .send()
+        .await
+        .expect("invoke");
+    expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    // Exactly at the limit is fine, and the server keeps serving.
+    let (status, _) = text(
+        http.post(server.url("/fn/sha256"))
+            .body(vec![b'x'; 1024])
+            .send()
+            .await
+            .expect("invoke"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+fn futures_stream(
+    chunks: Vec<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::iter(chunks)
+}
+
+#[tokio::test]
+async fn metrics_count_invocations() {
+    let (_dir, server) = start(&[]);
+    deploy_example(&server, "hello", "").await;
+    let http = reqwest::Client::new();
+    for _ in 0..5 {
+        let (status, _) = text(
+            http.get(server.url("/fn/hello"))
+                .send()
+                .await
+                .expect("hello"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        wafer_tests::metric(
+            &metrics,
+            "wafer_invocations_total{function=\"hello\",status=\"200\"}"
+        ),
+        Some(5.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        wafer_tests::metric(
+            &metrics,
+            "wafer_invocation_duration_seconds_count{function=\"hello\"}"
+        ),
+        Some(5.0),
+        "{metrics}"
+    );
+    let health = http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), StatusCode::OK);
+}

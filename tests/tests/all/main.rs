@@ -1,0 +1,89 @@
+//! wafer's end-to-end tests: one binary, real `wafer` processes, real HTTP.
+
+mod cli;
+mod deploy;
+mod invoke;
+mod restart;
+
+use reqwest::StatusCode;
+use tempfile::TempDir;
+use wafer_tests::DevServer;
+
+/// A fresh `wafer dev` without examples, and the folder holding its data.
+pub fn start(extra: &[&str]) -> (TempDir, DevServer) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut args = vec!["--no-examples"];
+    args.extend_from_slice(extra);
+    let server = DevServer::start(&dir.path().join("data"), &args).expect("wafer dev starts");
+    (dir, server)
+}
+
+/// `PUT /v1/functions/{name}?{query}` with `wasm`.
+pub async fn deploy(
+    server: &DevServer,
+    name: &str,
+    wasm: Vec<u8>,
+    query: &str,
+) -> reqwest::Response {
+    let sep = if query.is_empty() { "" } else { "?" };
+    reqwest::Client::new()
+        .put(server.url(&format!("/v1/functions/{name}{sep}{query}")))
+        .body(wasm)
+        .send()
+        .await
+        .expect("deploy request")
+}
+
+/// Deploys built example `name` and checks the deploy succeeded.
+pub async fn deploy_example(server: &DevServer, name: &str, query: &str) {
+    let wasm = wafer_tests::example(name).expect("example built");
+    let response = deploy(server, name, wasm, query).await;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    assert!(
+        status == StatusCode::CREATED || status == StatusCode::OK,
+        "deploying {name}: {status} {body}"
+    );
+}
+
+/// The JSON error body of a failed call, after checking its status.
+pub async fn expect_error(
+    response: reqwest::Response,
+    status: StatusCode,
+    code: &str,
+) -> serde_json::Value {
+    let got = response.status();
+    let text = response.text().await.expect("body");
+    assert_eq!(got, status, "unexpected status; body: {text}");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("error body is JSON");
+    assert_eq!(json["error"], code, "body: {json}");
+    assert!(
+        json["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error has a message: {json}"
+    );
+    json
+}
+
+/// A WASI command module from WAT text.
+pub fn wat(text: &str) -> Vec<u8> {
+    wat::parse_str(text).expect("valid WAT")
+}
+
+/// A plain WASI program (no CGI headers) that writes `text` to stdout and exits with
+/// `code`.
+pub fn plain_program(text: &str, code: i32) -> Vec<u8> {
+    let escaped: String = text.bytes().map(|b| format!("\\{b:02x}")).collect();
+    wat(&format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 64) "{escaped}")
+          (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 64))
+            (i32.store (i32.const 4) (i32.const {len}))
+            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+            (call $proc_exit (i32.const {code}))))"#,
+        len = text.len()
+    ))
+}
