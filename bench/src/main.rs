@@ -1,1 +1,355 @@
-fn main() {}
+//! wafer's benchmarks. Every comparison is measured in the same run on the same machine:
+//!
+//! - `gateway`: requests/s and latency of `hello` through `wafer dev` (a fresh instance
+//!   per request) against a plain axum/hyper hello-world server and against
+//!   process-per-request (`wafer run` per call), all driven by the same load generator;
+//! - `instantiate`: in-process instantiate + run latency of `hello`, with and without the
+//!   pooling allocator.
+//!
+//! `cargo run --release -p wafer-bench -- all` prints a Markdown report.
+
+mod load;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use wafer::runtime::{Invocation, Limits, Runtime, RuntimeConfig};
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Gateway vs plain hyper vs process-per-request.
+    Gateway(GatewayArgs),
+    /// In-process instantiate + run, pooling on and off.
+    Instantiate(InstantiateArgs),
+    /// Both.
+    All {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        #[command(flatten)]
+        instantiate: InstantiateArgs,
+    },
+    /// (internal) a plain axum hello-world server; prints its address.
+    PlainServer,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct GatewayArgs {
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Seconds of measured load per target (after 1 s of warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Seconds of process-per-request load.
+    #[arg(long, default_value_t = 5)]
+    process_seconds: u64,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct InstantiateArgs {
+    /// Invocations per configuration.
+    #[arg(long, default_value_t = 20_000)]
+    iterations: usize,
+    /// Which allocators to measure.
+    #[arg(long, value_enum, default_value_t = Allocators::Both)]
+    allocators: Allocators,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Allocators {
+    Both,
+    Pooling,
+    OnDemand,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Cmd::PlainServer => plain_server(),
+        Cmd::Gateway(g) => {
+            print_header();
+            gateway(&g)
+        }
+        Cmd::Instantiate(i) => {
+            print_header();
+            instantiate(&i)
+        }
+        Cmd::All {
+            gateway: g,
+            instantiate: i,
+        } => {
+            print_header();
+            gateway(&g)?;
+            instantiate(&i)
+        }
+    }
+}
+
+fn print_header() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!("machine: {cpu}, {cores} cores");
+    println!();
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `cmd` and waits for a stdout line starting with `prefix`; returns the rest.
+fn spawn_and_wait(mut cmd: Command, prefix: &str) -> anyhow::Result<(Proc, String)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning server")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let proc = Proc(child);
+    let mut lines = BufReader::new(stdout).lines();
+    while let Some(line) = lines.next() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix(prefix) {
+            let rest = rest.trim().to_string();
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return Ok((proc, rest));
+        }
+    }
+    bail!("server exited before printing {prefix:?}")
+}
+
+fn plain_server() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let app =
+            axum::Router::new().route("/", axum::routing::get(|| async { "Hello, world!\n" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("plain: listening on http://{}", listener.local_addr()?);
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
+fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
+    let wafer = wafer_tests::wafer_bin()?;
+    let hello = wafer_tests::functions_dir()?.join("hello.wasm");
+    let data = tempfile_dir()?;
+
+    let mut dev = Command::new(&wafer);
+    dev.args(["dev", "--http", "127.0.0.1:0", "--no-examples", "--data"])
+        .arg(data.join("data"))
+        .env("RUST_LOG", "warn");
+    let (_dev, dev_url) = spawn_and_wait(dev, "wafer dev: listening on ")?;
+    let deploy = Command::new(&wafer)
+        .args(["--server", &dev_url, "deploy", "hello"])
+        .arg(&hello)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !deploy.success() {
+        bail!("deploying hello failed");
+    }
+
+    let mut plain = Command::new(std::env::current_exe()?);
+    plain.arg("plain-server");
+    let (_plain, plain_url) = spawn_and_wait(plain, "plain: listening on ")?;
+
+    let duration = Duration::from_secs(args.seconds);
+    println!(
+        "## HTTP hello: {} keep-alive connections, {} s per target, one load generator thread",
+        args.connections, args.seconds
+    );
+    println!();
+    println!("| target | requests/s | p50 | p99 | errors | ratio vs plain hyper |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let plain_stats = load::run(&format!("{plain_url}/"), args.connections, duration)?;
+    let wafer_stats = load::run(
+        &format!("{dev_url}/fn/hello?name=bench"),
+        args.connections,
+        duration,
+    )?;
+    let process_stats =
+        process_per_request(&wafer, &hello, Duration::from_secs(args.process_seconds))?;
+    for (name, stats) in [
+        ("plain axum/hyper hello", &plain_stats),
+        (
+            "wafer gateway, `hello` (fresh instance per request)",
+            &wafer_stats,
+        ),
+        (
+            "process per request (`wafer run hello.wasm`, 2 at a time)",
+            &process_stats,
+        ),
+    ] {
+        println!(
+            "| {name} | {:.0} | {} | {} | {} | {:.3} |",
+            stats.rps(),
+            fmt_us(stats.hist.value_at_quantile(0.5)),
+            fmt_us(stats.hist.value_at_quantile(0.99)),
+            stats.errors,
+            stats.rps() / plain_stats.rps()
+        );
+    }
+    println!();
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("wafer-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Runs `wafer run hello.wasm` repeatedly, two at a time, for `duration`.
+fn process_per_request(
+    wafer: &std::path::Path,
+    hello: &std::path::Path,
+    duration: Duration,
+) -> anyhow::Result<load::Stats> {
+    let end = Instant::now() + duration;
+    let started = Instant::now();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let wafer = wafer.to_path_buf();
+            let hello = hello.to_path_buf();
+            std::thread::spawn(move || -> anyhow::Result<(Histogram<u64>, u64)> {
+                let mut hist = Histogram::<u64>::new(3)?;
+                let mut errors = 0;
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let out = Command::new(&wafer)
+                        .arg("run")
+                        .arg(&hello)
+                        .stdin(Stdio::null())
+                        .output()?;
+                    if !out.status.success() {
+                        errors += 1;
+                    }
+                    hist.record(t.elapsed().as_micros() as u64)?;
+                }
+                Ok((hist, errors))
+            })
+        })
+        .collect();
+    let mut stats = load::Stats::new()?;
+    for w in workers {
+        let (hist, errors) = w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        stats.hist.add(&hist)?;
+        stats.errors += errors;
+    }
+    stats.elapsed = started.elapsed();
+    Ok(stats)
+}
+
+fn instantiate(args: &InstantiateArgs) -> anyhow::Result<()> {
+    for (label, wasm) in [
+        ("hello", wafer_tests::example("hello")?),
+        (
+            "empty `_start` (runtime floor)",
+            wat::parse_str(EMPTY_COMMAND)?,
+        ),
+    ] {
+        instantiate_one(args, label, &wasm)?;
+    }
+    Ok(())
+}
+
+/// The smallest WASI command: shows the runtime's own cost per invocation.
+const EMPTY_COMMAND: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+
+fn instantiate_one(args: &InstantiateArgs, label: &str, wasm: &[u8]) -> anyhow::Result<()> {
+    println!(
+        "## In-process instantiate + run of {label} ({} runs each, one thread)",
+        args.iterations
+    );
+    println!();
+    println!("| allocator | p50 | p99 | mean | runs/s |");
+    println!("|---|---:|---:|---:|---:|");
+    let configs: &[bool] = match args.allocators {
+        Allocators::Both => &[true, false],
+        Allocators::Pooling => &[true],
+        Allocators::OnDemand => &[false],
+    };
+    for &pooling in configs {
+        let runtime = Arc::new(Runtime::new(&RuntimeConfig {
+            pooling,
+            max_instances: 64,
+            ..RuntimeConfig::default()
+        })?);
+        let limits = Limits::default();
+        let prepared = runtime.prepare(wasm, &limits)?;
+        let invocation = Invocation {
+            args: vec!["hello".into()],
+            env: vec![
+                ("REQUEST_METHOD".into(), "GET".into()),
+                ("PATH_INFO".into(), "/".into()),
+                ("QUERY_STRING".into(), "name=bench".into()),
+                ("HTTP_HOST".into(), "localhost".into()),
+            ],
+            stdio: wafer::runtime::Stdio::Captured(bytes::Bytes::new()),
+        };
+        for _ in 0..1000 {
+            runtime.invoke(&prepared, &limits, invocation.clone())?;
+        }
+        let mut hist = Histogram::<u64>::new(3)?;
+        let started = Instant::now();
+        for _ in 0..args.iterations {
+            let t = Instant::now();
+            let outcome = runtime.invoke(&prepared, &limits, invocation.clone())?;
+            hist.record(t.elapsed().as_nanos() as u64)?;
+            if outcome.exit != wafer::runtime::Exit::Code(0) {
+                bail!("{label} failed: {:?}", outcome.exit);
+            }
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "| {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} |",
+            if pooling {
+                "pooling"
+            } else {
+                "on-demand (mmap)"
+            },
+            hist.value_at_quantile(0.5) as f64 / 1000.0,
+            hist.value_at_quantile(0.99) as f64 / 1000.0,
+            hist.mean() / 1000.0,
+            args.iterations as f64 / elapsed.as_secs_f64()
+        );
+    }
+    println!();
+    Ok(())
+}
+
+fn fmt_us(us: u64) -> String {
+    if us >= 10_000 {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    } else {
+        format!("{us} µs")
+    }
+}

@@ -28,11 +28,11 @@ pub fn wafer_bin() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(bin));
     }
     let exe = std::env::current_exe().context("locating the test binary")?;
-    // target/<profile>/deps/<test> -> target/<profile>/wafer
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no profile folder")?;
+    // target/<profile>/deps/<test> or target/<profile>/<bench> -> target/<profile>/wafer
+    let mut profile_dir = exe.parent().context("the test binary has no folder")?;
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir.parent().context("deps folder has no parent")?;
+    }
     let bin = profile_dir.join("wafer");
     if !bin.exists() {
         bail!(
