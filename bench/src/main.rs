@@ -315,14 +315,17 @@ fn instantiate_one(args: &InstantiateArgs, label: &str, wasm: &[u8]) -> anyhow::
             ],
             stdio: wafer::runtime::Stdio::Captured(bytes::Bytes::new()),
         };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         for _ in 0..1000 {
-            runtime.invoke(&prepared, &limits, invocation.clone())?;
+            rt.block_on(runtime.invoke(&prepared, &limits, invocation.clone()))?;
         }
         let mut hist = Histogram::<u64>::new(3)?;
         let started = Instant::now();
         for _ in 0..args.iterations {
             let t = Instant::now();
-            let outcome = runtime.invoke(&prepared, &limits, invocation.clone())?;
+            let outcome = rt.block_on(runtime.invoke(&prepared, &limits, invocation.clone()))?;
             hist.record(t.elapsed().as_nanos() as u64)?;
             if outcome.exit != wafer::runtime::Exit::Code(0) {
                 bail!("{label} failed: {:?}", outcome.exit);

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::client::{Client, ClientError};
@@ -92,6 +92,10 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         limits: LimitArgs,
+        /// Compile every time instead of using the precompiled-code cache
+        /// (`$XDG_CACHE_HOME/wafer/modules`, else `~/.cache/wafer/modules`).
+        #[arg(long)]
+        no_cache: bool,
         /// Arguments passed to the module.
         #[arg(last = true)]
         args: Vec<String>,
@@ -151,15 +155,6 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Command::Run { file, limits, args } = &cli.command {
-        return match run_local(file, limits, args) {
-            Ok(code) => code,
-            Err(err) => {
-                eprintln!("error: {err:#}");
-                ExitCode::from(1)
-            }
-        };
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
@@ -214,7 +209,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await?;
         }
-        Command::Run { .. } => unreachable_run()?,
+        Command::Run {
+            file,
+            limits,
+            no_cache,
+            args,
+        } => {
+            let cache_dir = if no_cache { None } else { user_cache_dir() };
+            return run_local(&file, &limits, cache_dir, &args).await;
+        }
         Command::Deploy {
             name,
             file,
@@ -335,18 +338,30 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn unreachable_run() -> anyhow::Result<()> {
-    bail!("`wafer run` is handled before the async runtime starts")
+/// `wafer run`: the module in wafer's sandbox with the host's stdio.
+/// The per-user folder for precompiled modules of `wafer run`.
+fn user_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let dir = base.join("wafer").join("modules");
+    // An unwritable cache only costs compile time; run without it.
+    std::fs::create_dir_all(&dir).is_ok().then_some(dir)
 }
 
-/// `wafer run`: the module in wafer's sandbox with the host's stdio.
-fn run_local(file: &PathBuf, limit_args: &LimitArgs, args: &[String]) -> anyhow::Result<ExitCode> {
+async fn run_local(
+    file: &PathBuf,
+    limit_args: &LimitArgs,
+    cache_dir: Option<PathBuf>,
+    args: &[String],
+) -> anyhow::Result<ExitCode> {
     let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let mut spec = FunctionSpec::default();
     limit_args.apply(&mut spec)?;
     let limits: Limits = spec.limits;
     let runtime = Runtime::new(&RuntimeConfig {
         pooling: false,
+        cache_dir,
         ..RuntimeConfig::default()
     })?;
     let prepared = runtime.prepare(&wasm, &limits)?;
@@ -356,15 +371,17 @@ fn run_local(file: &PathBuf, limit_args: &LimitArgs, args: &[String]) -> anyhow:
         .unwrap_or_else(|| "main.wasm".into());
     let mut argv = vec![program];
     argv.extend(args.iter().cloned());
-    let outcome = runtime.invoke(
-        &prepared,
-        &limits,
-        Invocation {
-            args: argv,
-            env: spec.env.into_iter().collect(),
-            stdio: Stdio::Inherit,
-        },
-    )?;
+    let outcome = runtime
+        .invoke(
+            &prepared,
+            &limits,
+            Invocation {
+                args: argv,
+                env: spec.env.into_iter().collect(),
+                stdio: Stdio::Inherit,
+            },
+        )
+        .await?;
     let _ = std::io::stdout().flush();
     Ok(match outcome.exit {
         Exit::Code(code) => ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)),

@@ -186,15 +186,16 @@ impl Functions {
             .ok_or_else(|| FunctionError::NotFound(name.clone()))
     }
 
-    /// Runs `function` once in a fresh instance. Blocks for up to its timeout.
-    pub fn invoke(
+    /// Runs `function` once in a fresh instance; ends by its timeout.
+    pub async fn invoke(
         &self,
         function: &Deployed,
         invocation: Invocation,
     ) -> Result<Outcome, FunctionError> {
         Ok(self
             .runtime
-            .invoke(&function.prepared, &function.record.spec.limits, invocation)?)
+            .invoke(&function.prepared, &function.record.spec.limits, invocation)
+            .await?)
     }
 
     fn read_live(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FunctionName, Arc<Deployed>>> {

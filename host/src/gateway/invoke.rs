@@ -93,16 +93,10 @@ async fn run(
         env,
         stdio: Stdio::Captured(input),
     };
-    let functions = app.functions.clone();
-    let run_fn = function.clone();
-    let outcome = tokio::task::spawn_blocking(move || functions.invoke(&run_fn, invocation))
+    let outcome = app
+        .functions
+        .invoke(&function, invocation)
         .await
-        .map_err(|e| {
-            (
-                Some(ErrorKind::Instantiate),
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-            )
-        })?
         .map_err(|e| {
             let kind = match &e {
                 FunctionError::Invoke(InvokeError::Busy(_)) => ErrorKind::Busy,

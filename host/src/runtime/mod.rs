@@ -1,6 +1,12 @@
 //! The WebAssembly runtime: one wasmtime engine (pooling allocator, epoch interruption),
 //! module validation and compilation with an on-disk cache, and invocations that each
 //! run in a fresh instance under the function's limits.
+//!
+//! Guests run as futures on the caller's async executor (wasmtime's async support, on a
+//! fiber stack): at every epoch tick a running guest yields to the executor, and once
+//! its wall-clock deadline has passed it is interrupted. So a long-running guest never
+//! holds an executor thread for more than one tick at a time, and no thread hand-off is
+//! paid per invocation.
 
 pub mod cache;
 mod imports;
@@ -19,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
-    PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap,
+    PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
@@ -37,6 +43,9 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Dirty bytes per slot reset in place (memset) rather than decommitted.
 const KEEP_RESIDENT_BYTES: usize = 2 << 20;
+
+/// Bytes of each fiber stack kept resident between instances.
+const ASYNC_STACK_KEEP_RESIDENT_BYTES: usize = 64 << 10;
 
 /// How the runtime's engine is set up.
 #[derive(Debug, Clone)]
@@ -268,12 +277,13 @@ impl Runtime {
                 // next instance in the slot takes no page faults on them.
                 .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
                 .table_keep_resident(KEEP_RESIDENT_BYTES / 8)
+                .async_stack_keep_resident(ASYNC_STACK_KEEP_RESIDENT_BYTES)
                 .pagemap_scan(wasmtime::Enabled::Auto);
             wasm_config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&wasm_config).map_err(engine_error)?;
         let mut linker: Linker<InstanceState> = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s| &mut s.wasi)
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s| &mut s.wasi)
             .map_err(engine_error)?;
         imports::add_to_linker(&mut linker).map_err(engine_error)?;
         let provided = provided_imports(&engine, &linker);
@@ -354,9 +364,9 @@ impl Runtime {
         Ok(())
     }
 
-    /// Runs `prepared` once in a fresh instance under `limits`. Blocks the calling
-    /// thread for up to the timeout: call it from a blocking-capable thread.
-    pub fn invoke(
+    /// Runs `prepared` once in a fresh instance under `limits`, on the current tokio
+    /// runtime; the future yields at every epoch tick and ends by the timeout.
+    pub async fn invoke(
         &self,
         prepared: &Prepared,
         limits: &Limits,
@@ -388,26 +398,43 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);
+        let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        store.set_epoch_deadline(1);
 
         let started = Instant::now();
         self.metrics.live_instances.inc();
         let _live = LiveGuard(&self.metrics.live_instances);
-        let result = match prepared.pre.instantiate(&mut store) {
-            Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
-                Ok(start) => start.call(&mut store, ()),
-                Err(e) => return Err(InvokeError::Instantiate(format!("{e:#}"))),
-            },
-            Err(e) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
-                return Err(InvokeError::Busy(format!("{e:#}")))
+        let run = async {
+            match prepared.pre.instantiate_async(&mut store).await {
+                Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                    Ok(start) => Ok(start.call_async(&mut store, ()).await),
+                    Err(e) => Err(InvokeError::Instantiate(format!("{e:#}"))),
+                },
+                Err(e) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
+                    Err(InvokeError::Busy(format!("{e:#}")))
+                }
+                Err(e) => Ok(Err(e)),
             }
-            Err(e) => Err(e),
         };
+        // The epoch callback interrupts running wasm at the deadline; this timer also
+        // ends a guest that is parked in a host call (a long `poll_oneoff` sleep), by
+        // dropping the call, which wasmtime supports at any await point.
+        let backstop = Duration::from_millis(limits.timeout_ms) + 2 * EPOCH_TICK;
+        let result = tokio::time::timeout(backstop, run).await;
         let duration = started.elapsed();
         let stdout = stdout.map(|s| s.contents()).unwrap_or_default();
         let mut exit = match result {
-            Ok(()) => Exit::Code(0),
-            Err(e) => {
+            Err(_elapsed) => Exit::Timeout,
+            Ok(Err(start_error)) => return Err(start_error),
+            Ok(Ok(Ok(()))) => Exit::Code(0),
+            Ok(Ok(Err(e))) => {
                 if let Some(code) = e.downcast_ref::<I32Exit>() {
                     Exit::Code(code.0)
                 } else if store.data().limiter.refused() {

@@ -393,3 +393,60 @@ async fn metrics_count_invocations() {
         .expect("healthz");
     assert_eq!(health.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_guest_parked_in_a_host_call_still_times_out() {
+    let (_dir, server) = start(&[]);
+    // Sleeps 60 s in `poll_oneoff` (a monotonic-clock subscription), outside wasm code.
+    let sleeper = crate::wat(
+        r#"(module
+          (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "_start")
+            (i32.store (i32.const 16) (i32.const 1))
+            (i64.store (i32.const 24) (i64.const 60000000000))
+            (drop (call $poll (i32.const 0) (i32.const 100) (i32.const 1) (i32.const 200)))))"#,
+    );
+    let response = deploy(&server, "sleeper", sleeper, "timeout_ms=300").await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let started = Instant::now();
+    let response = reqwest::get(server.url("/fn/sleeper"))
+        .await
+        .expect("invoke");
+    expect_error(response, StatusCode::GATEWAY_TIMEOUT, "timeout").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        wafer_tests::metric(&metrics, "wafer_live_instances"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn oversize_response_is_an_error_not_a_truncated_body() {
+    let (_dir, server) = start(&[]);
+    // `hog` prints a line per MiB it holds: with a 64-byte response limit it overflows
+    // stdout long before it reaches its memory limit.
+    deploy_example(&server, "hog", "max_response_bytes=64&memory_mb=256").await;
+    let response = reqwest::get(server.url("/fn/hog")).await.expect("invoke");
+    let body = expect_error(
+        response,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "response_too_large",
+    )
+    .await;
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("64 bytes"),
+        "{body}"
+    );
+}
