@@ -13,8 +13,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{any, get};
 use axum::Router;
-use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 
 pub use api::MANIFEST_HEADER;
 pub use error::ApiError;
@@ -60,6 +60,12 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
+/// Most bytes of an oversize body read and thrown away so that the client, still
+/// sending, gets to read the 413 instead of a reset connection.
+const DRAIN_MAX_BYTES: u64 = 64 << 20;
+/// How long draining an oversize body may take.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Reads a request body of at most `limit` bytes; a larger one (by `Content-Length` or
 /// as it streams) is a 413 naming `what`.
 pub async fn read_body(
@@ -79,13 +85,35 @@ pub async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut body = body;
     if declared.is_some_and(|len| len > limit) {
+        drain(body).await;
         return Err(too_large());
     }
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit_usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(err) => Err(ApiError::bad_request(format!("reading the {what}: {err}"))),
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the {what}: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > limit {
+                drain(body).await;
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
     }
+    Ok(buf.freeze())
+}
+
+/// Reads and discards what is left of `body`, within bounds.
+async fn drain(mut body: Body) {
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > DRAIN_MAX_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
