@@ -21,25 +21,10 @@
 //! wafer-guest = { path = "../../guest-sdk" }
 //! ```
 //!
-//! `src/main.rs`:
+//! `src/main.rs` (this is `examples/greeter.rs` of this crate):
 //!
 //! ```no_run
-//! use wafer_guest::http::{serve, Request, Response};
-//! use wafer_guest::{log, Level};
-//!
-//! fn main() {
-//!     serve(|req: Request| -> Result<Response, String> {
-//!         let name = req.query_param("name").unwrap_or_else(|| "world".to_string());
-//!         if name.is_empty() {
-//!             // Returned errors become a 500 response carrying the message.
-//!             return Err("name must not be empty".to_string());
-//!         }
-//!         log(Level::Info, &format!("greeting {name}"));
-//!         Ok(Response::ok()
-//!             .header("content-type", "text/plain; charset=utf-8")
-//!             .body(format!("Hello, {name}! You sent {} bytes.\n", req.body().len())))
-//!     })
-//! }
+#![doc = include_str!("../examples/greeter.rs")]
 //! ```
 //!
 //! Build it with `cargo build --release --target wasm32-wasip1` (see the project's

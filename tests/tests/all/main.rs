@@ -4,6 +4,7 @@ mod cli;
 mod deploy;
 mod invoke;
 mod restart;
+mod sdk;
 
 use reqwest::StatusCode;
 use tempfile::TempDir;

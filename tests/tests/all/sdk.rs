@@ -1,0 +1,75 @@
+//! The guest SDK's contract, run natively: the `greeter` example of `wafer-guest`
+//! (built by `cargo test`) reads WAGI variables and answers CGI output.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn greeter() -> PathBuf {
+    let bin = wafer_tests::wafer_bin().expect("wafer binary");
+    let path = bin.with_file_name("examples").join("greeter");
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test` builds the wafer-guest examples",
+        path.display()
+    );
+    path
+}
+
+fn run(query: &str, body: &[u8]) -> Output {
+    let mut child = Command::new(greeter())
+        .env_clear()
+        .env("REQUEST_METHOD", "POST")
+        .env("PATH_INFO", "/")
+        .env("QUERY_STRING", query)
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("greeter runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body)
+        .expect("write");
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn answers_with_cgi_output() {
+    let out = run("name=ada", b"12345");
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("Status: 200\n"), "{stdout}");
+    assert!(
+        stdout.contains("content-type: text/plain; charset=utf-8\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("\n\nHello, ada! You sent 5 bytes.\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn an_error_becomes_a_500_with_its_message() {
+    let out = run("name=", b"");
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("Status: 500\n"), "{stdout}");
+    assert!(stdout.ends_with("\n\nname must not be empty\n"), "{stdout}");
+}
+
+#[test]
+fn a_panic_becomes_a_500_naming_it_and_exit_status_70() {
+    let out = run("panic=1", b"");
+    assert_eq!(out.status.code(), Some(70));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("Status: 500\n"), "{stdout}");
+    assert!(stdout.contains("function panicked at"), "{stdout}");
+    assert!(stdout.contains("asked to panic"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("asked to panic"), "{stderr}");
+}
