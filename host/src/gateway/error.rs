@@ -71,6 +71,9 @@ impl From<FunctionError> for ApiError {
             FunctionError::Rejected(RuntimeError::ForbiddenImport { .. }) => {
                 (StatusCode::BAD_REQUEST, "forbidden_import")
             }
+            FunctionError::Rejected(RuntimeError::Unsupported(_)) => {
+                (StatusCode::BAD_REQUEST, "unsupported_module")
+            }
             FunctionError::Rejected(RuntimeError::NotACommand) => {
                 (StatusCode::BAD_REQUEST, "not_a_command")
             }

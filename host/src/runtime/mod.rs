@@ -94,6 +94,10 @@ pub enum RuntimeError {
         /// Function, memory, table, global or tag.
         kind: &'static str,
     },
+    /// The module is valid WebAssembly that this node will not run (it exceeds the
+    /// instance pool's limits or uses a disabled feature).
+    #[error("module not supported by this node: {0}")]
+    Unsupported(String),
     /// The module has no `_start` function.
     #[error("module is not a WASI command: it exports no `_start` function")]
     NotACommand,
@@ -330,8 +334,12 @@ impl Runtime {
                 if self.cache.is_some() {
                     self.metrics.cache_misses.inc();
                 }
-                let module = Module::new(&self.engine, wasm)
+                // Validation alone tells a malformed module from a valid one that this
+                // engine will not take (pool limits such as table size or memory count).
+                Module::validate(&self.engine, wasm)
                     .map_err(|e| RuntimeError::Malformed(format!("{e:#}")))?;
+                let module = Module::new(&self.engine, wasm)
+                    .map_err(|e| RuntimeError::Unsupported(format!("{e:#}")))?;
                 self.metrics.compilations.inc();
                 module
             }
@@ -441,6 +449,11 @@ impl Runtime {
                     Exit::MemoryLimit
                 } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                     Exit::Timeout
+                } else if let Some(trap) = e.downcast_ref::<Trap>() {
+                    // The trap itself ("wasm trap: call stack exhausted"); the wasm
+                    // backtrace goes to the node's debug log, not to the caller.
+                    tracing::debug!(error = ?e, "guest trapped");
+                    Exit::Trap(trap.to_string())
                 } else {
                     Exit::Trap(format!("{e:#}"))
                 }

@@ -121,6 +121,16 @@ async fn forbidden_import_is_named() {
         "{body}"
     );
 
+    let huge_table = wat(
+        r#"(module (table 10000000 funcref) (memory (export "memory") 1) (func (export "_start")))"#,
+    );
+    let response = deploy(&server, "wide", huge_table, "").await;
+    let body = expect_error(response, StatusCode::BAD_REQUEST, "unsupported_module").await;
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("table"),
+        "{body}"
+    );
+
     let library = wat(r#"(module (memory (export "memory") 1) (func (export "helper")))"#);
     let response = deploy(&server, "lib", library, "").await;
     expect_error(response, StatusCode::BAD_REQUEST, "not_a_command").await;

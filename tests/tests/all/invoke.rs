@@ -450,3 +450,53 @@ async fn oversize_response_is_an_error_not_a_truncated_body() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn traps_are_reported_and_the_pool_refuses_beyond_its_size() {
+    let (_dir, server) = start(&["--max-instances", "2"]);
+    let recursive = crate::wat(
+        r#"(module (memory (export "memory") 1)
+          (func $f (call $f))
+          (func (export "_start") (call $f)))"#,
+    );
+    assert_eq!(
+        deploy(&server, "deep", recursive, "").await.status(),
+        StatusCode::CREATED
+    );
+    let response = reqwest::get(server.url("/fn/deep")).await.expect("invoke");
+    let body = expect_error(response, StatusCode::INTERNAL_SERVER_ERROR, "trap").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("call stack exhausted"),
+        "{body}"
+    );
+
+    // Two slots: of three overlapping calls to a 3 s spinner, one is refused at once.
+    deploy_example(&server, "spin", "timeout_ms=3000").await;
+    let http = reqwest::Client::new();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let http = http.clone();
+            let url = server.url("/fn/spin");
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for call in calls {
+        statuses.push(call.await.expect("join").expect("spin"));
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::GATEWAY_TIMEOUT,
+            StatusCode::GATEWAY_TIMEOUT
+        ]
+    );
+    // Slots come back.
+    let response = reqwest::get(server.url("/fn/deep")).await.expect("invoke");
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
