@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 
-use crate::{deploy, deploy_example, expect_error, plain_program, start};
+use crate::{deploy, deploy_example, expect_error, metrics, plain_program, spawn_gets, start};
 
 async fn text(response: reqwest::Response) -> (StatusCode, String) {
     let status = response.status();
@@ -214,13 +214,7 @@ async fn spin_times_out_and_the_server_keeps_serving() {
     assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
 
     // Several at once, while other calls go on being served.
-    let spins: Vec<_> = (0..3)
-        .map(|_| {
-            let http = http.clone();
-            let url = server.url("/fn/spin");
-            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
-        })
-        .collect();
+    let spins = spawn_gets(&server, "/fn/spin", 3);
     let (status, body) = text(
         http.get(server.url("/fn/hello"))
             .send()
@@ -235,14 +229,7 @@ async fn spin_times_out_and_the_server_keeps_serving() {
             StatusCode::GATEWAY_TIMEOUT
         );
     }
-    let metrics = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&server).await;
     assert_eq!(
         wafer_tests::metric(
             &metrics,
@@ -362,14 +349,7 @@ async fn metrics_count_invocations() {
         .await;
         assert_eq!(status, StatusCode::OK);
     }
-    let metrics = http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&server).await;
     assert_eq!(
         wafer_tests::metric(
             &metrics,
@@ -419,12 +399,7 @@ async fn a_guest_parked_in_a_host_call_still_times_out() {
         "{:?}",
         started.elapsed()
     );
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&server).await;
     assert_eq!(
         wafer_tests::metric(&metrics, "wafer_live_instances"),
         Some(0.0),
@@ -475,14 +450,7 @@ async fn traps_are_reported_and_the_pool_refuses_beyond_its_size() {
 
     // Two slots: of three overlapping calls to a 3 s spinner, one is refused at once.
     deploy_example(&server, "spin", "timeout_ms=3000").await;
-    let http = reqwest::Client::new();
-    let calls: Vec<_> = (0..3)
-        .map(|_| {
-            let http = http.clone();
-            let url = server.url("/fn/spin");
-            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
-        })
-        .collect();
+    let calls = spawn_gets(&server, "/fn/spin", 3);
     let mut statuses = Vec::new();
     for call in calls {
         statuses.push(call.await.expect("join").expect("spin"));

@@ -65,6 +65,32 @@ pub async fn expect_error(
     json
 }
 
+/// The server's `/metrics` text.
+pub async fn metrics(server: &DevServer) -> String {
+    reqwest::get(server.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// Starts `n` concurrent GETs of `path`; each task yields the response status.
+pub fn spawn_gets(
+    server: &DevServer,
+    path: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<reqwest::Result<StatusCode>>> {
+    let http = reqwest::Client::new();
+    (0..n)
+        .map(|_| {
+            let http = http.clone();
+            let url = server.url(path);
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+        })
+        .collect()
+}
+
 /// A WASI command module from WAT text.
 pub fn wat(text: &str) -> Vec<u8> {
     wat::parse_str(text).expect("valid WAT")

@@ -4,16 +4,7 @@
 use reqwest::StatusCode;
 use wafer_tests::{metric, DevServer};
 
-use crate::deploy_example;
-
-async fn metrics(server: &DevServer) -> String {
-    reqwest::get(server.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
+use crate::{deploy_example, metrics};
 
 #[tokio::test]
 async fn restart_keeps_functions_and_uses_the_precompiled_cache() {
