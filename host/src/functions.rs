@@ -2,7 +2,7 @@
 //! prepared once for instantiation in the [`Runtime`] and invoked in fresh instances.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::runtime::{Invocation, InvokeError, Outcome, Prepared, Runtime, RuntimeError};
@@ -85,6 +85,9 @@ pub struct Functions {
     runtime: Arc<Runtime>,
     max_module_bytes: u64,
     live: RwLock<HashMap<FunctionName, Arc<Deployed>>>,
+    /// Orders "write state, then update `live`" across concurrent deploys and removals,
+    /// so `live` always ends as the state does.
+    writes: Mutex<()>,
 }
 
 impl Functions {
@@ -116,6 +119,7 @@ impl Functions {
             runtime,
             max_module_bytes,
             live: RwLock::new(live),
+            writes: Mutex::new(()),
         })
     }
 
@@ -149,6 +153,7 @@ impl Functions {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
+        let _writes = self.lock_writes();
         let record = self.state.put_function(name, wasm, spec, now_ms)?;
         let deployed = Arc::new(deployed(record.clone(), prepared));
         self.write_live().insert(name.clone(), deployed);
@@ -158,6 +163,7 @@ impl Functions {
 
     /// Removes function `name`.
     pub fn remove(&self, name: &FunctionName) -> Result<FunctionRecord, FunctionError> {
+        let _writes = self.lock_writes();
         let removed = self
             .state
             .delete_function(name)?
@@ -196,6 +202,11 @@ impl Functions {
             .runtime
             .invoke(&function.prepared, &function.record.spec.limits, invocation)
             .await?)
+    }
+
+    fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guard protects no data, only ordering: a poisoned lock is still usable.
+        self.writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn read_live(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FunctionName, Arc<Deployed>>> {

@@ -36,46 +36,52 @@ pub async fn invoke(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let name = params.name.clone();
-    let response = match run(&app, params, method, uri, headers, body).await {
+    // Unknown names answer 404 without a metric of their own: callers must not be able
+    // to grow the metric families without bound.
+    let function = match params
+        .name
+        .parse::<FunctionName>()
+        .map_err(ApiError::from)
+        .and_then(|name| app.functions.get(&name).map_err(ApiError::from))
+    {
+        Ok(function) => function,
+        Err(err) => return err.into_response(),
+    };
+    let name = function.record.name.clone();
+    let response = match run(&app, &function, params.path, method, uri, headers, body).await {
         Ok(response) => response,
         Err((kind, err)) => {
-            if let Some(kind) = kind {
-                app.metrics.error(&name, kind);
-            }
+            app.metrics.error(name.as_str(), kind);
             err.into_response()
         }
     };
     app.metrics
         .invocations
         .get_or_create(&InvocationLabels {
-            function: name,
+            function: name.to_string(),
             status: response.status().as_u16(),
         })
         .inc();
     response
 }
 
-type Failure = (Option<ErrorKind>, ApiError);
+type Failure = (ErrorKind, ApiError);
 
 async fn run(
     app: &Arc<AppState>,
-    params: FnPath,
+    function: &Arc<Deployed>,
+    path: Option<String>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Failure> {
-    let name: FunctionName = params
-        .name
-        .parse()
-        .map_err(|e: crate::state::InvalidName| (None, e.into()))?;
-    let function = app.functions.get(&name).map_err(|e| (None, e.into()))?;
+    let name = &function.record.name;
     let limits = function.record.spec.limits;
     let input = read_body(body, &headers, limits.max_request_bytes, "request body")
         .await
-        .map_err(|e| (Some(ErrorKind::RequestTooLarge), e))?;
-    let path_info = match params.path {
+        .map_err(|e| (ErrorKind::RequestTooLarge, e))?;
+    let path_info = match path {
         Some(p) => format!("/{p}"),
         None => "/".to_string(),
     };
@@ -102,7 +108,7 @@ async fn run(
                 FunctionError::Invoke(InvokeError::Busy(_)) => ErrorKind::Busy,
                 _ => ErrorKind::Instantiate,
             };
-            (Some(kind), ApiError::from(e))
+            (kind, ApiError::from(e))
         })?;
     app.metrics
         .duration
@@ -178,7 +184,7 @@ fn respond(
     let log = log_tail(&outcome);
     let fail = |status, code, kind, message: String| {
         Err((
-            Some(kind),
+            kind,
             ApiError::new(status, code, message).with_log(log.clone()),
         ))
     };

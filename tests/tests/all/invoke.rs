@@ -293,6 +293,9 @@ async fn unknown_function_and_oversize_request() {
         body["message"].as_str().unwrap_or("").contains("nobody"),
         "{body}"
     );
+    // Unknown names leave no trace in the metrics (callers cannot grow them unboundedly).
+    let exported = metrics(&server).await;
+    assert!(!exported.contains("nobody"), "{exported}");
 
     deploy_example(&server, "sha256", "max_request_bytes=1024").await;
     let response = http
