@@ -86,8 +86,8 @@ async fn run(
         None => "/".to_string(),
     };
     let env = wagi_env(
-        &function,
-        &name,
+        function,
+        name,
         &method,
         &uri,
         &headers,
@@ -101,7 +101,7 @@ async fn run(
     };
     let outcome = app
         .functions
-        .invoke(&function, invocation)
+        .invoke(function, invocation)
         .await
         .map_err(|e| {
             let kind = match &e {
@@ -119,7 +119,7 @@ async fn run(
     if !outcome.log.is_empty() {
         tracing::debug!(function = %name, log = %String::from_utf8_lossy(&outcome.log), "guest log");
     }
-    respond(&name, &function, outcome)
+    respond(name, function, outcome)
 }
 
 /// The CGI/WAGI environment of one request, after the function's own variables.
