@@ -30,6 +30,14 @@ impl Stats {
         })
     }
 
+    /// Adds another run's measurements.
+    pub fn merge(&mut self, other: &Stats) -> anyhow::Result<()> {
+        self.hist.add(&other.hist)?;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        Ok(())
+    }
+
     /// Successful requests per second.
     pub fn rps(&self) -> f64 {
         self.hist.len() as f64 / self.elapsed.as_secs_f64()

@@ -12,7 +12,6 @@ mod load;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -51,6 +50,9 @@ struct GatewayArgs {
     /// Seconds of measured load per target (after 1 s of warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Rounds the measured seconds are split into, alternating the targets.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
     /// Seconds of process-per-request load.
     #[arg(long, default_value_t = 5)]
     process_seconds: u64,
@@ -183,18 +185,29 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
 
     let duration = Duration::from_secs(args.seconds);
     println!(
-        "## HTTP hello: {} keep-alive connections, {} s per target, one load generator thread",
-        args.connections, args.seconds
+        "## HTTP hello: {} keep-alive connections, {} s per target in {} alternating rounds, one load generator thread",
+        args.connections, args.seconds, args.rounds
     );
     println!();
     println!("| target | requests/s | p50 | p99 | errors | ratio vs plain hyper |");
     println!("|---|---:|---:|---:|---:|---:|");
-    let plain_stats = load::run(&format!("{plain_url}/"), args.connections, duration)?;
-    let wafer_stats = load::run(
-        &format!("{dev_url}/fn/hello?name=bench"),
-        args.connections,
-        duration,
-    )?;
+    // Alternate the targets in rounds so that drifting machine noise hits both alike.
+    let rounds = args.rounds.max(1);
+    let round = duration / rounds;
+    let mut plain_stats = load::Stats::new()?;
+    let mut wafer_stats = load::Stats::new()?;
+    for _ in 0..rounds {
+        plain_stats.merge(&load::run(
+            &format!("{plain_url}/"),
+            args.connections,
+            round,
+        )?)?;
+        wafer_stats.merge(&load::run(
+            &format!("{dev_url}/fn/hello?name=bench"),
+            args.connections,
+            round,
+        )?)?;
+    }
     let process_stats =
         process_per_request(&wafer, &hello, Duration::from_secs(args.process_seconds))?;
     for (name, stats) in [
@@ -284,9 +297,19 @@ fn instantiate(args: &InstantiateArgs) -> anyhow::Result<()> {
 /// The smallest WASI command: shows the runtime's own cost per invocation.
 const EMPTY_COMMAND: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
 
+/// One allocator's runtime, prepared module and measurements.
+struct Setup {
+    pooling: bool,
+    runtime: Runtime,
+    prepared: wafer::runtime::Prepared,
+    hist: Histogram<u64>,
+    busy: Duration,
+}
+
 fn instantiate_one(args: &InstantiateArgs, label: &str, wasm: &[u8]) -> anyhow::Result<()> {
+    const ROUNDS: usize = 5;
     println!(
-        "## In-process instantiate + run of {label} ({} runs each, one thread)",
+        "## In-process instantiate + run of {label} ({} runs each in {ROUNDS} alternating rounds, one thread)",
         args.iterations
     );
     println!();
@@ -297,52 +320,70 @@ fn instantiate_one(args: &InstantiateArgs, label: &str, wasm: &[u8]) -> anyhow::
         Allocators::Pooling => &[true],
         Allocators::OnDemand => &[false],
     };
+    let limits = Limits::default();
+    let invocation = Invocation {
+        args: vec!["hello".into()],
+        env: vec![
+            ("REQUEST_METHOD".into(), "GET".into()),
+            ("PATH_INFO".into(), "/".into()),
+            ("QUERY_STRING".into(), "name=bench".into()),
+            ("HTTP_HOST".into(), "localhost".into()),
+        ],
+        stdio: wafer::runtime::Stdio::Captured(bytes::Bytes::new()),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut setups = Vec::new();
     for &pooling in configs {
-        let runtime = Arc::new(Runtime::new(&RuntimeConfig {
+        let runtime = Runtime::new(&RuntimeConfig {
             pooling,
             max_instances: 64,
             ..RuntimeConfig::default()
-        })?);
-        let limits = Limits::default();
+        })?;
         let prepared = runtime.prepare(wasm, &limits)?;
-        let invocation = Invocation {
-            args: vec!["hello".into()],
-            env: vec![
-                ("REQUEST_METHOD".into(), "GET".into()),
-                ("PATH_INFO".into(), "/".into()),
-                ("QUERY_STRING".into(), "name=bench".into()),
-                ("HTTP_HOST".into(), "localhost".into()),
-            ],
-            stdio: wafer::runtime::Stdio::Captured(bytes::Bytes::new()),
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         for _ in 0..1000 {
             rt.block_on(runtime.invoke(&prepared, &limits, invocation.clone()))?;
         }
-        let mut hist = Histogram::<u64>::new(3)?;
-        let started = Instant::now();
-        for _ in 0..args.iterations {
-            let t = Instant::now();
-            let outcome = rt.block_on(runtime.invoke(&prepared, &limits, invocation.clone()))?;
-            hist.record(t.elapsed().as_nanos() as u64)?;
-            if outcome.exit != wafer::runtime::Exit::Code(0) {
-                bail!("{label} failed: {:?}", outcome.exit);
+        setups.push(Setup {
+            pooling,
+            runtime,
+            prepared,
+            hist: Histogram::new(3)?,
+            busy: Duration::ZERO,
+        });
+    }
+    // Alternate the allocators in rounds so that drifting machine noise hits both alike.
+    for _ in 0..ROUNDS {
+        for setup in &mut setups {
+            let started = Instant::now();
+            for _ in 0..args.iterations / ROUNDS {
+                let t = Instant::now();
+                let outcome = rt.block_on(setup.runtime.invoke(
+                    &setup.prepared,
+                    &limits,
+                    invocation.clone(),
+                ))?;
+                setup.hist.record(t.elapsed().as_nanos() as u64)?;
+                if outcome.exit != wafer::runtime::Exit::Code(0) {
+                    bail!("{label} failed: {:?}", outcome.exit);
+                }
             }
+            setup.busy += started.elapsed();
         }
-        let elapsed = started.elapsed();
+    }
+    for setup in &setups {
         println!(
             "| {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.0} |",
-            if pooling {
+            if setup.pooling {
                 "pooling"
             } else {
                 "on-demand (mmap)"
             },
-            hist.value_at_quantile(0.5) as f64 / 1000.0,
-            hist.value_at_quantile(0.99) as f64 / 1000.0,
-            hist.mean() / 1000.0,
-            args.iterations as f64 / elapsed.as_secs_f64()
+            setup.hist.value_at_quantile(0.5) as f64 / 1000.0,
+            setup.hist.value_at_quantile(0.99) as f64 / 1000.0,
+            setup.hist.mean() / 1000.0,
+            setup.hist.len() as f64 / setup.busy.as_secs_f64()
         );
     }
     println!();
