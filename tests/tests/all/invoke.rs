@@ -293,6 +293,19 @@ async fn unknown_function_and_oversize_request() {
         body["message"].as_str().unwrap_or("").contains("nobody"),
         "{body}"
     );
+    let response = http.get(server.url("/nowhere")).send().await.expect("get");
+    expect_error(response, StatusCode::NOT_FOUND, "not_found").await;
+    let response = http
+        .post(server.url("/v1/functions"))
+        .send()
+        .await
+        .expect("post");
+    expect_error(
+        response,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
     // Unknown names leave no trace in the metrics (callers cannot grow them unboundedly).
     let exported = metrics(&server).await;
     assert!(!exported.contains("nobody"), "{exported}");
