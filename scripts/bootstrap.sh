@@ -26,16 +26,8 @@ fi
 mkdir -p "$out"
 cd "$root/functions"
 
-if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
-    log "building Rust guests with rustup's wasm32-wasip1 target"
-    cargo build --quiet --release --target wasm32-wasip1
-else
-    log "building Rust guests with Debian's rustc-web and build-std"
-    PATH=/usr/bin:$PATH RUSTC_BOOTSTRAP=1 \
-    CARGO_TARGET_WASM32_WASIP1_LINKER=wasm-ld \
-    RUSTFLAGS="-C link-self-contained=no -L /usr/lib/wasm32-wasi -C link-arg=/usr/lib/wasm32-wasi/crt1-command.o" \
-        /usr/bin/cargo build --quiet --release -Zbuild-std=std,panic_abort --target wasm32-wasip1
-fi
+log "building Rust guests for wasm32-wasip1"
+"$root/scripts/wasm-cargo.sh"
 
 for dir in */; do
     name="${dir%/}"

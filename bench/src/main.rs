@@ -50,6 +50,14 @@ struct GatewayArgs {
     /// Seconds of measured load per target (after 1 s of warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// `wasmtime` (wasmtime-cli 48) for the `wasmtime serve` baseline; without it (or
+    /// without --wasi-http-hello) that row is left out.
+    #[arg(long)]
+    wasmtime: Option<std::path::PathBuf>,
+    /// Core module of the wasi:http hello (bench/wasi-http-hello, built for
+    /// wasm32-wasip1); made a component here with the proxy adapter.
+    #[arg(long)]
+    wasi_http_hello: Option<std::path::PathBuf>,
     /// Rounds the measured seconds are split into, alternating the targets.
     #[arg(long, default_value_t = 5)]
     rounds: u32,
@@ -191,11 +199,17 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
     println!();
     println!("| target | requests/s | p50 | p99 | errors | ratio vs plain hyper |");
     println!("|---|---:|---:|---:|---:|---:|");
-    // Alternate the targets in rounds so that drifting machine noise hits both alike.
+    let serve = match (&args.wasmtime, &args.wasi_http_hello) {
+        (Some(wasmtime), Some(core)) => Some(wasmtime_serve(wasmtime, core, &data)?),
+        _ => None,
+    };
+
+    // Alternate the targets in rounds so that drifting machine noise hits all alike.
     let rounds = args.rounds.max(1);
     let round = duration / rounds;
     let mut plain_stats = load::Stats::new()?;
     let mut wafer_stats = load::Stats::new()?;
+    let mut serve_stats = load::Stats::new()?;
     for _ in 0..rounds {
         plain_stats.merge(&load::run(
             &format!("{plain_url}/"),
@@ -207,20 +221,34 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
             args.connections,
             round,
         )?)?;
+        if let Some((_, serve_url)) = &serve {
+            serve_stats.merge(&load::run(
+                &format!("{serve_url}/?name=bench"),
+                args.connections,
+                round,
+            )?)?;
+        }
     }
     let process_stats =
         process_per_request(&wafer, &hello, Duration::from_secs(args.process_seconds))?;
-    for (name, stats) in [
+    let mut rows = vec![
         ("plain axum/hyper hello", &plain_stats),
         (
             "wafer gateway, `hello` (fresh instance per request)",
             &wafer_stats,
         ),
-        (
-            "process per request (`wafer run hello.wasm`, 2 at a time)",
-            &process_stats,
-        ),
-    ] {
+    ];
+    if serve.is_some() {
+        rows.push((
+            "`wasmtime serve` 48, wasi:http hello (fresh instance per request)",
+            &serve_stats,
+        ));
+    }
+    rows.push((
+        "process per request (`wafer run hello.wasm`, 2 at a time)",
+        &process_stats,
+    ));
+    for (name, stats) in rows {
         println!(
             "| {name} | {:.0} | {} | {} | {} | {:.3} |",
             stats.rps(),
@@ -231,7 +259,56 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
         );
     }
     println!();
+    if serve.is_some() {
+        println!(
+            "wafer gateway / `wasmtime serve`: {:.3} (requests/s)",
+            wafer_stats.rps() / serve_stats.rps()
+        );
+        println!();
+    }
     Ok(())
+}
+
+/// Makes `core` a wasi:http proxy component and serves it with `wasmtime serve` on a
+/// free loopback port; returns the process and its URL once it accepts connections.
+fn wasmtime_serve(
+    wasmtime: &std::path::Path,
+    core: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Proc, String)> {
+    use wasi_preview1_component_adapter_provider::{
+        WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_PROXY_ADAPTER,
+    };
+    let module = std::fs::read(core).with_context(|| format!("reading {}", core.display()))?;
+    let component = wit_component::ComponentEncoder::default()
+        .module(&module)?
+        .adapter(
+            WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
+            WASI_SNAPSHOT_PREVIEW1_PROXY_ADAPTER,
+        )?
+        .validate(true)
+        .encode()?;
+    let path = dir.join("wasi-http-hello.component.wasm");
+    std::fs::write(&path, component)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new(wasmtime)
+        .args(["serve", "--addr", &format!("127.0.0.1:{port}")])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", wasmtime.display()))?;
+    let proc = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("wasmtime serve did not listen on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((proc, format!("http://127.0.0.1:{port}")))
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
