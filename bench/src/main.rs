@@ -10,6 +10,10 @@
 
 mod load;
 
+// The same allocator as the `wafer` binary, so in-process numbers match the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,6 +44,17 @@ enum Cmd {
     },
     /// (internal) a plain axum hello-world server; prints its address.
     PlainServer,
+    /// Drives one URL with the load generator (for profiling a server by hand).
+    Load {
+        /// The URL to GET.
+        url: String,
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Seconds of measured load (after 1 s of warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -87,6 +102,21 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Cmd::PlainServer => plain_server(),
+        Cmd::Load {
+            url,
+            connections,
+            seconds,
+        } => {
+            let stats = load::run(&url, connections, Duration::from_secs(seconds))?;
+            println!(
+                "{url}: {:.0} requests/s, p50 {} µs, p99 {} µs, {} errors",
+                stats.rps(),
+                stats.hist.value_at_quantile(0.5),
+                stats.hist.value_at_quantile(0.99),
+                stats.errors
+            );
+            Ok(())
+        }
         Cmd::Gateway(g) => {
             print_header();
             gateway(&g)

@@ -198,9 +198,39 @@ impl Response {
     /// Not Found` sets the status; without it the status is 200. Returns `None` when the
     /// output does not begin with a header block.
     pub fn from_cgi(output: &[u8]) -> Option<Response> {
-        let (head, body) = split_header_block(output)?;
-        let text = std::str::from_utf8(head).ok()?;
-        let mut response = Response::ok();
+        let head = CgiHead::parse(output)?;
+        Some(Response {
+            status: head.status,
+            headers: head
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: output[head.body_offset..].to_vec(),
+        })
+    }
+}
+
+/// The header block of CGI output, borrowed from it: what a host needs to build an
+/// HTTP response without copying the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgiHead<'a> {
+    /// The status (`Status:`), 200 without one.
+    pub status: u16,
+    /// The other headers, in order, names as written.
+    pub headers: Vec<(&'a str, &'a str)>,
+    /// Where the body starts in the output.
+    pub body_offset: usize,
+}
+
+impl<'a> CgiHead<'a> {
+    /// Parses the header block at the start of `output`; `None` when the output does
+    /// not begin with one (`Name: value` lines ended by a blank line).
+    pub fn parse(output: &'a [u8]) -> Option<CgiHead<'a>> {
+        let (head_len, body_offset) = split_header_block(output)?;
+        let text = std::str::from_utf8(&output[..head_len]).ok()?;
+        let mut status = 200;
+        let mut headers = Vec::new();
         for line in text.lines() {
             let line = line.trim_end_matches('\r');
             let (name, value) = line.split_once(':')?;
@@ -211,13 +241,16 @@ impl Response {
             let value = value.trim();
             if name.eq_ignore_ascii_case("status") {
                 let code = value.split_whitespace().next()?;
-                response.status = code.parse().ok().filter(|c| (100..=999).contains(c))?;
+                status = code.parse().ok().filter(|c| (100..=999).contains(c))?;
             } else {
-                response.headers.push((name.to_string(), value.to_string()));
+                headers.push((name, value));
             }
         }
-        response.body = body.to_vec();
-        Some(response)
+        Some(CgiHead {
+            status,
+            headers,
+            body_offset,
+        })
     }
 }
 
@@ -233,21 +266,24 @@ impl From<&str> for Response {
     }
 }
 
-/// Splits CGI output at the first blank line (`\n\n` or `\r\n\r\n`).
-fn split_header_block(output: &[u8]) -> Option<(&[u8], &[u8])> {
-    let mut i = 0;
-    while i < output.len() {
-        if output[i] == b'\n' {
-            // Line ends at i; is the next line empty?
-            let rest = &output[i + 1..];
-            if rest.first() == Some(&b'\n') {
-                return Some((&output[..i], &rest[1..]));
-            }
-            if rest.starts_with(b"\r\n") {
-                return Some((&output[..i], &rest[2..]));
-            }
+/// Finds the first blank line (`\n\n` or `\n\r\n`) of CGI output: the header block's
+/// length and where the body starts.
+fn split_header_block(output: &[u8]) -> Option<(usize, usize)> {
+    let mut from = 0;
+    while let Some(i) = output[from..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|i| from + i)
+    {
+        // Line ends at i; is the next line empty?
+        let rest = &output[i + 1..];
+        if rest.first() == Some(&b'\n') {
+            return Some((i, i + 2));
         }
-        i += 1;
+        if rest.starts_with(b"\r\n") {
+            return Some((i, i + 3));
+        }
+        from = i + 1;
     }
     None
 }
@@ -394,6 +430,20 @@ mod tests {
             ]
         );
         assert_eq!(parsed.body_bytes(), b"{\"ok\":true}\n\nmore");
+    }
+
+    #[test]
+    fn cgi_head_borrows_headers_and_points_at_the_body() {
+        let output = b"Content-Type: text/plain\nStatus: 202\r\nX-B:  two \n\nbody\n\nrest";
+        let head = CgiHead::parse(output).expect("valid CGI output");
+        assert_eq!(head.status, 202);
+        assert_eq!(
+            head.headers,
+            vec![("Content-Type", "text/plain"), ("X-B", "two")]
+        );
+        assert_eq!(&output[head.body_offset..], b"body\n\nrest");
+        let empty_body = CgiHead::parse(b"X-A: 1\r\n\r\n").expect("valid");
+        assert_eq!(empty_body.body_offset, 10);
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! prepared once for instantiation in the [`Runtime`] and invoked in fresh instances.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::metrics::{FunctionStats, Metrics};
 use crate::runtime::{Invocation, InvokeError, Outcome, Prepared, Runtime, RuntimeError};
 use crate::state::{FunctionName, FunctionRecord, FunctionSpec, State, StateError};
 
@@ -70,12 +71,19 @@ pub struct Deployed {
     pub record: FunctionRecord,
     prepared: Prepared,
     env: Vec<(String, String)>,
+    stats: OnceLock<FunctionStats>,
 }
 
 impl Deployed {
     /// The function's environment, as given at deploy.
     pub fn env(&self) -> &[(String, String)] {
         &self.env
+    }
+
+    /// The function's metric series, looked up in `metrics` on first use.
+    pub fn stats(&self, metrics: &Metrics) -> &FunctionStats {
+        self.stats
+            .get_or_init(|| metrics.function_stats(self.record.name.as_str()))
     }
 }
 
@@ -231,6 +239,7 @@ fn deployed(record: FunctionRecord, prepared: Prepared) -> Deployed {
         record,
         prepared,
         env,
+        stats: OnceLock::new(),
     }
 }
 

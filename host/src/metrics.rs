@@ -57,6 +57,16 @@ pub struct FunctionLabels {
 
 type HistogramFamily = Family<FunctionLabels, Histogram, fn() -> Histogram>;
 
+/// One function's hot-path series, looked up once and then updated without a label
+/// lookup per request.
+#[derive(Debug, Clone)]
+pub struct FunctionStats {
+    /// Invocations answered 200.
+    pub ok: Counter,
+    /// Guest run time, seconds.
+    pub duration: Histogram,
+}
+
 /// Every metric the node exports.
 pub struct Metrics {
     registry: Registry,
@@ -120,6 +130,39 @@ impl Metrics {
             invocations,
             errors,
             duration,
+        }
+    }
+
+    /// The series of `function` that every invocation updates.
+    pub fn function_stats(&self, function: &str) -> FunctionStats {
+        FunctionStats {
+            ok: self
+                .invocations
+                .get_or_create(&InvocationLabels {
+                    function: function.to_string(),
+                    status: 200,
+                })
+                .clone(),
+            duration: self
+                .duration
+                .get_or_create(&FunctionLabels {
+                    function: function.to_string(),
+                })
+                .clone(),
+        }
+    }
+
+    /// Counts an invocation that `function` answered with `status`.
+    pub fn invocation(&self, stats: &FunctionStats, function: &str, status: u16) {
+        if status == 200 {
+            stats.ok.inc();
+        } else {
+            self.invocations
+                .get_or_create(&InvocationLabels {
+                    function: function.to_string(),
+                    status,
+                })
+                .inc();
         }
     }
 

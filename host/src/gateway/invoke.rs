@@ -7,13 +7,14 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use wafer_guest::http::Response as CgiResponse;
+use bytes::Bytes;
+use wafer_guest::http::CgiHead;
 
 use super::error::ApiError;
 use super::{read_body, AppState};
 use crate::functions::Deployed;
 use crate::functions::FunctionError;
-use crate::metrics::{ErrorKind, FunctionLabels, InvocationLabels};
+use crate::metrics::ErrorKind;
 use crate::runtime::{Exit, Invocation, InvokeError, Outcome, Stdio};
 use crate::state::FunctionName;
 
@@ -47,7 +48,7 @@ pub async fn invoke(
         Ok(function) => function,
         Err(err) => return err.into_response(),
     };
-    let name = function.record.name.clone();
+    let name = &function.record.name;
     let response = match run(&app, &function, params.path, method, uri, headers, body).await {
         Ok(response) => response,
         Err((kind, err)) => {
@@ -55,13 +56,9 @@ pub async fn invoke(
             err.into_response()
         }
     };
+    let stats = function.stats(&app.metrics);
     app.metrics
-        .invocations
-        .get_or_create(&InvocationLabels {
-            function: name.to_string(),
-            status: response.status().as_u16(),
-        })
-        .inc();
+        .invocation(stats, name.as_str(), response.status().as_u16());
     response
 }
 
@@ -110,11 +107,9 @@ async fn run(
             };
             (kind, ApiError::from(e))
         })?;
-    app.metrics
+    function
+        .stats(&app.metrics)
         .duration
-        .get_or_create(&FunctionLabels {
-            function: name.to_string(),
-        })
         .observe(outcome.duration.as_secs_f64());
     if !outcome.log.is_empty() {
         tracing::debug!(function = %name, log = %String::from_utf8_lossy(&outcome.log), "guest log");
@@ -222,8 +217,8 @@ fn respond(
             ErrorKind::Trap,
             format!("function `{name}` trapped: {message}"),
         ),
-        Exit::Code(code) => match CgiResponse::from_cgi(&outcome.stdout) {
-            Some(cgi) => Ok(http_response(name, cgi)),
+        Exit::Code(code) => match CgiHead::parse(&outcome.stdout) {
+            Some(head) => Ok(http_response(name, &head, &outcome.stdout)),
             None if code == 0 => Ok((StatusCode::OK, outcome.stdout).into_response()),
             None => fail(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -237,19 +232,19 @@ fn respond(
 
 /// Builds the HTTP response from a guest's CGI output, dropping headers that are not
 /// valid HTTP or that the server owns.
-fn http_response(name: &FunctionName, cgi: CgiResponse) -> Response {
-    let status = StatusCode::from_u16(cgi.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut headers = HeaderMap::with_capacity(cgi.headers().len());
-    for (key, value) in cgi.headers() {
-        let lower = key.to_ascii_lowercase();
-        if matches!(
-            lower.as_str(),
-            "content-length" | "transfer-encoding" | "connection"
-        ) {
+fn http_response(name: &FunctionName, head: &CgiHead<'_>, stdout: &Bytes) -> Response {
+    let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut headers = HeaderMap::with_capacity(head.headers.len());
+    for &(key, value) in &head.headers {
+        if ["content-length", "transfer-encoding", "connection"]
+            .iter()
+            .any(|owned| key.eq_ignore_ascii_case(owned))
+        {
             continue;
         }
+        // `from_bytes` lower-cases the name.
         match (
-            HeaderName::from_bytes(lower.as_bytes()),
+            HeaderName::from_bytes(key.as_bytes()),
             HeaderValue::from_str(value),
         ) {
             (Ok(k), Ok(v)) => {
@@ -260,7 +255,8 @@ fn http_response(name: &FunctionName, cgi: CgiResponse) -> Response {
             }
         }
     }
-    let body = cgi.body_bytes().to_vec();
+    // The body is a view of the captured stdout, not a copy.
+    let body = stdout.slice(head.body_offset..);
     (status, headers, body).into_response()
 }
 

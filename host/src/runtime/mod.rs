@@ -24,7 +24,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    Config, Engine, Extern, InstanceAllocationStrategy, InstancePre, Linker, Module, ModuleExport,
     PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
@@ -206,6 +206,8 @@ pub struct InstanceState {
 /// A module ready to instantiate: validated, compiled (or loaded) and linked.
 pub struct Prepared {
     pre: InstancePre<InstanceState>,
+    /// `_start`, found once so that each run skips the lookup by name.
+    start: ModuleExport,
     digest: Digest,
     from_cache: bool,
 }
@@ -350,12 +352,16 @@ impl Runtime {
                 tracing::warn!(%digest, error = %err, "could not store precompiled module");
             }
         }
+        let start = module
+            .get_export_index("_start")
+            .ok_or(RuntimeError::NotACommand)?;
         let pre = self
             .linker
             .instantiate_pre(&module)
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         Ok(Prepared {
             pre,
+            start,
             digest,
             from_cache,
         })
@@ -421,10 +427,22 @@ impl Runtime {
         let _live = LiveGuard(&self.metrics.live_instances);
         let run = async {
             match prepared.pre.instantiate_async(&mut store).await {
-                Ok(instance) => match instance.get_typed_func::<(), ()>(&mut store, "_start") {
-                    Ok(start) => Ok(start.call_async(&mut store, ()).await),
-                    Err(e) => Err(InvokeError::Instantiate(format!("{e:#}"))),
-                },
+                Ok(instance) => {
+                    let start = instance
+                        .get_module_export(&mut store, &prepared.start)
+                        .and_then(Extern::into_func)
+                        .ok_or_else(|| {
+                            InvokeError::Instantiate("the module exports no `_start`".into())
+                        })
+                        .and_then(|f| {
+                            f.typed::<(), ()>(&store)
+                                .map_err(|e| InvokeError::Instantiate(format!("`_start`: {e:#}")))
+                        });
+                    match start {
+                        Ok(start) => Ok(start.call_async(&mut store, ()).await),
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) if e.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
                     Err(InvokeError::Busy(format!("{e:#}")))
                 }
@@ -437,7 +455,6 @@ impl Runtime {
         let backstop = Duration::from_millis(limits.timeout_ms) + 2 * EPOCH_TICK;
         let result = tokio::time::timeout(backstop, run).await;
         let duration = started.elapsed();
-        let stdout = stdout.map(|s| s.contents()).unwrap_or_default();
         let mut exit = match result {
             Err(_elapsed) => Exit::Timeout,
             Ok(Err(start_error)) => return Err(start_error),
@@ -459,10 +476,13 @@ impl Runtime {
                 }
             }
         };
+        // The store holds the other handle to stdout: once it is gone the bytes can be
+        // taken without a copy.
+        drop(store);
+        let stdout = stdout.map(take_output).unwrap_or_default();
         if stdout.len() > max_response {
             exit = Exit::ResponseTooLarge;
         }
-        drop(store);
         let (log, log_dropped) = log.contents();
         Ok(Outcome {
             exit,
@@ -475,6 +495,19 @@ impl Runtime {
             log_dropped,
             duration,
         })
+    }
+}
+
+/// The bytes written to `pipe`, without a copy; called once the store, which held the
+/// only other handles, is dropped.
+fn take_output(pipe: MemoryOutputPipe) -> Bytes {
+    match pipe.try_into_inner() {
+        Some(bytes) => bytes.freeze(),
+        None => {
+            // Unreachable: the WASI context owned every other handle and is gone.
+            tracing::error!("guest stdout still shared after its store was dropped");
+            Bytes::new()
+        }
     }
 }
 
