@@ -116,10 +116,14 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
         "  try: curl 'http://{addr}/fn/hello?name=you'   |   wafer --server http://{addr} fns"
     );
     tracing::info!(%addr, functions = state.functions.list().len(), "wafer dev ready");
-    axum::serve(listener, gateway::app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    gateway::serve::serve(
+        listener,
+        gateway::app(state),
+        gateway::serve::default_workers(),
+        shutdown_signal(),
+    )
+    .await
+    .context("serving HTTP")?;
     tracing::info!("wafer dev stopped");
     Ok(())
 }

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
-use super::{read_body, AppState};
+use super::{drain, read_body, AppState};
 use crate::state::{FunctionName, FunctionSpec};
 
 /// Header carrying a JSON manifest ([`FunctionSpec`]) with a deploy.
@@ -26,6 +26,37 @@ pub async fn deploy(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // A rejected deploy still reads the upload, so that the connection stays usable
+    // for the client's next request.
+    let (name, spec) = match deploy_target(&name, &headers, query.as_deref()) {
+        Ok(target) => target,
+        Err(err) => {
+            drain(body).await;
+            return Err(err);
+        }
+    };
+    let limit = app.functions.max_module_bytes();
+    let wasm = read_body(body, &headers, limit, "module").await?;
+    let functions = app.functions.clone();
+    let record = tokio::task::spawn_blocking(move || functions.deploy(&name, &wasm, spec))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    let status = if record.version == 1 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(record)).into_response())
+}
+
+/// The function name and spec a deploy asks for, from its path, manifest and query.
+fn deploy_target(
+    name: &str,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<(FunctionName, FunctionSpec), ApiError> {
     let name: FunctionName = name.parse()?;
     let mut spec = match headers.get(MANIFEST_HEADER) {
         Some(value) => {
@@ -42,21 +73,8 @@ pub async fn deploy(
         }
         None => FunctionSpec::default(),
     };
-    apply_query(&mut spec, query.as_deref().unwrap_or(""))?;
-    let limit = app.functions.max_module_bytes();
-    let wasm = read_body(body, &headers, limit, "module").await?;
-    let functions = app.functions.clone();
-    let record = tokio::task::spawn_blocking(move || functions.deploy(&name, &wasm, spec))
-        .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
-    let status = if record.version == 1 {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(record)).into_response())
+    apply_query(&mut spec, query.unwrap_or(""))?;
+    Ok((name, spec))
 }
 
 fn apply_query(spec: &mut FunctionSpec, query: &str) -> Result<(), ApiError> {

@@ -46,7 +46,10 @@ pub async fn invoke(
         .and_then(|name| app.functions.get(&name).map_err(ApiError::from))
     {
         Ok(function) => function,
-        Err(err) => return err.into_response(),
+        Err(err) => {
+            super::drain(body).await;
+            return err.into_response();
+        }
     };
     let name = &function.record.name;
     let response = match run(&app, &function, params.path, method, uri, headers, body).await {

@@ -4,6 +4,7 @@
 mod api;
 mod error;
 mod invoke;
+pub mod serve;
 
 use std::sync::Arc;
 
@@ -122,8 +123,10 @@ pub async fn read_body(
     Ok(buf.freeze())
 }
 
-/// Reads and discards what is left of `body`, within bounds.
-async fn drain(mut body: Body) {
+/// Reads and discards what is left of `body`, within bounds: a request answered without
+/// reading its body would otherwise cost the client its keep-alive connection, possibly
+/// while it is already sending the next request on it.
+pub(crate) async fn drain(mut body: Body) {
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let mut seen = 0u64;
         while let Some(Ok(frame)) = body.frame().await {

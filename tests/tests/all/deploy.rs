@@ -218,3 +218,76 @@ async fn oversize_module_is_413() {
     // The server goes on serving.
     deploy_example(&server, "hello", "").await;
 }
+
+/// Sends raw HTTP/1.1 `requests` back to back on one connection and returns each
+/// response's status line; a connection the server closed early ends the list.
+async fn statuses_on_one_connection(base: &str, requests: &[Vec<u8>]) -> Vec<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let addr = base.trim_start_matches("http://");
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut stream = BufReader::new(stream);
+    let mut statuses = Vec::new();
+    for request in requests {
+        if stream.get_mut().write_all(request).await.is_err() {
+            break;
+        }
+        let mut status = String::new();
+        if stream.read_line(&mut status).await.unwrap_or(0) == 0 {
+            break;
+        }
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            stream.read_line(&mut line).await.expect("header");
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().expect("length");
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        stream.read_exact(&mut body).await.expect("body");
+        statuses.push(status.trim().to_string());
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn rejected_requests_keep_the_connection_usable() {
+    let (_dir, server) = start(&[]);
+    let wasm = wafer_tests::example("hello").expect("example");
+    let upload = |head: &str| {
+        let mut request = format!(
+            "{head}\r\nhost: wafer\r\ncontent-length: {}\r\n\r\n",
+            wasm.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&wasm);
+        request
+    };
+    let health = b"GET /healthz HTTP/1.1\r\nhost: wafer\r\n\r\n".to_vec();
+    // A bad manifest and an unknown function are answered before their bodies are
+    // needed; the server still reads them, so the next request on the connection works.
+    let statuses = statuses_on_one_connection(
+        server.base(),
+        &[
+            upload("PUT /v1/functions/f HTTP/1.1\r\nx-wafer-manifest: {\"memory_mb\": "),
+            health.clone(),
+            upload("POST /fn/nope HTTP/1.1"),
+            health,
+        ],
+    )
+    .await;
+    assert_eq!(
+        statuses,
+        [
+            "HTTP/1.1 400 Bad Request",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 404 Not Found",
+            "HTTP/1.1 200 OK"
+        ]
+    );
+}
