@@ -200,11 +200,12 @@ fn plain_server() -> anyhow::Result<()> {
 fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
     let wafer = wafer_tests::wafer_bin()?;
     let hello = wafer_tests::functions_dir()?.join("hello.wasm");
-    let data = tempfile_dir()?;
+    // Removed when it goes out of scope, after the servers using it (declared later).
+    let data = tempfile::Builder::new().prefix("wafer-bench-").tempdir()?;
 
     let mut dev = Command::new(&wafer);
     dev.args(["dev", "--http", "127.0.0.1:0", "--no-examples", "--data"])
-        .arg(data.join("data"))
+        .arg(data.path().join("data"))
         .env("RUST_LOG", "warn");
     let (_dev, dev_url) = spawn_and_wait(dev, "wafer dev: listening on ")?;
     let deploy = Command::new(&wafer)
@@ -230,7 +231,7 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
     println!("| target | requests/s | p50 | p99 | errors | ratio vs plain hyper |");
     println!("|---|---:|---:|---:|---:|---:|");
     let serve = match (&args.wasmtime, &args.wasi_http_hello) {
-        (Some(wasmtime), Some(core)) => Some(wasmtime_serve(wasmtime, core, &data)?),
+        (Some(wasmtime), Some(core)) => Some(wasmtime_serve(wasmtime, core, data.path())?),
         _ => None,
     };
 
@@ -339,12 +340,6 @@ fn wasmtime_serve(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok((proc, format!("http://127.0.0.1:{port}")))
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("wafer-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 /// Runs `wafer run hello.wasm` repeatedly, two at a time, for `duration`.
