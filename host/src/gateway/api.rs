@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
-use super::{drain, read_body, AppState};
+use super::{discard, read_body, AppState};
 use crate::state::{FunctionName, FunctionSpec};
 
 /// Header carrying a JSON manifest ([`FunctionSpec`]) with a deploy.
@@ -31,7 +31,7 @@ pub async fn deploy(
     let (name, spec) = match deploy_target(&name, &headers, query.as_deref()) {
         Ok(target) => target,
         Err(err) => {
-            drain(body).await;
+            discard(body, &headers).await;
             return Err(err);
         }
     };

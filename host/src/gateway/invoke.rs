@@ -47,7 +47,7 @@ pub async fn invoke(
     {
         Ok(function) => function,
         Err(err) => {
-            super::drain(body).await;
+            super::discard(body, &headers).await;
             return err.into_response();
         }
     };

@@ -106,7 +106,7 @@ pub async fn read_body(
         .and_then(|v| v.parse::<u64>().ok());
     let mut body = body;
     if declared.is_some_and(|len| len > limit) {
-        drain(body).await;
+        discard(body, headers).await;
         return Err(too_large());
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
@@ -123,10 +123,24 @@ pub async fn read_body(
     Ok(buf.freeze())
 }
 
-/// Reads and discards what is left of `body`, within bounds: a request answered without
-/// reading its body would otherwise cost the client its keep-alive connection, possibly
-/// while it is already sending the next request on it.
-pub(crate) async fn drain(mut body: Body) {
+/// Throws away the body of a request that is rejected before its body is needed.
+///
+/// A client that sent `Expect: 100-continue` has not sent the body yet and will not once
+/// it reads the error, so the body is left unread (hyper then closes the connection,
+/// and no upload is wasted). Any other body is drained, within bounds: answering
+/// without reading it would cost the client its keep-alive connection, possibly while
+/// it is already sending its next request on it.
+pub(crate) async fn discard(body: Body, headers: &HeaderMap) {
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !expects_continue {
+        drain(body).await;
+    }
+}
+
+/// Reads and discards what is left of `body`, within bounds.
+async fn drain(mut body: Body) {
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let mut seen = 0u64;
         while let Some(Ok(frame)) = body.frame().await {

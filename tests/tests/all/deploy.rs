@@ -291,3 +291,36 @@ async fn rejected_requests_keep_the_connection_usable() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_client_expecting_100_continue_gets_the_rejection_before_uploading() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let (_dir, server) = start(&[]);
+    let addr = server.base().trim_start_matches("http://").to_string();
+    for (head, expected) in [
+        // Over the module size limit: 413 at once, no `100 Continue`, no upload.
+        (
+            "PUT /v1/functions/big HTTP/1.1\r\ncontent-length: 100000000000\r\n",
+            "HTTP/1.1 413 Payload Too Large",
+        ),
+        // Unknown function: 404 without waiting for the body.
+        (
+            "POST /fn/nope HTTP/1.1\r\ncontent-length: 5000000\r\n",
+            "HTTP/1.1 404 Not Found",
+        ),
+    ] {
+        let stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let mut stream = BufReader::new(stream);
+        let request = format!("{head}host: wafer\r\nexpect: 100-continue\r\n\r\n");
+        stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .expect("send head");
+        let mut status = String::new();
+        stream.read_line(&mut status).await.expect("status");
+        assert_eq!(status.trim(), expected, "{head:?}");
+    }
+}
