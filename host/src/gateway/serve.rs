@@ -6,7 +6,6 @@
 //! [`crate::runtime`]), so the other connections of that worker keep being served.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -30,6 +29,9 @@ pub enum ServeError {
         /// What failed.
         source: std::io::Error,
     },
+    /// Every worker thread has stopped (each one's failure is in the log).
+    #[error("every gateway worker has stopped")]
+    NoWorkers,
 }
 
 struct Worker {
@@ -62,10 +64,14 @@ pub async fn serve(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    if let Err(err) = hand_off(&pool[next % pool.len()], stream, peer) {
-                        tracing::warn!(%peer, error = %err, "dropping a connection");
-                    }
-                    next = next.wrapping_add(1);
+                    let stream = match stream.into_std() {
+                        Ok(stream) => stream,
+                        Err(err) => {
+                            tracing::warn!(%peer, error = %err, "dropping a connection");
+                            continue;
+                        }
+                    };
+                    next = hand_off(&pool, next, stream)?.wrapping_add(1);
                 }
                 // Out of file descriptors and the like: back off instead of spinning.
                 Err(err) => {
@@ -88,16 +94,21 @@ pub async fn serve(
     Ok(())
 }
 
+/// Gives `stream` to the first live worker from `start` on (round-robin); returns the
+/// worker that took it. A worker whose thread has died is skipped.
 fn hand_off(
-    worker: &Worker,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-) -> std::io::Result<()> {
-    let stream = stream.into_std()?;
-    worker
-        .connections
-        .send(stream)
-        .map_err(|_| std::io::Error::other(format!("worker gone for {peer}")))
+    pool: &[Worker],
+    start: usize,
+    mut stream: std::net::TcpStream,
+) -> Result<usize, ServeError> {
+    for offset in 0..pool.len() {
+        let index = (start + offset) % pool.len();
+        match pool[index].connections.send(stream) {
+            Ok(()) => return Ok(index),
+            Err(returned) => stream = returned.0,
+        }
+    }
+    Err(ServeError::NoWorkers)
 }
 
 fn start_worker(
