@@ -364,7 +364,7 @@ async fn run_local(
         cache_dir,
         ..RuntimeConfig::default()
     })?;
-    let prepared = runtime.prepare(&wasm, &limits)?;
+    let prepared = runtime.prepare(&crate::runtime::to_binary(&wasm)?, &limits)?;
     let program = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

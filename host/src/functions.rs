@@ -156,13 +156,15 @@ impl Functions {
             });
         }
         check_spec(&spec)?;
-        let prepared = self.runtime.prepare(wasm, &spec.limits)?;
+        // WebAssembly text is stored as the binary it assembles to.
+        let wasm = crate::runtime::to_binary(wasm)?;
+        let prepared = self.runtime.prepare(&wasm, &spec.limits)?;
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let _writes = self.lock_writes();
-        let record = self.state.put_function(name, wasm, spec, now_ms)?;
+        let record = self.state.put_function(name, &wasm, spec, now_ms)?;
         let deployed = Arc::new(deployed(record.clone(), prepared));
         self.write_live().insert(name.clone(), deployed);
         tracing::info!(function = %name, version = record.version, digest = %record.digest, "deployed");

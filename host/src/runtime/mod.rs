@@ -36,7 +36,7 @@ use cache::ModuleCache;
 pub use limits::Limits;
 use limits::MemoryLimiter;
 use stdio::LogPipe;
-pub use validate::ALLOWED_IMPORT_MODULES;
+pub use validate::{to_binary, ALLOWED_IMPORT_MODULES};
 
 /// How often the epoch advances; the granularity of wall-clock timeouts.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -317,7 +317,7 @@ impl Runtime {
         &self.metrics
     }
 
-    /// Validates `wasm` under `limits`, then loads its precompiled code from the cache
+    /// Validates `wasm` (a binary: see [`to_binary`] for uploads) under `limits`, then loads its precompiled code from the cache
     /// or compiles it (and fills the cache), and links it.
     pub fn prepare(&self, wasm: &[u8], limits: &Limits) -> Result<Prepared, RuntimeError> {
         self.check_limits(limits)?;

@@ -1,5 +1,6 @@
 //! Checks a module against what wafer offers guests before it is deployed.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use wasmtime::{ExternType, Module};
@@ -8,6 +9,44 @@ use super::RuntimeError;
 
 /// Import modules guests may use.
 pub const ALLOWED_IMPORT_MODULES: &[&str] = &["wasi_snapshot_preview1", "wafer"];
+
+/// The WebAssembly binary of an upload: a core module's binary as is, WebAssembly text
+/// (`.wat`) assembled. Anything else is refused with a message saying what it is.
+pub fn to_binary(upload: &[u8]) -> Result<Cow<'_, [u8]>, RuntimeError> {
+    const MAGIC: &[u8] = b"\0asm";
+    if let Some(header) = upload.strip_prefix(MAGIC) {
+        // Bytes 4..8: version 1 with layer 0 is a core module; layer 1 is a component.
+        if header.get(2..4) == Some(&[1, 0]) {
+            return Err(RuntimeError::Malformed(
+                "this is a WebAssembly component (WASI preview 2); wafer runs core modules \
+                 for WASI preview 1: build for `wasm32-wasip1`"
+                    .into(),
+            ));
+        }
+        return Ok(Cow::Borrowed(upload));
+    }
+    if looks_like_text(upload) {
+        return wat::parse_bytes(upload)
+            .map_err(|e| RuntimeError::Malformed(format!("invalid WebAssembly text: {e}")));
+    }
+    let start: Vec<String> = upload.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    Err(RuntimeError::Malformed(format!(
+        "not a WebAssembly module: it does not begin with the `\\0asm` magic bytes \
+         (begins with [{}], {} bytes in all)",
+        start.join(" "),
+        upload.len()
+    )))
+}
+
+/// Whether `bytes` read as WebAssembly text: UTF-8 whose first token opens an
+/// S-expression or a comment.
+fn looks_like_text(bytes: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return false;
+    };
+    let text = text.trim_start_matches('\u{feff}').trim_start();
+    text.starts_with('(') || text.starts_with(";;")
+}
 
 /// Rejects `module` unless it is a WASI preview 1 command whose every import is one the
 /// host defines (`provided`), and whose initial memory fits in `memory_limit` bytes.
@@ -49,4 +88,38 @@ pub fn check_module(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binaries_pass_text_is_assembled_and_the_rest_is_named() {
+        let core = b"\0asm\x01\x00\x00\x00";
+        assert!(matches!(to_binary(core), Ok(Cow::Borrowed(_))));
+
+        let text = to_binary(b";; hi\n(module (func (export \"_start\")))").expect("wat");
+        assert!(text.starts_with(b"\0asm\x01\x00\x00\x00"));
+
+        let component = to_binary(b"\0asm\x0d\x00\x01\x00").expect_err("component");
+        assert!(
+            component.to_string().contains("WebAssembly component"),
+            "{component}"
+        );
+
+        let bad_text = to_binary(b"(module (func (no_such_instruction)))").expect_err("bad wat");
+        assert!(
+            bad_text.to_string().contains("invalid WebAssembly text"),
+            "{bad_text}"
+        );
+
+        let junk = to_binary(b"not wasm at all").expect_err("junk");
+        assert!(
+            junk.to_string().contains(
+                "does not begin with the `\\0asm` magic bytes (begins with [6e 6f 74 20]"
+            ),
+            "{junk}"
+        );
+    }
 }

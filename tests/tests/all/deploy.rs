@@ -324,3 +324,54 @@ async fn a_client_expecting_100_continue_gets_the_rejection_before_uploading() {
         assert_eq!(status.trim(), expected, "{head:?}");
     }
 }
+
+#[tokio::test]
+async fn text_modules_deploy_and_components_are_refused_by_name() {
+    let (_dir, server) = start(&[]);
+    // WebAssembly text is assembled at deploy and runs like a binary.
+    let text = r#"(module
+        (import "wasi_snapshot_preview1" "fd_write"
+            (func $fd_write (param i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (data (i32.const 16) "from text\n")
+        (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 16))
+            (i32.store (i32.const 4) (i32.const 10))
+            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+    let deployed = deploy(&server, "text", text.as_bytes().to_vec(), "").await;
+    assert_eq!(deployed.status(), StatusCode::CREATED);
+    let record: serde_json::Value = deployed.json().await.expect("record");
+    assert!(
+        record["size"].as_u64().unwrap_or(0) < text.len() as u64,
+        "{record}"
+    );
+    let answer = reqwest::get(server.url("/fn/text")).await.expect("invoke");
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(answer.text().await.expect("body"), "from text\n");
+
+    let broken = deploy(
+        &server,
+        "t2",
+        b"(module (func (no_such_instruction)))".to_vec(),
+        "",
+    )
+    .await;
+    let body = expect_error(broken, StatusCode::BAD_REQUEST, "malformed_wasm").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("invalid WebAssembly text"),
+        "{body}"
+    );
+
+    let component = deploy(&server, "c", b"\0asm\x0d\0\x01\0".to_vec(), "").await;
+    let body = expect_error(component, StatusCode::BAD_REQUEST, "malformed_wasm").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("wasm32-wasip1"),
+        "{body}"
+    );
+}
