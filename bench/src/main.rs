@@ -297,7 +297,101 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
         );
         println!();
     }
+    noisy_neighbours(&wafer, &dev_url, &wafer_stats)
+}
+
+/// Guests that spin for as long as they may, run alongside the `hello` load.
+const SPINNERS: usize = 8;
+
+/// `hello` through the gateway while [`SPINNERS`] guests burn CPU until their timeout:
+/// how much of the machine short requests still get, and how long they wait.
+fn noisy_neighbours(
+    wafer: &std::path::Path,
+    dev_url: &str,
+    quiet: &load::Stats,
+) -> anyhow::Result<()> {
+    let measured = Duration::from_secs(2);
+    // Long enough to cover the load's 1 s warm-up and the measured time, with margin.
+    let timeout_ms = (measured + Duration::from_secs(3)).as_millis().to_string();
+    let spin = wafer_tests::functions_dir()?.join("spin.wasm");
+    let deploy = Command::new(wafer)
+        .args([
+            "--server",
+            dev_url,
+            "deploy",
+            "spinner",
+            "--timeout",
+            &timeout_ms,
+        ])
+        .arg(&spin)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !deploy.success() {
+        bail!("deploying spin failed");
+    }
+    let addr = dev_url.trim_start_matches("http://").to_string();
+    let spinners: Vec<_> = (0..SPINNERS)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || http_get(&addr, "/fn/spinner"))
+        })
+        .collect();
+    // Measure once every spinner is running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = http_get(&addr, "/metrics")?;
+        let live = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("wafer_live_instances "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if live >= SPINNERS as f64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the spinning guests did not start (live instances: {live})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let busy = load::run(
+        &format!("{dev_url}/fn/hello?name=bench"),
+        SPINNERS,
+        measured,
+    )?;
+    for spinner in spinners {
+        let _ = spinner.join();
+    }
+    println!(
+        "## Noisy neighbours: `hello` while {SPINNERS} guests spin until their timeout ({SPINNERS} connections, {} s)",
+        measured.as_secs()
+    );
+    println!();
+    println!("| target | requests/s | p50 | p99 | errors | ratio vs quiet gateway |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| wafer gateway, `hello`, {SPINNERS} `spin` guests running | {:.0} | {} | {} | {} | {:.3} |",
+        busy.rps(),
+        fmt_us(busy.hist.value_at_quantile(0.5)),
+        fmt_us(busy.hist.value_at_quantile(0.99)),
+        busy.errors,
+        busy.rps() / quiet.rps()
+    );
+    println!();
     Ok(())
+}
+
+/// A blocking `GET path` on a fresh connection; the response as text.
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
 }
 
 /// Makes `core` a wasi:http proxy component and serves it with `wasmtime serve` on a

@@ -417,7 +417,11 @@ impl Runtime {
             Ok(if Instant::now() >= deadline {
                 UpdateDeadline::Interrupt
             } else {
-                UpdateDeadline::Yield(1)
+                // `yield_now` lets tokio poll its I/O driver before the guest resumes.
+                // A plain wake would requeue the guest at once: a worker with several
+                // running guests would then poll for I/O only every 61 tasks (61 ticks),
+                // leaving its other connections unserved for ~300 ms at a time.
+                UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
             })
         });
         store.set_epoch_deadline(1);
