@@ -16,7 +16,7 @@ mod validate;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ use stdio::LogPipe;
 pub use validate::{to_binary, ALLOWED_IMPORT_MODULES};
 
 /// How often the epoch advances; the granularity of wall-clock timeouts.
-const EPOCH_TICK: Duration = Duration::from_millis(5);
+const EPOCH_TICK: Duration = Duration::from_millis(2);
 
 /// Dirty bytes per slot reset in place (memset) rather than decommitted.
 const KEEP_RESIDENT_BYTES: usize = 2 << 20;
@@ -224,30 +224,67 @@ impl Prepared {
     }
 }
 
-/// Stops the epoch thread when the runtime goes away.
+/// What the runtime and its epoch thread share.
+#[derive(Default)]
+struct TickerShared {
+    stop: AtomicBool,
+    /// Invocations in progress; the thread ticks only while there are some.
+    running: AtomicUsize,
+}
+
+/// The epoch thread: advances the engine's epoch every [`EPOCH_TICK`] while guests
+/// run, and sleeps (parked) while none do, so an idle node costs no wake-ups. Stops
+/// when the runtime goes away.
 struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<TickerShared>,
+    thread: std::thread::Thread,
 }
 
 impl EpochTicker {
     fn start(engine: Engine) -> std::io::Result<EpochTicker> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        std::thread::Builder::new()
+        let shared = Arc::new(TickerShared::default());
+        let state = shared.clone();
+        let handle = std::thread::Builder::new()
             .name("wafer-epoch".into())
             .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
+                while !state.stop.load(Ordering::Acquire) {
+                    if state.running.load(Ordering::Acquire) == 0 {
+                        // Woken by the next invocation (or by drop); a wake-up that
+                        // came first makes this return at once.
+                        std::thread::park();
+                        continue;
+                    }
                     std::thread::sleep(EPOCH_TICK);
                     engine.increment_epoch();
                 }
             })?;
-        Ok(EpochTicker { stop })
+        Ok(EpochTicker {
+            shared,
+            thread: handle.thread().clone(),
+        })
+    }
+
+    /// Marks an invocation as running until the guard drops.
+    fn enter(&self) -> RunningGuard<'_> {
+        if self.shared.running.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.thread.unpark();
+        }
+        RunningGuard(&self.shared.running)
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+}
+
+struct RunningGuard<'a>(&'a AtomicUsize);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -259,7 +296,7 @@ pub struct Runtime {
     cache: Option<ModuleCache>,
     max_memory_mb: u64,
     metrics: RuntimeMetrics,
-    _ticker: EpochTicker,
+    ticker: EpochTicker,
 }
 
 impl Runtime {
@@ -308,7 +345,7 @@ impl Runtime {
             cache,
             max_memory_mb: config.max_memory_mb,
             metrics: RuntimeMetrics::default(),
-            _ticker: ticker,
+            ticker,
         })
     }
 
@@ -427,6 +464,7 @@ impl Runtime {
         store.set_epoch_deadline(1);
 
         let started = Instant::now();
+        let _running = self.ticker.enter();
         self.metrics.live_instances.inc();
         let _live = LiveGuard(&self.metrics.live_instances);
         let run = async {
