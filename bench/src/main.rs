@@ -280,14 +280,7 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
         &process_stats,
     ));
     for (name, stats) in rows {
-        println!(
-            "| {name} | {:.0} | {} | {} | {} | {:.3} |",
-            stats.rps(),
-            fmt_us(stats.hist.value_at_quantile(0.5)),
-            fmt_us(stats.hist.value_at_quantile(0.99)),
-            stats.errors,
-            stats.rps() / plain_stats.rps()
-        );
+        print_row(name, stats, &plain_stats);
     }
     println!();
     if serve.is_some() {
@@ -369,16 +362,25 @@ fn noisy_neighbours(
     println!();
     println!("| target | requests/s | p50 | p99 | errors | ratio vs quiet gateway |");
     println!("|---|---:|---:|---:|---:|---:|");
-    println!(
-        "| wafer gateway, `hello`, {SPINNERS} `spin` guests running | {:.0} | {} | {} | {} | {:.3} |",
-        busy.rps(),
-        fmt_us(busy.hist.value_at_quantile(0.5)),
-        fmt_us(busy.hist.value_at_quantile(0.99)),
-        busy.errors,
-        busy.rps() / quiet.rps()
+    print_row(
+        &format!("wafer gateway, `hello`, {SPINNERS} `spin` guests running"),
+        &busy,
+        quiet,
     );
     println!();
     Ok(())
+}
+
+/// One Markdown table row: requests/s, p50, p99, errors and the ratio to `baseline`.
+fn print_row(name: &str, stats: &load::Stats, baseline: &load::Stats) {
+    println!(
+        "| {name} | {:.0} | {} | {} | {} | {:.3} |",
+        stats.rps(),
+        fmt_us(stats.hist.value_at_quantile(0.5)),
+        fmt_us(stats.hist.value_at_quantile(0.99)),
+        stats.errors,
+        stats.rps() / baseline.rps()
+    );
 }
 
 /// A blocking `GET path` on a fresh connection; the response as text.
