@@ -354,8 +354,9 @@ impl Runtime {
         &self.metrics
     }
 
-    /// Validates `wasm` (a binary: see [`to_binary`] for uploads) under `limits`, then loads its precompiled code from the cache
-    /// or compiles it (and fills the cache), and links it.
+    /// Validates `wasm` (a binary: see [`to_binary`] for uploads) under `limits`, then
+    /// loads its precompiled code from the cache or compiles it (and fills the cache),
+    /// and links it.
     pub fn prepare(&self, wasm: &[u8], limits: &Limits) -> Result<Prepared, RuntimeError> {
         self.check_limits(limits)?;
         let digest = Digest::of(wasm);
