@@ -186,25 +186,36 @@ fn respond(
             ApiError::new(status, code, message).with_log(log.clone()),
         ))
     };
+    let memory_limit = |how: &str| {
+        fail(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "memory_limit",
+            ErrorKind::MemoryLimit,
+            format!(
+                "function `{name}` exceeded its memory limit of {} MiB{how}",
+                limits.memory_mb
+            ),
+        )
+    };
     match outcome.exit {
         Exit::Timeout => fail(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             ErrorKind::Timeout,
             format!(
-                "function `{name}` did not finish within its timeout of {} ms",
-                limits.timeout_ms
+                "function `{name}` did not finish within its timeout of {} ms{}",
+                limits.timeout_ms,
+                if outcome.memory_refused {
+                    format!(
+                        " (earlier, a memory growth was refused by its limit of {} MiB)",
+                        limits.memory_mb
+                    )
+                } else {
+                    String::new()
+                }
             ),
         ),
-        Exit::MemoryLimit => fail(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "memory_limit",
-            ErrorKind::MemoryLimit,
-            format!(
-                "function `{name}` exceeded its memory limit of {} MiB",
-                limits.memory_mb
-            ),
-        ),
+        Exit::MemoryLimit => memory_limit(""),
         Exit::ResponseTooLarge => fail(
             StatusCode::INTERNAL_SERVER_ERROR,
             "response_too_large",
@@ -223,6 +234,11 @@ fn respond(
         Exit::Code(code) => match CgiHead::parse(&outcome.stdout) {
             Some(head) => Ok(http_response(name, &head, &outcome.stdout)),
             None if code == 0 => Ok((StatusCode::OK, outcome.stdout).into_response()),
+            // A guest that saw its memory growth refused and gave up without a response
+            // (a C program whose malloc returned NULL, say) failed for lack of memory.
+            None if outcome.memory_refused => memory_limit(&format!(
+                ": a memory growth was refused, then it exited with status {code}"
+            )),
             None => fail(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "exit_status",

@@ -179,6 +179,9 @@ pub struct Outcome {
     pub log: Bytes,
     /// Log bytes dropped beyond the limit.
     pub log_dropped: u64,
+    /// Whether the memory limit refused a growth during the run (the guest may have
+    /// coped, or failed in its own way).
+    pub memory_refused: bool,
     /// Time from instantiation to exit.
     pub duration: Duration,
 }
@@ -519,6 +522,7 @@ impl Runtime {
                 }
             }
         };
+        let memory_refused = store.data().limiter.refused();
         // The store holds the other handle to stdout: once it is gone the bytes can be
         // taken without a copy.
         drop(store);
@@ -536,6 +540,7 @@ impl Runtime {
             },
             log,
             log_dropped,
+            memory_refused,
             duration,
         })
     }

@@ -484,3 +484,49 @@ async fn traps_are_reported_and_the_pool_refuses_beyond_its_size() {
     let response = reqwest::get(server.url("/fn/deep")).await.expect("invoke");
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
+
+/// A guest that asks for 100 more pages (6.4 MiB); when refused it writes `on_refusal`
+/// to stdout and exits with `code`.
+fn grow_or_give_up(on_refusal: &str, code: i32) -> Vec<u8> {
+    let escaped: String = on_refusal.bytes().map(|b| format!("\\{b:02x}")).collect();
+    crate::wat(&format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 64) "{escaped}")
+          (func (export "_start")
+            (if (i32.eq (memory.grow (i32.const 100)) (i32.const -1))
+              (then
+                (i32.store (i32.const 0) (i32.const 64))
+                (i32.store (i32.const 4) (i32.const {len}))
+                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+                (call $proc_exit (i32.const {code}))))))"#,
+        len = on_refusal.len()
+    ))
+}
+
+#[tokio::test]
+async fn a_guest_that_gives_up_after_a_refused_growth_reports_the_memory_limit() {
+    let (_dir, server) = start(&[]);
+    // Gives up with a failure status and no response: the memory limit is the cause.
+    let quitter = crate::deploy(&server, "quitter", grow_or_give_up("", 1), "memory_mb=2").await;
+    assert_eq!(quitter.status(), StatusCode::CREATED);
+    let response = reqwest::get(server.url("/fn/quitter"))
+        .await
+        .expect("invoke");
+    let body = expect_error(response, StatusCode::INSUFFICIENT_STORAGE, "memory_limit").await;
+    assert!(
+        body["message"].as_str().unwrap_or("").contains(
+            "memory limit of 2 MiB: a memory growth was refused, then it exited with status 1"
+        ),
+        "{body}"
+    );
+    // Copes and answers for itself: its own response stands.
+    let coper = grow_or_give_up("Status: 503\n\nsmaller please\n", 0);
+    let deployed = crate::deploy(&server, "coper", coper, "memory_mb=2").await;
+    assert_eq!(deployed.status(), StatusCode::CREATED);
+    let response = reqwest::get(server.url("/fn/coper")).await.expect("invoke");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.text().await.expect("body"), "smaller please\n");
+}
