@@ -208,15 +208,7 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
         .arg(data.path().join("data"))
         .env("RUST_LOG", "warn");
     let (_dev, dev_url) = spawn_and_wait(dev, "wafer dev: listening on ")?;
-    let deploy = Command::new(&wafer)
-        .args(["--server", &dev_url, "deploy", "hello"])
-        .arg(&hello)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    if !deploy.success() {
-        bail!("deploying hello failed");
-    }
+    deploy(&wafer, &dev_url, "hello", &hello, &[])?;
 
     let mut plain = Command::new(std::env::current_exe()?);
     plain.arg("plain-server");
@@ -307,22 +299,13 @@ fn noisy_neighbours(
     // Long enough to cover the load's 1 s warm-up and the measured time, with margin.
     let timeout_ms = (measured + Duration::from_secs(3)).as_millis().to_string();
     let spin = wafer_tests::functions_dir()?.join("spin.wasm");
-    let deploy = Command::new(wafer)
-        .args([
-            "--server",
-            dev_url,
-            "deploy",
-            "spinner",
-            "--timeout",
-            &timeout_ms,
-        ])
-        .arg(&spin)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?;
-    if !deploy.success() {
-        bail!("deploying spin failed");
-    }
+    deploy(
+        wafer,
+        dev_url,
+        "spinner",
+        &spin,
+        &["--timeout", &timeout_ms],
+    )?;
     let addr = dev_url.trim_start_matches("http://").to_string();
     let spinners: Vec<_> = (0..SPINNERS)
         .map(|_| {
@@ -368,6 +351,27 @@ fn noisy_neighbours(
         quiet,
     );
     println!();
+    Ok(())
+}
+
+/// `wafer deploy NAME FILE EXTRA...` against `server`.
+fn deploy(
+    wafer: &std::path::Path,
+    server: &str,
+    name: &str,
+    file: &std::path::Path,
+    extra: &[&str],
+) -> anyhow::Result<()> {
+    let status = Command::new(wafer)
+        .args(["--server", server, "deploy", name])
+        .arg(file)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("deploying {name} failed");
+    }
     Ok(())
 }
 

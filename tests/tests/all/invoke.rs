@@ -488,22 +488,11 @@ async fn traps_are_reported_and_the_pool_refuses_beyond_its_size() {
 /// A guest that asks for 100 more pages (6.4 MiB); when refused it writes `on_refusal`
 /// to stdout and exits with `code`.
 fn grow_or_give_up(on_refusal: &str, code: i32) -> Vec<u8> {
-    let escaped: String = on_refusal.bytes().map(|b| format!("\\{b:02x}")).collect();
-    crate::wat(&format!(
-        r#"(module
-          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-          (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
-          (memory (export "memory") 1)
-          (data (i32.const 64) "{escaped}")
-          (func (export "_start")
-            (if (i32.eq (memory.grow (i32.const 100)) (i32.const -1))
-              (then
-                (i32.store (i32.const 0) (i32.const 64))
-                (i32.store (i32.const 4) (i32.const {len}))
-                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-                (call $proc_exit (i32.const {code}))))))"#,
-        len = on_refusal.len()
-    ))
+    crate::program_writing_when(
+        "(i32.eq (memory.grow (i32.const 100)) (i32.const -1))",
+        on_refusal,
+        code,
+    )
 }
 
 #[tokio::test]

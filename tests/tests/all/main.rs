@@ -99,6 +99,12 @@ pub fn wat(text: &str) -> Vec<u8> {
 /// A plain WASI program (no CGI headers) that writes `text` to stdout and exits with
 /// `code`.
 pub fn plain_program(text: &str, code: i32) -> Vec<u8> {
+    program_writing_when("(i32.const 1)", text, code)
+}
+
+/// A WASI program that, when the WAT expression `condition` is true, writes `text` to
+/// stdout and exits with `code` (and otherwise returns from `_start`).
+pub fn program_writing_when(condition: &str, text: &str, code: i32) -> Vec<u8> {
     let escaped: String = text.bytes().map(|b| format!("\\{b:02x}")).collect();
     wat(&format!(
         r#"(module
@@ -107,10 +113,12 @@ pub fn plain_program(text: &str, code: i32) -> Vec<u8> {
           (memory (export "memory") 1)
           (data (i32.const 64) "{escaped}")
           (func (export "_start")
-            (i32.store (i32.const 0) (i32.const 64))
-            (i32.store (i32.const 4) (i32.const {len}))
-            (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-            (call $proc_exit (i32.const {code}))))"#,
+            (if {condition}
+              (then
+                (i32.store (i32.const 0) (i32.const 64))
+                (i32.store (i32.const 4) (i32.const {len}))
+                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+                (call $proc_exit (i32.const {code}))))))"#,
         len = text.len()
     ))
 }
