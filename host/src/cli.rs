@@ -1,5 +1,5 @@
-//! The `wafer` command line: server roles (`dev`), local execution (`run`) and client
-//! verbs (`deploy`, `invoke`, `fns`, `rm`).
+//! The `wafer` command line: server roles (`dev`, `server`), local execution (`run`) and
+//! client verbs (`deploy`, `invoke`, `fns`, `rm`, `cluster`).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use crate::client::{Client, ClientError};
 use crate::dev::{self, DevConfig};
 use crate::runtime::{Exit, Invocation, Limits, Runtime, RuntimeConfig, Stdio};
+use crate::server::{self, Membership, RaftSettings, ServerConfig};
 use crate::state::FunctionSpec;
 
 /// wafer: a WebAssembly serverless compute fabric.
@@ -85,6 +86,49 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         max_instances: u32,
     },
+    /// Run a cluster member: Raft state in the data folder, node RPC, gateway.
+    Server {
+        /// Node id, unique in the cluster.
+        #[arg(long)]
+        id: u64,
+        /// Data folder; survives restarts.
+        #[arg(long)]
+        data: PathBuf,
+        /// Cap'n Proto address for other nodes (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// Gateway address (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// On first start, join the cluster through this member's --listen address
+        /// instead of starting a new cluster.
+        #[arg(long, value_name = "ADDR", conflicts_with = "wait")]
+        join: Option<String>,
+        /// On first start, neither start a cluster nor join one: wait for
+        /// `wafer cluster add`.
+        #[arg(long)]
+        wait: bool,
+        /// Largest module accepted, MiB.
+        #[arg(long, default_value_t = 64)]
+        max_module_mb: u64,
+        /// Most function instances alive at once.
+        #[arg(long, default_value_t = 1000)]
+        max_instances: u32,
+        /// Snapshot the state and compact the log after this many entries.
+        #[arg(long, default_value_t = 5000)]
+        snapshot_every: u64,
+        /// Log entries kept behind a snapshot for lagging followers.
+        #[arg(long, default_value_t = 1000)]
+        keep_logs: u64,
+        /// Raft heartbeat interval, ms (elections time out after 4-8 heartbeats).
+        #[arg(long, default_value_t = 100)]
+        heartbeat_ms: u64,
+    },
+    /// Inspect or change the cluster's membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Run a WASI command module locally in wafer's sandbox: stdin -> stdout, exit code
     /// passed through.
     Run {
@@ -142,6 +186,26 @@ enum Command {
     Rm {
         /// Function name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Term, leader, members and log indices, as the server sees them.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add the node listening at NODE_ADDR (its --listen address): learner, then voter.
+    Add {
+        /// The node's Cap'n Proto address.
+        node_addr: String,
+    },
+    /// Remove node ID from the cluster.
+    Remove {
+        /// The node's id.
+        id: u64,
     },
 }
 
@@ -209,6 +273,44 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await?;
         }
+        Command::Server {
+            id,
+            data,
+            listen,
+            http,
+            join,
+            wait,
+            max_module_mb,
+            max_instances,
+            snapshot_every,
+            keep_logs,
+            heartbeat_ms,
+        } => {
+            let membership = match (join, wait) {
+                (Some(addr), _) => Membership::Join(addr),
+                (None, true) => Membership::Wait,
+                (None, false) => Membership::Bootstrap,
+            };
+            server::run(ServerConfig {
+                id,
+                data,
+                listen,
+                http,
+                membership,
+                max_module_mb,
+                runtime: RuntimeConfig {
+                    max_instances,
+                    ..RuntimeConfig::default()
+                },
+                raft: RaftSettings {
+                    snapshot_every,
+                    keep_logs,
+                    heartbeat_ms,
+                },
+            })
+            .await?;
+        }
+        Command::Cluster { command } => return cluster_command(&client, command).await,
         Command::Run {
             file,
             limits,
@@ -333,6 +435,62 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm { name } => {
             let record = client.remove(&name).await?;
             println!("removed {} (version {})", record.name, record.version);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cluster_command(client: &Client, command: ClusterCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ClusterCommand::Status { json } => {
+            let status = client.cluster_status().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let index = |i: Option<u64>| i.map_or("-".to_string(), |i| i.to_string());
+            println!("node:    {} ({})", status.id, status.state);
+            println!(
+                "leader:  {}",
+                status
+                    .leader_id
+                    .map_or("none".to_string(), |l| l.to_string())
+            );
+            println!("term:    {}", status.term);
+            println!(
+                "log:     last {}, applied {}, snapshot {}, purged {}",
+                index(status.last_log_index),
+                index(status.applied_index),
+                index(status.snapshot_index),
+                index(status.purged_index)
+            );
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::NOTHING);
+            table.set_header(["ID", "ROLE", "RPC", "HTTP"]);
+            for m in &status.members {
+                let role = if Some(m.id) == status.leader_id {
+                    "leader"
+                } else if m.voter {
+                    "voter"
+                } else {
+                    "learner"
+                };
+                table.add_row([
+                    m.id.to_string(),
+                    role.to_string(),
+                    m.rpc.clone(),
+                    m.http.clone(),
+                ]);
+            }
+            println!("{table}");
+        }
+        ClusterCommand::Add { node_addr } => {
+            let id = client.cluster_add(&node_addr).await?;
+            println!("added node {id} ({node_addr}) as a voter");
+        }
+        ClusterCommand::Remove { id } => {
+            client.cluster_remove(id).await?;
+            println!("removed node {id}");
         }
     }
     Ok(ExitCode::SUCCESS)

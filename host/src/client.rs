@@ -6,6 +6,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 
+use crate::cluster::ClusterStatus;
 use crate::state::{FunctionRecord, FunctionSpec};
 
 /// What a client call can fail with.
@@ -147,6 +148,39 @@ impl Client {
             .await?;
         let list: List = response.json().await.map_err(ClientError::Response)?;
         Ok(list.functions)
+    }
+
+    /// The server's view of the cluster.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        let response = self.checked(self.http.get(self.url("/v1/cluster"))).await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// Adds the node listening at `rpc_addr` to the cluster; returns its id.
+    pub async fn cluster_add(&self, rpc_addr: &str) -> Result<u64, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Added {
+            id: u64,
+        }
+        let response = self
+            .checked(
+                self.http
+                    .post(self.url("/v1/cluster/members"))
+                    .json(&serde_json::json!({ "addr": rpc_addr })),
+            )
+            .await?;
+        let added: Added = response.json().await.map_err(ClientError::Response)?;
+        Ok(added.id)
+    }
+
+    /// Removes node `id` from the cluster.
+    pub async fn cluster_remove(&self, id: u64) -> Result<(), ClientError> {
+        self.checked(
+            self.http
+                .delete(self.url(&format!("/v1/cluster/members/{id}"))),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Removes function `name`.

@@ -1,17 +1,21 @@
-//! `wafer dev`: a single-node server (state, runtime, gateway) in one process, with the
-//! example functions deployed at start.
+//! `wafer dev`: a one-node cluster (the same node as `wafer server`) with its data in a
+//! local folder and the example functions deployed at start.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::cluster::Cluster;
 use crate::functions::Functions;
-use crate::gateway::{self, AppState};
-use crate::metrics::Metrics;
-use crate::runtime::{Runtime, RuntimeConfig};
-use crate::state::{FunctionName, FunctionSpec, State};
+use crate::runtime::RuntimeConfig;
+use crate::server::{self, Membership, RaftSettings, ServerConfig};
+use crate::state::{CommandResponse, FunctionName, FunctionSpec};
+
+/// How long a deploy waits for this node to serve what it committed.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings of a dev server.
 #[derive(Debug, Clone)]
@@ -29,24 +33,13 @@ pub struct DevConfig {
     pub runtime: RuntimeConfig,
 }
 
-/// Opens the node's state and runtime in `data`.
-pub fn open_node(
-    data: &Path,
-    runtime: &RuntimeConfig,
-    max_module_mb: u64,
-) -> anyhow::Result<Functions> {
-    std::fs::create_dir_all(data)
-        .with_context(|| format!("creating data folder {}", data.display()))?;
-    let state = State::open(&data.join("wafer.redb"))?;
-    let mut runtime = runtime.clone();
-    runtime.cache_dir = Some(data.join("cache"));
-    let runtime = Arc::new(Runtime::new(&runtime)?);
-    Ok(Functions::load(state, runtime, max_module_mb << 20)?)
-}
-
 /// Deploys every `NAME.wasm` in `dir` (with `NAME.json` as its manifest when present)
 /// whose module or manifest differs from what is deployed. Returns the names.
-pub fn deploy_examples(functions: &Functions, dir: &Path) -> anyhow::Result<Vec<FunctionName>> {
+pub async fn deploy_examples(
+    functions: &Arc<Functions>,
+    cluster: &Cluster,
+    dir: &Path,
+) -> anyhow::Result<Vec<FunctionName>> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading examples folder {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -74,9 +67,22 @@ pub fn deploy_examples(functions: &Functions, dir: &Path) -> anyhow::Result<Vec<
             d.record.digest == crate::digest::Digest::of(&wasm) && d.record.spec == spec
         });
         if !unchanged {
-            functions
-                .deploy(&name, &wasm, spec)
+            let prepare = {
+                let functions = functions.clone();
+                let name = name.clone();
+                tokio::task::spawn_blocking(move || functions.prepare_deploy(&name, &wasm, spec))
+            };
+            let command = prepare
+                .await?
                 .with_context(|| format!("deploying example {}", path.display()))?;
+            let (index, response) = cluster
+                .propose(command)
+                .await
+                .with_context(|| format!("deploying example {}", path.display()))?;
+            if let CommandResponse::Rejected(why) = response {
+                anyhow::bail!("deploying example {}: {why}", path.display());
+            }
+            functions.wait_synced(index, SYNC_TIMEOUT).await;
         }
         names.push(name);
     }
@@ -85,27 +91,23 @@ pub fn deploy_examples(functions: &Functions, dir: &Path) -> anyhow::Result<Vec<
 
 /// Runs the dev server until Ctrl-C or SIGTERM.
 pub async fn run(config: DevConfig) -> anyhow::Result<()> {
-    let (functions, examples) = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let functions = open_node(&config.data, &config.runtime, config.max_module_mb)?;
-            let examples = match &config.examples {
-                Some(dir) => deploy_examples(&functions, dir)?,
-                None => Vec::new(),
-            };
-            Ok((functions, examples))
-        })
-        .await??
+    let server_config = ServerConfig {
+        id: 1,
+        data: config.data.clone(),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        http: config.http,
+        membership: Membership::Bootstrap,
+        max_module_mb: config.max_module_mb,
+        runtime: config.runtime.clone(),
+        raft: RaftSettings::default(),
     };
-    let metrics = Metrics::new(functions.runtime().metrics());
-    let state = Arc::new(AppState {
-        functions: Arc::new(functions),
-        metrics,
-    });
-    let listener = tokio::net::TcpListener::bind(config.http)
-        .await
-        .with_context(|| format!("binding the gateway to {}", config.http))?;
-    let addr = listener.local_addr()?;
+    let node = server::start(&server_config).await?;
+    server::become_member(&node.cluster, &server_config.membership).await?;
+    let examples = match &config.examples {
+        Some(dir) => deploy_examples(&node.functions, &node.cluster, dir).await?,
+        None => Vec::new(),
+    };
+    let addr = node.http.local_addr()?;
     // The first line on stdout is machine-readable: tests and scripts wait for it.
     println!("wafer dev: listening on http://{addr}");
     println!("  data folder: {}", config.data.display());
@@ -115,37 +117,8 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
     println!(
         "  try: curl 'http://{addr}/fn/hello?name=you'   |   wafer --server http://{addr} fns"
     );
-    tracing::info!(%addr, functions = state.functions.list().len(), "wafer dev ready");
-    gateway::serve::serve(
-        listener,
-        gateway::app(state),
-        gateway::serve::default_workers(),
-        shutdown_signal(),
-    )
-    .await
-    .context("serving HTTP")?;
+    tracing::info!(%addr, functions = node.functions.list().len(), "wafer dev ready");
+    server::serve(node).await?;
     tracing::info!("wafer dev stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

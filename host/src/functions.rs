@@ -1,13 +1,18 @@
-//! Deployed functions on this node: records and modules persisted in [`State`], each
-//! prepared once for instantiation in the [`Runtime`] and invoked in fresh instances.
+//! Deployed functions on this node: the replicated [`State`]'s functions, each prepared
+//! once for instantiation in the [`Runtime`] and invoked in fresh instances. Kept in step
+//! with the state as an [`Observer`] of the state machine.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::metrics::{FunctionStats, Metrics};
 use crate::runtime::{Invocation, InvokeError, Outcome, Prepared, Runtime, RuntimeError};
-use crate::state::{FunctionName, FunctionRecord, FunctionSpec, State, StateError};
+use crate::state::{
+    Command, CommandResponse, FunctionName, FunctionRecord, FunctionSpec, Observer, State,
+    StateError,
+};
 
 /// Environment variables the gateway sets for every HTTP invocation; a function's own
 /// environment may not use these names (or the `HTTP_` prefix).
@@ -93,9 +98,8 @@ pub struct Functions {
     runtime: Arc<Runtime>,
     max_module_bytes: u64,
     live: RwLock<HashMap<FunctionName, Arc<Deployed>>>,
-    /// Orders "write state, then update `live`" across concurrent deploys and removals,
-    /// so `live` always ends as the state does.
-    writes: Mutex<()>,
+    /// The log index up to which `live` reflects the state.
+    synced: tokio::sync::watch::Sender<u64>,
 }
 
 impl Functions {
@@ -106,29 +110,65 @@ impl Functions {
         runtime: Arc<Runtime>,
         max_module_bytes: u64,
     ) -> Result<Functions, FunctionError> {
-        let mut live = HashMap::new();
-        for record in state.list_functions()? {
-            let Some(wasm) = state.get_blob(&record.digest)? else {
-                tracing::error!(function = %record.name, digest = %record.digest, "module blob missing; skipping");
-                continue;
-            };
-            match runtime.prepare(&wasm, &record.spec.limits) {
-                Ok(prepared) => {
-                    let deployed = deployed(record, prepared);
-                    live.insert(deployed.record.name.clone(), Arc::new(deployed));
-                }
-                Err(err) => {
-                    tracing::error!(function = %record.name, error = %err, "cannot prepare stored function; skipping")
-                }
-            }
-        }
-        Ok(Functions {
+        let functions = Functions {
             state,
             runtime,
             max_module_bytes,
-            live: RwLock::new(live),
-            writes: Mutex::new(()),
-        })
+            live: RwLock::new(HashMap::new()),
+            synced: tokio::sync::watch::Sender::new(0),
+        };
+        functions.reload()?;
+        Ok(functions)
+    }
+
+    /// Prepares every function in the state, replacing `live`.
+    fn reload(&self) -> Result<(), FunctionError> {
+        let mut live = HashMap::new();
+        for record in self.state.list_functions()? {
+            if let Some(deployed) = self.prepare_stored(record) {
+                live.insert(deployed.record.name.clone(), Arc::new(deployed));
+            }
+        }
+        *self.write_live() = live;
+        Ok(())
+    }
+
+    /// Prepares a function from its stored record and module. One that no longer
+    /// prepares is logged and left out, not fatal.
+    fn prepare_stored(&self, record: FunctionRecord) -> Option<Deployed> {
+        let wasm = match self.state.get_blob(&record.digest) {
+            Ok(Some(wasm)) => wasm,
+            Ok(None) => {
+                tracing::error!(function = %record.name, digest = %record.digest, "module blob missing; skipping");
+                return None;
+            }
+            Err(err) => {
+                tracing::error!(function = %record.name, error = %err, "reading the module; skipping");
+                return None;
+            }
+        };
+        match self.runtime.prepare(&wasm, &record.spec.limits) {
+            Ok(prepared) => Some(deployed(record, prepared)),
+            Err(err) => {
+                tracing::error!(function = %record.name, error = %err, "cannot prepare stored function; skipping");
+                None
+            }
+        }
+    }
+
+    /// Records that `live` reflects the state as of log index `index` (at start, when the
+    /// state was loaded whole).
+    pub fn mark_synced(&self, index: u64) {
+        self.synced.send_modify(|at| *at = (*at).max(index));
+    }
+
+    /// Waits until this node serves the state as of log index `index`; false if that
+    /// takes longer than `timeout`.
+    pub async fn wait_synced(&self, index: u64, timeout: Duration) -> bool {
+        let mut synced = self.synced.subscribe();
+        tokio::time::timeout(timeout, synced.wait_for(|&at| at >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// The runtime functions run in.
@@ -141,14 +181,14 @@ impl Functions {
         self.max_module_bytes
     }
 
-    /// Validates, compiles and stores `wasm` as the new version of `name`. Blocks while
-    /// compiling: call from a blocking-capable thread.
-    pub fn deploy(
+    /// Validates and compiles `wasm` for function `name` and returns the command that
+    /// deploys it. Blocks while compiling: call from a blocking-capable thread.
+    pub fn prepare_deploy(
         &self,
         name: &FunctionName,
         wasm: &[u8],
         spec: FunctionSpec,
-    ) -> Result<FunctionRecord, FunctionError> {
+    ) -> Result<Command, FunctionError> {
         if wasm.len() as u64 > self.max_module_bytes {
             return Err(FunctionError::ModuleTooLarge {
                 size: wasm.len() as u64,
@@ -158,29 +198,19 @@ impl Functions {
         check_spec(&spec)?;
         // WebAssembly text is stored as the binary it assembles to.
         let wasm = crate::runtime::to_binary(wasm)?;
-        let prepared = self.runtime.prepare(&wasm, &spec.limits)?;
-        let now_ms = SystemTime::now()
+        // Compiling now rejects a bad module before it is replicated, and leaves the
+        // compiled code in the cache for when the command is applied.
+        self.runtime.prepare(&wasm, &spec.limits)?;
+        let deployed_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let _writes = self.lock_writes();
-        let record = self.state.put_function(name, &wasm, spec, now_ms)?;
-        let deployed = Arc::new(deployed(record.clone(), prepared));
-        self.write_live().insert(name.clone(), deployed);
-        tracing::info!(function = %name, version = record.version, digest = %record.digest, "deployed");
-        Ok(record)
-    }
-
-    /// Removes function `name`.
-    pub fn remove(&self, name: &FunctionName) -> Result<FunctionRecord, FunctionError> {
-        let _writes = self.lock_writes();
-        let removed = self
-            .state
-            .delete_function(name)?
-            .ok_or_else(|| FunctionError::NotFound(name.clone()))?;
-        self.write_live().remove(name);
-        tracing::info!(function = %name, "removed");
-        Ok(removed)
+        Ok(Command::DeployFunction {
+            name: name.clone(),
+            spec,
+            module: bytes::Bytes::from(wasm.into_owned()),
+            deployed_at_ms,
+        })
     }
 
     /// Every deployed function's record, sorted by name.
@@ -214,11 +244,6 @@ impl Functions {
             .await?)
     }
 
-    fn lock_writes(&self) -> std::sync::MutexGuard<'_, ()> {
-        // The guard protects no data, only ordering: a poisoned lock is still usable.
-        self.writes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn read_live(&self) -> std::sync::RwLockReadGuard<'_, HashMap<FunctionName, Arc<Deployed>>> {
         // The map is only ever replaced whole-entry; a poisoned lock still holds a
         // consistent map.
@@ -227,6 +252,40 @@ impl Functions {
 
     fn write_live(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<FunctionName, Arc<Deployed>>> {
         self.live.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Observer for Functions {
+    fn applied(&self, last_index: u64, changes: &[CommandResponse]) {
+        for change in changes {
+            match change {
+                CommandResponse::Deployed(record) => {
+                    let name = record.name.clone();
+                    match self.prepare_stored(record.clone()) {
+                        Some(deployed) => {
+                            tracing::info!(function = %name, version = record.version, digest = %record.digest, "deployed");
+                            self.write_live().insert(name, Arc::new(deployed));
+                        }
+                        None => {
+                            self.write_live().remove(&name);
+                        }
+                    }
+                }
+                CommandResponse::Deleted(record) => {
+                    tracing::info!(function = %record.name, "removed");
+                    self.write_live().remove(&record.name);
+                }
+                CommandResponse::Rejected(_) => {}
+            }
+        }
+        self.synced.send_modify(|at| *at = (*at).max(last_index));
+    }
+
+    fn replaced(&self, last_index: u64) {
+        if let Err(err) = self.reload() {
+            tracing::error!(error = %err, "reloading functions after a snapshot");
+        }
+        self.synced.send_replace(last_index);
     }
 }
 

@@ -4,10 +4,14 @@
 
 pub mod cli;
 pub mod client;
+pub mod cluster;
+pub mod consensus;
 pub mod dev;
 pub mod digest;
 pub mod functions;
 pub mod gateway;
 pub mod metrics;
+pub mod rpc;
 pub mod runtime;
+pub mod server;
 pub mod state;

@@ -1,6 +1,9 @@
 //! Test harness for wafer's end-to-end tests: locates the built `wafer` binary and the
-//! example functions, and runs `wafer dev` as a real process on a port chosen at run time.
+//! example functions, and runs `wafer dev` (and, in [`cluster`], clusters of
+//! `wafer server`) as real processes on ports chosen at run time.
 #![warn(missing_docs)]
+
+pub mod cluster;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -11,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 /// How long a server may take to start listening.
-const START_DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const START_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

@@ -10,7 +10,10 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::{discard, read_body, AppState};
-use crate::state::{FunctionName, FunctionSpec};
+use crate::state::{Command, CommandResponse, FunctionName, FunctionSpec};
+
+/// How long a write waits for this node to serve what it committed.
+const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Header carrying a JSON manifest ([`FunctionSpec`]) with a deploy.
 pub const MANIFEST_HEADER: &str = "x-wafer-manifest";
@@ -38,11 +41,15 @@ pub async fn deploy(
     let limit = app.functions.max_module_bytes();
     let wasm = read_body(body, &headers, limit, "module").await?;
     let functions = app.functions.clone();
-    let record = tokio::task::spawn_blocking(move || functions.deploy(&name, &wasm, spec))
+    let command = tokio::task::spawn_blocking(move || functions.prepare_deploy(&name, &wasm, spec))
         .await
         .map_err(|e| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })??;
+    let record = match commit(&app, command).await? {
+        CommandResponse::Deployed(record) => record,
+        other => return Err(unexpected(other)),
+    };
     let status = if record.version == 1 {
         StatusCode::CREATED
     } else {
@@ -115,17 +122,23 @@ fn apply_query(spec: &mut FunctionSpec, query: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `GET /v1/functions`.
-pub async fn list(State(app): State<Arc<AppState>>) -> impl IntoResponse {
-    Json(serde_json::json!({ "functions": app.functions.list() }))
+/// `GET /v1/functions[?consistent=true]`.
+pub async fn list(
+    State(app): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    read_point(&app, query.as_deref()).await?;
+    Ok(Json(serde_json::json!({ "functions": app.functions.list() })).into_response())
 }
 
-/// `GET /v1/functions/{name}`.
+/// `GET /v1/functions/{name}[?consistent=true]`.
 pub async fn show(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let name: FunctionName = name.parse()?;
+    read_point(&app, query.as_deref()).await?;
     let function = app.functions.get(&name)?;
     Ok(Json(function.record.clone()).into_response())
 }
@@ -136,11 +149,50 @@ pub async fn remove(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let name: FunctionName = name.parse()?;
-    let functions = app.functions.clone();
-    let record = tokio::task::spawn_blocking(move || functions.remove(&name))
-        .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
-    Ok(Json(record).into_response())
+    match commit(&app, Command::DeleteFunction { name }).await? {
+        CommandResponse::Deleted(record) => Ok(Json(record).into_response()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Commits `command` through the cluster and waits until this node serves its effect,
+/// so that the caller's next request to this node sees it.
+async fn commit(app: &AppState, command: Command) -> Result<CommandResponse, ApiError> {
+    let (index, response) = app.cluster.propose(command).await?;
+    if let CommandResponse::Rejected(why) = response {
+        return Err(why.into());
+    }
+    if !app.functions.wait_synced(index, SYNC_TIMEOUT).await {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("committed at log index {index}, but this node has not applied it yet; retry the read"),
+        ));
+    }
+    Ok(response)
+}
+
+fn unexpected(response: CommandResponse) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("unexpected answer from the state machine: {response:?}"),
+    )
+}
+
+/// With `?consistent=true`, waits for a linearizable read point before reading.
+async fn read_point(app: &AppState, query: Option<&str>) -> Result<(), ApiError> {
+    let consistent = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .any(|(k, v)| k == "consistent" && (v == "true" || v == "1" || v.is_empty()));
+    if consistent {
+        let index = app.cluster.read_index().await?;
+        if !app.functions.wait_synced(index, SYNC_TIMEOUT).await {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("this node has not caught up to the read index {index}; retry"),
+            ));
+        }
+    }
+    Ok(())
 }

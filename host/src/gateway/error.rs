@@ -4,9 +4,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::cluster::ClusterError;
 use crate::functions::FunctionError;
 use crate::runtime::{InvokeError, RuntimeError};
-use crate::state::InvalidName;
+use crate::state::{InvalidName, Rejection};
 
 /// An error answered as `{"error": CODE, "message": ..., "log": ...}` with a status.
 #[derive(Debug)]
@@ -95,6 +96,32 @@ impl From<FunctionError> for ApiError {
             | FunctionError::State(_) => {
                 tracing::error!(error = %message, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(err: ClusterError) -> ApiError {
+        let message = err.to_string();
+        let (status, code) = match &err {
+            ClusterError::Rejected(_) => (StatusCode::CONFLICT, "rejected"),
+            ClusterError::NotLeader { .. } | ClusterError::Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(err: Rejection) -> ApiError {
+        let message = err.to_string();
+        let (status, code) = match &err {
+            Rejection::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Rejection::ModuleTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
         };
         ApiError::new(status, code, message)

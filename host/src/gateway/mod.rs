@@ -2,6 +2,7 @@
 //! `/healthz` and `/metrics`.
 
 mod api;
+mod cluster;
 mod error;
 mod invoke;
 pub mod serve;
@@ -20,6 +21,7 @@ use http_body_util::BodyExt;
 pub use api::MANIFEST_HEADER;
 pub use error::ApiError;
 
+use crate::cluster::Cluster;
 use crate::functions::Functions;
 use crate::metrics::Metrics;
 
@@ -27,6 +29,8 @@ use crate::metrics::Metrics;
 pub struct AppState {
     /// Deployed functions.
     pub functions: Arc<Functions>,
+    /// This node's cluster handle.
+    pub cluster: Arc<Cluster>,
     /// Exported metrics.
     pub metrics: Metrics,
 }
@@ -40,6 +44,12 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route(
             "/v1/functions/{name}",
             get(api::show).put(api::deploy).delete(api::remove),
+        )
+        .route("/v1/cluster", get(cluster::status))
+        .route("/v1/cluster/members", axum::routing::post(cluster::add))
+        .route(
+            "/v1/cluster/members/{id}",
+            axum::routing::delete(cluster::remove),
         )
         .route("/fn/{name}", any(invoke::invoke))
         .route("/fn/{name}/", any(invoke::invoke))

@@ -1,13 +1,26 @@
-//! The node's durable state in one redb file: deployed functions (name -> record) and
-//! module blobs (digest -> bytes, shared by functions with the same module).
+//! The replicated state machine's data in the node's redb file: deployed functions
+//! (name -> record) and module blobs (digest -> bytes, shared by functions with the same
+//! module), changed only by applying [`Command`]s in log order.
+//!
+//! `apply` is deterministic: its answer and its effect depend only on the command and
+//! the state before it, so every replica that applies the same log holds the same state.
 
+mod command;
 mod function;
 
+use std::io::{BufRead, Write};
 use std::path::Path;
+use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use wafer_proto::node_capnp::snapshot_item;
 
 use crate::digest::Digest;
+pub use command::{
+    reader_options, Command, CommandResponse, MalformedCommand, Rejection, MAX_MODULE_BYTES,
+};
 pub use function::{FunctionName, FunctionRecord, FunctionSpec, InvalidName, MAX_NAME_LEN};
 
 /// Function name -> JSON [`FunctionRecord`].
@@ -37,19 +50,43 @@ pub enum StateError {
         /// The decoding error.
         message: String,
     },
+    /// Reading or writing a snapshot stream failed.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
-fn storage<E: Into<redb::Error>>(e: E) -> StateError {
+/// Told of changes to the state once they are durable, in log order, on a thread that
+/// may block (it prepares modules for invocation, for example).
+pub trait Observer: Send + Sync + 'static {
+    /// Entries up to log index `last_index` were applied, with these answers (one per
+    /// command, in log order; entries without a command have none).
+    fn applied(&self, last_index: u64, changes: &[CommandResponse]);
+    /// A snapshot replaced the whole state, as of log index `last_index`.
+    fn replaced(&self, last_index: u64);
+}
+
+/// An [`Observer`] that ignores everything.
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn applied(&self, _: u64, _: &[CommandResponse]) {}
+    fn replaced(&self, _: u64) {}
+}
+
+/// Turns any redb error into a [`StateError`].
+pub fn storage<E: Into<redb::Error>>(e: E) -> StateError {
     StateError::Storage(e.into())
 }
 
-/// The node's durable state.
+/// The node's state database (shared with the Raft log, which keeps its own tables in
+/// the same file).
+#[derive(Clone)]
 pub struct State {
-    db: Database,
+    db: Arc<Database>,
 }
 
 impl State {
-    /// Opens (or creates) the state database at `path`.
+    /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<State, StateError> {
         let db = Database::create(path).map_err(|source| StateError::Open {
             path: path.display().to_string(),
@@ -59,50 +96,12 @@ impl State {
         txn.open_table(FUNCTIONS).map_err(storage)?;
         txn.open_table(BLOBS).map_err(storage)?;
         txn.commit().map_err(storage)?;
-        Ok(State { db })
+        Ok(State { db: Arc::new(db) })
     }
 
-    /// Stores a new version of function `name` with module `wasm`, replacing any earlier
-    /// version, and returns its record. The module blob is kept once per digest.
-    pub fn put_function(
-        &self,
-        name: &FunctionName,
-        wasm: &[u8],
-        spec: FunctionSpec,
-        deployed_at_ms: u64,
-    ) -> Result<FunctionRecord, StateError> {
-        let digest = Digest::of(wasm);
-        let txn = self.db.begin_write().map_err(storage)?;
-        let record = {
-            let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
-            let mut blobs = txn.open_table(BLOBS).map_err(storage)?;
-            let previous = match functions.get(name.as_str()).map_err(storage)? {
-                Some(bytes) => Some(decode(name.as_str(), bytes.value())?),
-                None => None,
-            };
-            let record = FunctionRecord {
-                name: name.clone(),
-                version: previous.as_ref().map_or(1, |p| p.version + 1),
-                digest,
-                size: wasm.len() as u64,
-                spec,
-                deployed_at_ms,
-            };
-            let hex = digest.to_hex();
-            if blobs.get(hex.as_str()).map_err(storage)?.is_none() {
-                blobs.insert(hex.as_str(), wasm).map_err(storage)?;
-            }
-            let encoded = encode(&record)?;
-            functions
-                .insert(name.as_str(), encoded.as_slice())
-                .map_err(storage)?;
-            if let Some(previous) = previous {
-                release_blob(&functions, &mut blobs, &previous.digest)?;
-            }
-            record
-        };
-        txn.commit().map_err(storage)?;
-        Ok(record)
+    /// The underlying database.
+    pub fn database(&self) -> &Arc<Database> {
+        &self.db
     }
 
     /// The record of function `name`.
@@ -127,28 +126,6 @@ impl State {
         Ok(out)
     }
 
-    /// Removes function `name`; returns its record if it existed.
-    pub fn delete_function(
-        &self,
-        name: &FunctionName,
-    ) -> Result<Option<FunctionRecord>, StateError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        let removed = {
-            let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
-            let mut blobs = txn.open_table(BLOBS).map_err(storage)?;
-            let removed = match functions.remove(name.as_str()).map_err(storage)? {
-                Some(bytes) => Some(decode(name.as_str(), bytes.value())?),
-                None => None,
-            };
-            if let Some(record) = &removed {
-                release_blob(&functions, &mut blobs, &record.digest)?;
-            }
-            removed
-        };
-        txn.commit().map_err(storage)?;
-        Ok(removed)
-    }
-
     /// The module with `digest`.
     pub fn get_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StateError> {
         let txn = self.db.begin_read().map_err(storage)?;
@@ -158,6 +135,130 @@ impl State {
             .map_err(storage)?
             .map(|b| b.value().to_vec()))
     }
+}
+
+/// Applies `command` inside `txn`. A command the state refuses is answered with
+/// [`CommandResponse::Rejected`] and changes nothing; an `Err` is a storage failure.
+pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandResponse, StateError> {
+    let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
+    let mut blobs = txn.open_table(BLOBS).map_err(storage)?;
+    match command {
+        Command::DeployFunction {
+            name,
+            spec,
+            module,
+            deployed_at_ms,
+        } => {
+            let size = module.len() as u64;
+            if size > MAX_MODULE_BYTES {
+                return Ok(CommandResponse::Rejected(Rejection::ModuleTooLarge {
+                    size,
+                    limit: MAX_MODULE_BYTES,
+                }));
+            }
+            let previous = match functions.get(name.as_str()).map_err(storage)? {
+                Some(bytes) => Some(decode(name.as_str(), bytes.value())?),
+                None => None,
+            };
+            let record = FunctionRecord {
+                name: name.clone(),
+                version: previous.as_ref().map_or(1, |p| p.version + 1),
+                digest: Digest::of(module),
+                size,
+                spec: spec.clone(),
+                deployed_at_ms: *deployed_at_ms,
+            };
+            let hex = record.digest.to_hex();
+            if blobs.get(hex.as_str()).map_err(storage)?.is_none() {
+                blobs
+                    .insert(hex.as_str(), module.as_ref())
+                    .map_err(storage)?;
+            }
+            let encoded = encode(&record)?;
+            functions
+                .insert(name.as_str(), encoded.as_slice())
+                .map_err(storage)?;
+            if let Some(previous) = previous {
+                release_blob(&functions, &mut blobs, &previous.digest)?;
+            }
+            Ok(CommandResponse::Deployed(record))
+        }
+        Command::DeleteFunction { name } => {
+            let removed = match functions.remove(name.as_str()).map_err(storage)? {
+                Some(bytes) => decode(name.as_str(), bytes.value())?,
+                None => return Ok(CommandResponse::Rejected(Rejection::NotFound(name.clone()))),
+            };
+            release_blob(&functions, &mut blobs, &removed.digest)?;
+            Ok(CommandResponse::Deleted(removed))
+        }
+    }
+}
+
+/// Writes every record of the state as of `txn` to `out`, one [`snapshot_item`]
+/// message each.
+pub fn dump(txn: &ReadTransaction, out: &mut impl Write) -> Result<(), StateError> {
+    let io = |e: capnp::Error| StateError::Snapshot(e.to_string());
+    let functions = txn.open_table(FUNCTIONS).map_err(storage)?;
+    for entry in functions.iter().map_err(storage)? {
+        let (name, record) = entry.map_err(storage)?;
+        let mut message = capnp::message::Builder::new_default();
+        let mut function = message
+            .init_root::<snapshot_item::Builder>()
+            .init_function();
+        function.set_name(name.value());
+        function.set_record(record.value());
+        capnp::serialize::write_message(&mut *out, &message).map_err(io)?;
+    }
+    let blobs = txn.open_table(BLOBS).map_err(storage)?;
+    for entry in blobs.iter().map_err(storage)? {
+        let (digest, module) = entry.map_err(storage)?;
+        let mut message = capnp::message::Builder::new_default();
+        let mut blob = message.init_root::<snapshot_item::Builder>().init_blob();
+        blob.set_digest(digest.value());
+        blob.set_module(module.value());
+        capnp::serialize::write_message(&mut *out, &message).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Replaces the state in `txn` with the records [`dump`] wrote, read from `input` until
+/// its end.
+pub fn restore(txn: &WriteTransaction, input: &mut impl BufRead) -> Result<(), StateError> {
+    let bad = |e: capnp::Error| StateError::Snapshot(e.to_string());
+    txn.delete_table(FUNCTIONS).map_err(storage)?;
+    txn.delete_table(BLOBS).map_err(storage)?;
+    let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
+    let mut blobs = txn.open_table(BLOBS).map_err(storage)?;
+    while let Some(message) =
+        capnp::serialize::try_read_message(&mut *input, reader_options()).map_err(bad)?
+    {
+        let item: snapshot_item::Reader<'_> = message.get_root().map_err(bad)?;
+        match item
+            .which()
+            .map_err(|e| StateError::Snapshot(e.to_string()))?
+        {
+            snapshot_item::Function(function) => {
+                let name = function
+                    .get_name()
+                    .and_then(|n| n.to_str().map_err(Into::into))
+                    .map_err(bad)?;
+                let record = function.get_record().map_err(bad)?;
+                // Refuse a record that would not read back later.
+                decode(name, record)?;
+                functions.insert(name, record).map_err(storage)?;
+            }
+            snapshot_item::Blob(blob) => {
+                let digest = blob
+                    .get_digest()
+                    .and_then(|n| n.to_str().map_err(Into::into))
+                    .map_err(bad)?;
+                blobs
+                    .insert(digest, blob.get_module().map_err(bad)?)
+                    .map_err(storage)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Deletes blob `digest` unless a function still refers to it.
@@ -192,26 +293,56 @@ fn decode(key: &str, bytes: &[u8]) -> Result<FunctionRecord, StateError> {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn name(s: &str) -> FunctionName {
         s.parse().expect("valid name")
     }
 
+    fn deploy(
+        state: &State,
+        n: &str,
+        module: &'static [u8],
+    ) -> Result<CommandResponse, StateError> {
+        let txn = state.database().begin_write().map_err(storage)?;
+        let out = apply(
+            &txn,
+            &Command::DeployFunction {
+                name: name(n),
+                spec: FunctionSpec::default(),
+                module: Bytes::from_static(module),
+                deployed_at_ms: 1,
+            },
+        )?;
+        txn.commit().map_err(storage)?;
+        Ok(out)
+    }
+
+    fn delete(state: &State, n: &str) -> Result<CommandResponse, StateError> {
+        let txn = state.database().begin_write().map_err(storage)?;
+        let out = apply(&txn, &Command::DeleteFunction { name: name(n) })?;
+        txn.commit().map_err(storage)?;
+        Ok(out)
+    }
+
+    fn version(response: CommandResponse) -> u64 {
+        match response {
+            CommandResponse::Deployed(record) => record.version,
+            other => panic!("expected a deploy, got {other:?}"),
+        }
+    }
+
     #[test]
     fn functions_survive_reopen_and_blobs_are_shared_and_released() -> Result<(), StateError> {
-        let dir = tempfile::tempdir().map_err(|e| StateError::Corrupt {
-            key: "tempdir".into(),
-            message: e.to_string(),
-        })?;
+        let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
         let path = dir.path().join("state.redb");
         {
             let state = State::open(&path)?;
-            let a = state.put_function(&name("a"), b"module-1", FunctionSpec::default(), 1)?;
-            state.put_function(&name("b"), b"module-1", FunctionSpec::default(), 2)?;
-            assert_eq!(a.version, 1);
-            let a2 = state.put_function(&name("a"), b"module-2", FunctionSpec::default(), 3)?;
-            assert_eq!(a2.version, 2);
+            assert_eq!(version(deploy(&state, "a", b"module-1")?), 1);
+            deploy(&state, "b", b"module-1")?;
+            assert_eq!(version(deploy(&state, "a", b"module-2")?), 2);
             // module-1 is still used by b.
             assert!(state.get_blob(&Digest::of(b"module-1"))?.is_some());
         }
@@ -223,13 +354,42 @@ mod tests {
             .collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(state.get_function(&name("a"))?.map(|r| r.version), Some(2));
-        assert!(state.delete_function(&name("b"))?.is_some());
+        assert!(matches!(delete(&state, "b")?, CommandResponse::Deleted(_)));
         assert!(state.get_blob(&Digest::of(b"module-1"))?.is_none());
         assert_eq!(
             state.get_blob(&Digest::of(b"module-2"))?.as_deref(),
             Some(&b"module-2"[..])
         );
-        assert!(state.delete_function(&name("b"))?.is_none());
+        assert_eq!(
+            delete(&state, "b")?,
+            CommandResponse::Rejected(Rejection::NotFound(name("b")))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_dump_restores_the_same_state_over_a_different_one() -> Result<(), StateError> {
+        let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
+        let source = State::open(&dir.path().join("a.redb"))?;
+        deploy(&source, "a", b"module-1")?;
+        deploy(&source, "b", b"module-2")?;
+        let mut stream = Vec::new();
+        dump(
+            &source.database().begin_read().map_err(storage)?,
+            &mut stream,
+        )?;
+
+        let target = State::open(&dir.path().join("b.redb"))?;
+        deploy(&target, "stale", b"module-3")?;
+        let txn = target.database().begin_write().map_err(storage)?;
+        restore(&txn, &mut stream.as_slice())?;
+        txn.commit().map_err(storage)?;
+        assert_eq!(target.list_functions()?, source.list_functions()?);
+        assert!(target.get_blob(&Digest::of(b"module-3"))?.is_none());
+        assert!(target.get_blob(&Digest::of(b"module-2"))?.is_some());
+
+        let txn = target.database().begin_write().map_err(storage)?;
+        assert!(restore(&txn, &mut &b"garbage that is not capnp"[..]).is_err());
         Ok(())
     }
 }

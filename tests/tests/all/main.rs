@@ -1,6 +1,7 @@
 //! wafer's end-to-end tests: one binary, real `wafer` processes, real HTTP.
 
 mod cli;
+mod cluster;
 mod deploy;
 mod invoke;
 mod restart;

@@ -1,0 +1,82 @@
+# A wafer server's node-to-node interface (the bootstrap capability of its `--listen`
+# port) and the commands of the replicated state machine.
+@0xdcc08716c2388336;
+
+using Raft = import "raft.capnp".Raft;
+
+# Where a server can be reached.
+struct NodeInfo {
+  id @0 :UInt64;
+  # Cap'n Proto address (host:port) of its `Node` interface.
+  rpcAddr @1 :Text;
+  # HTTP gateway address (host:port).
+  httpAddr @2 :Text;
+}
+
+# A command of the replicated state machine, as proposed and as stored in the Raft log.
+struct Command {
+  union {
+    deployFunction :group {
+      name @0 :Text;
+      # Limits and environment: the function's JSON manifest.
+      spec @1 :Text;
+      # The WebAssembly module; stored once per SHA-256 digest.
+      module @2 :Data;
+      # Set by the proposer, so that every replica stores the same time.
+      deployedAtMs @3 :UInt64;
+    }
+    deleteFunction :group {
+      name @4 :Text;
+    }
+  }
+}
+
+# Why a request to a node failed.
+struct Failure {
+  kind @0 :Kind;
+  message @1 :Text;
+  # With `notLeader`: the leader this node knows of (null when none is known).
+  leader @2 :NodeInfo;
+
+  enum Kind {
+    # This node is not the leader; retry at `leader`.
+    notLeader @0;
+    # The request was refused (bad input, or rejected by the state machine).
+    rejected @1;
+    # The cluster cannot serve the request now (no quorum, shutting down): retry.
+    unavailable @2;
+  }
+}
+
+interface Node {
+  # This node's identity, and whether it already belongs to a cluster.
+  info @0 () -> (info :NodeInfo, member :Bool);
+  # The Raft endpoint of this node.
+  raft @1 () -> (raft :Raft);
+  # Commits `command` through the leader; answers once it is applied on the leader.
+  # `response` is the state machine's answer as JSON; `failure` is null on success.
+  propose @2 (command :Command) -> (logIndex :UInt64, response :Text, failure :Failure);
+  # The leader's commit index, confirmed by a quorum (a linearizable read point).
+  readIndex @3 () -> (index :UInt64, failure :Failure);
+  # Adds `node` as a learner, then (with `voter`) promotes it to voter.
+  addNode @4 (node :NodeInfo, voter :Bool) -> (failure :Failure);
+  # Removes node `id` from the cluster's voters and learners.
+  removeNode @5 (id :UInt64) -> (failure :Failure);
+}
+
+# One item of a state snapshot. A snapshot file is a stream of single-segment messages:
+# a `SnapshotMeta` (raft.capnp), then one `SnapshotItem` per stored record.
+struct SnapshotItem {
+  union {
+    # A function's record (JSON, as stored).
+    function :group {
+      name @0 :Text;
+      record @1 :Data;
+    }
+    # A module blob.
+    blob :group {
+      digest @2 :Text;
+      module @3 :Data;
+    }
+  }
+}

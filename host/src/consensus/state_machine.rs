@@ -1,0 +1,373 @@
+//! The Raft state machine: applies committed commands to the [`crate::state`] tables in
+//! the node's redb file, and builds and installs snapshots as files in the data folder.
+//!
+//! A snapshot file is a stream of single-segment Cap'n Proto messages: a `SnapshotMeta`
+//! (raft.capnp), then the state's items ([`crate::state::dump`]). The newest one is
+//! `snapshots/current.snap`; it is replaced atomically (write, fsync, rename).
+
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, StorageIOError,
+};
+use redb::{ReadableDatabase, TableDefinition};
+use serde::de::DeserializeOwned;
+use wafer_proto::raft_capnp::snapshot_meta;
+
+use super::codec::{read_snapshot_meta, write_snapshot_meta};
+use super::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::state::{self, reader_options, CommandResponse, Observer, State};
+
+/// Key -> JSON value: `last_applied`, `membership`.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_sm_meta");
+const LAST_APPLIED: &str = "last_applied";
+const MEMBERSHIP: &str = "membership";
+const CURRENT: &str = "current.snap";
+
+/// The state machine over the node's [`State`].
+pub struct StateMachine {
+    state: State,
+    snapshots: PathBuf,
+    observer: Arc<dyn Observer>,
+    /// Distinguishes snapshots built at the same log id.
+    built: Arc<AtomicU64>,
+    /// The file a snapshot being received is written to.
+    incoming: Option<PathBuf>,
+}
+
+/// Builds snapshots from a consistent read of the state.
+pub struct SnapshotBuilder {
+    state: State,
+    snapshots: PathBuf,
+    built: Arc<AtomicU64>,
+}
+
+fn sm_read(e: impl ToString) -> StorageError {
+    StorageIOError::read_state_machine(&std::io::Error::other(e.to_string())).into()
+}
+
+fn sm_write(e: impl ToString) -> StorageError {
+    StorageIOError::write_state_machine(&std::io::Error::other(e.to_string())).into()
+}
+
+fn snap_err(verb: ErrorVerb, e: impl ToString) -> StorageError {
+    StorageError::from_io_error(
+        ErrorSubject::Snapshot(None),
+        verb,
+        std::io::Error::other(e.to_string()),
+    )
+}
+
+impl StateMachine {
+    /// Opens the state machine over `state`, keeping snapshots in `snapshots`, telling
+    /// `observer` of every change.
+    pub fn open(
+        state: State,
+        snapshots: &Path,
+        observer: Arc<dyn Observer>,
+    ) -> Result<StateMachine, StorageError> {
+        std::fs::create_dir_all(snapshots).map_err(|e| {
+            snap_err(
+                ErrorVerb::Write,
+                format!("creating {}: {e}", snapshots.display()),
+            )
+        })?;
+        let txn = state.database().begin_write().map_err(sm_write)?;
+        txn.open_table(META).map_err(sm_write)?;
+        txn.commit().map_err(sm_write)?;
+        // Files of snapshots whose writing or receiving was cut short.
+        if let Ok(dir) = std::fs::read_dir(snapshots) {
+            for entry in dir.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(StateMachine {
+            state,
+            snapshots: snapshots.to_path_buf(),
+            observer,
+            built: Arc::new(AtomicU64::new(0)),
+            incoming: None,
+        })
+    }
+
+    /// The state this machine applies to.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+}
+
+fn get_meta<T: DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    key: &str,
+) -> Result<Option<T>, StorageError> {
+    let table = txn.open_table(META).map_err(sm_read)?;
+    match table.get(key).map_err(sm_read)? {
+        Some(value) => Ok(Some(
+            serde_json::from_slice(value.value()).map_err(sm_read)?,
+        )),
+        None => Ok(None),
+    }
+}
+
+fn put_meta(
+    txn: &redb::WriteTransaction,
+    last_applied: &Option<LogId>,
+    membership: &StoredMembership,
+) -> Result<(), StorageError> {
+    let mut table = txn.open_table(META).map_err(sm_write)?;
+    let applied = serde_json::to_vec(last_applied).map_err(sm_write)?;
+    let membership = serde_json::to_vec(membership).map_err(sm_write)?;
+    table
+        .insert(LAST_APPLIED, applied.as_slice())
+        .map_err(sm_write)?;
+    table
+        .insert(MEMBERSHIP, membership.as_slice())
+        .map_err(sm_write)?;
+    Ok(())
+}
+
+fn applied_state_of(state: &State) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+    let txn = state.database().begin_read().map_err(sm_read)?;
+    let last_applied = get_meta::<Option<LogId>>(&txn, LAST_APPLIED)?.flatten();
+    let membership = get_meta::<StoredMembership>(&txn, MEMBERSHIP)?.unwrap_or_default();
+    Ok((last_applied, membership))
+}
+
+/// Reads the metadata message at the start of a snapshot file.
+fn read_header(reader: &mut impl std::io::BufRead) -> Result<SnapshotMeta, StorageError> {
+    let message = capnp::serialize::read_message(&mut *reader, reader_options())
+        .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+    let meta: snapshot_meta::Reader<'_> = message
+        .get_root()
+        .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+    read_snapshot_meta(meta).map_err(|e| snap_err(ErrorVerb::Read, e))
+}
+
+/// Opens `path` for reading by openraft, positioned at its start.
+async fn open_snapshot(
+    path: &Path,
+    meta: SnapshotMeta,
+) -> Result<Snapshot<TypeConfig>, StorageError> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Read, format!("{}: {e}", path.display())))?;
+    Ok(Snapshot {
+        meta,
+        snapshot: Box::new(file),
+    })
+}
+
+/// Writes `path.tmp`, fsyncs it and renames it to `path`.
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<std::fs::File>) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    let tmp = path.with_extension("tmp");
+    let file = std::fs::File::create(&tmp)
+        .map_err(|e| snap_err(ErrorVerb::Write, format!("{}: {e}", tmp.display())))?;
+    let mut out = BufWriter::new(file);
+    write(&mut out)?;
+    let file = out
+        .into_inner()
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    file.sync_all().map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+    if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let state = self.state.clone();
+        let path = self.snapshots.join(CURRENT);
+        let n = self.built.fetch_add(1, Ordering::Relaxed);
+        let build_path = path.clone();
+        let meta = tokio::task::spawn_blocking(move || -> Result<SnapshotMeta, StorageError> {
+            // One read transaction: the snapshot is a consistent cut of the state.
+            let txn = state.database().begin_read().map_err(sm_read)?;
+            let last_applied = get_meta::<Option<LogId>>(&txn, LAST_APPLIED)?.flatten();
+            let membership = get_meta::<StoredMembership>(&txn, MEMBERSHIP)?.unwrap_or_default();
+            let snapshot_id = match &last_applied {
+                Some(id) => format!(
+                    "{}-{}-{}-{n}",
+                    id.leader_id.term, id.leader_id.node_id, id.index
+                ),
+                None => format!("0-0-0-{n}"),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: last_applied,
+                last_membership: membership,
+                snapshot_id,
+            };
+            write_atomically(&build_path, |out| {
+                let mut header = capnp::message::Builder::new_default();
+                write_snapshot_meta(header.init_root(), &meta);
+                capnp::serialize::write_message(&mut *out, &header)
+                    .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+                state::dump(&txn, out).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+                out.flush().map_err(|e| snap_err(ErrorVerb::Write, e))
+            })?;
+            Ok(meta)
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Write, e))??;
+        tracing::info!(snapshot = %meta.snapshot_id, "built a snapshot");
+        open_snapshot(&path, meta).await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        applied_state_of(&self.state)
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Option<CommandResponse>>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            return Ok(Vec::new());
+        };
+        let state = self.state.clone();
+        let observer = self.observer.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<Vec<Option<CommandResponse>>, StorageError> {
+                let (_, mut membership) = applied_state_of(&state)?;
+                let txn = state.database().begin_write().map_err(sm_write)?;
+                let mut responses = Vec::with_capacity(entries.len());
+                for entry in &entries {
+                    responses.push(match &entry.payload {
+                        EntryPayload::Blank => None,
+                        EntryPayload::Normal(command) => {
+                            Some(state::apply(&txn, command).map_err(|e| {
+                                StorageError::from(StorageIOError::apply(entry.log_id, &e))
+                            })?)
+                        }
+                        EntryPayload::Membership(m) => {
+                            membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                            None
+                        }
+                    });
+                }
+                put_meta(&txn, &Some(last), &membership)?;
+                txn.commit().map_err(sm_write)?;
+                let changes: Vec<CommandResponse> = responses.iter().flatten().cloned().collect();
+                observer.applied(last.index, &changes);
+                Ok(responses)
+            },
+        )
+        .await
+        .map_err(sm_write)?
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder {
+            state: self.state.clone(),
+            snapshots: self.snapshots.clone(),
+            built: self.built.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let n = self.built.fetch_add(1, Ordering::Relaxed);
+        let path = self.snapshots.join(format!("incoming-{n}.tmp"));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, format!("{}: {e}", path.display())))?;
+        if let Some(previous) = self.incoming.replace(path) {
+            let _ = std::fs::remove_file(previous);
+        }
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let mut file = *snapshot;
+        use tokio::io::AsyncWriteExt;
+        file.flush()
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let file = file.into_std().await;
+        let state = self.state.clone();
+        let observer = self.observer.clone();
+        let current = self.snapshots.join(CURRENT);
+        let incoming = self.incoming.take();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
+            file.sync_all().map_err(|e| snap_err(ErrorVerb::Write, e))?;
+            let mut reader = BufReader::new(&file);
+            use std::io::Seek;
+            reader
+                .seek(std::io::SeekFrom::Start(0))
+                .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+            let header = read_header(&mut reader)?;
+            if header.last_log_id != meta.last_log_id {
+                return Err(snap_err(
+                    ErrorVerb::Read,
+                    format!(
+                        "snapshot file is of {:?}, expected {:?}",
+                        header.last_log_id, meta.last_log_id
+                    ),
+                ));
+            }
+            let txn = state.database().begin_write().map_err(sm_write)?;
+            state::restore(&txn, &mut reader).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+            put_meta(&txn, &meta.last_log_id, &meta.last_membership)?;
+            txn.commit().map_err(sm_write)?;
+            // Keep the received data as this node's current snapshot. (Copied: the data
+            // need not be in the file `begin_receiving_snapshot` made.)
+            let mut reader = BufReader::new(&file);
+            reader
+                .seek(std::io::SeekFrom::Start(0))
+                .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+            write_atomically(&current, |out| {
+                std::io::copy(&mut reader, out)
+                    .map(|_| ())
+                    .map_err(|e| snap_err(ErrorVerb::Write, e))
+            })?;
+            if let Some(path) = incoming {
+                let _ = std::fs::remove_file(path);
+            }
+            observer.replaced(meta.last_log_id.map_or(0, |id| id.index));
+            tracing::info!(snapshot = %meta.snapshot_id, "installed a snapshot");
+            Ok(())
+        })
+        .await
+        .map_err(sm_write)?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let path = self.snapshots.join(CURRENT);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let read_path = path.clone();
+        let meta = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&read_path).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+            read_header(&mut BufReader::new(file))
+        })
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Read, e))??;
+        Ok(Some(open_snapshot(&path, meta).await?))
+    }
+}

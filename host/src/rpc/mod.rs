@@ -1,0 +1,210 @@
+//! Cap'n Proto RPC: one thread runs every capnp-rpc connection of the node (capnp-rpc
+//! objects are `!Send` and live on a `LocalSet`), reached from the rest of the node
+//! through a `Send` [`RpcHandle`]. It serves the node's `Node` interface (`--listen`)
+//! and keeps one client connection per peer address.
+
+mod server;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
+use futures_util::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
+use wafer_proto::node_capnp::node;
+use wafer_proto::raft_capnp::raft;
+
+pub use server::{read_failure, read_node_info, write_failure, write_node_info, NodeService};
+
+use crate::state::reader_options;
+
+/// How long connecting to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What an RPC can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// The peer could not be reached (refused, timed out, connection lost).
+    #[error("cannot reach {addr}: {message}")]
+    Unreachable {
+        /// The peer.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// The peer answered with something malformed, or the call failed remotely.
+    #[error("RPC to {addr} failed: {message}")]
+    Failed {
+        /// The peer.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// The RPC thread has stopped.
+    #[error("the RPC thread has stopped")]
+    Stopped,
+}
+
+impl RpcError {
+    /// Classifies a capnp error of a call to `addr`.
+    pub fn from_capnp(addr: &str, e: capnp::Error) -> RpcError {
+        match e.kind {
+            capnp::ErrorKind::Disconnected | capnp::ErrorKind::Overloaded => {
+                RpcError::Unreachable {
+                    addr: addr.to_string(),
+                    message: e.to_string(),
+                }
+            }
+            _ => RpcError::Failed {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce(Rc<Peers>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// A `Send` handle to the RPC thread.
+#[derive(Clone)]
+pub struct RpcHandle {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl RpcHandle {
+    /// Starts the RPC thread.
+    pub fn start() -> std::io::Result<RpcHandle> {
+        let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("wafer-rpc".into())
+            .spawn(move || {
+                let local = tokio::task::LocalSet::new();
+                let peers = Rc::new(Peers::default());
+                local.block_on(&runtime, async move {
+                    while let Some(job) = rx.recv().await {
+                        tokio::task::spawn_local(job(peers.clone()));
+                    }
+                });
+            })?;
+        Ok(RpcHandle { jobs })
+    }
+
+    /// Runs `f` on the RPC thread and returns its output.
+    pub async fn run<F, Fut, T>(&self, f: F) -> Result<T, RpcError>
+    where
+        F: FnOnce(Rc<Peers>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |peers| {
+            Box::pin(async move {
+                let _ = tx.send(f(peers).await);
+            })
+        });
+        self.jobs.send(job).map_err(|_| RpcError::Stopped)?;
+        rx.await.map_err(|_| RpcError::Stopped)
+    }
+
+    /// Serves `service` as the bootstrap `Node` capability on `listener` until the
+    /// process ends.
+    pub async fn serve(
+        &self,
+        listener: std::net::TcpListener,
+        service: NodeService,
+    ) -> Result<(), RpcError> {
+        self.run(move |_| async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot serve RPC");
+                    return;
+                }
+            };
+            let client: node::Client = capnp_rpc::new_client(service);
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting an RPC connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (reader, writer) =
+                    tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+                let network = twoparty::VatNetwork::new(
+                    reader,
+                    writer,
+                    rpc_twoparty_capnp::Side::Server,
+                    reader_options(),
+                );
+                let system = RpcSystem::new(Box::new(network), Some(client.clone().client));
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = system.await {
+                        tracing::debug!(%peer, error = %e, "RPC connection ended");
+                    }
+                });
+            }
+        })
+        .await
+    }
+}
+
+/// The RPC thread's client connections, one per peer address.
+#[derive(Default)]
+pub struct Peers {
+    nodes: RefCell<HashMap<String, (node::Client, raft::Client)>>,
+}
+
+impl Peers {
+    /// The `Node` and `Raft` capabilities of the server at `addr`, connecting when there
+    /// is no connection yet.
+    pub async fn get(&self, addr: &str) -> Result<(node::Client, raft::Client), RpcError> {
+        if let Some(clients) = self.nodes.borrow().get(addr) {
+            return Ok(clients.clone());
+        }
+        let unreachable = |message: String| RpcError::Unreachable {
+            addr: addr.to_string(),
+            message,
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| unreachable("connect timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+        let network = Box::new(twoparty::VatNetwork::new(
+            reader,
+            writer,
+            rpc_twoparty_capnp::Side::Client,
+            reader_options(),
+        ));
+        let mut system = RpcSystem::new(network, None);
+        let node: node::Client = system.bootstrap(rpc_twoparty_capnp::Side::Server);
+        let raft = node.raft_request().send().pipeline.get_raft();
+        tokio::task::spawn_local(system);
+        // Another task may have connected meanwhile; keep the first connection.
+        let clients = self
+            .nodes
+            .borrow_mut()
+            .entry(addr.to_string())
+            .or_insert((node, raft))
+            .clone();
+        Ok(clients)
+    }
+
+    /// Forgets the connection to `addr` (after it failed), so that the next call
+    /// reconnects.
+    pub fn forget(&self, addr: &str) {
+        self.nodes.borrow_mut().remove(addr);
+    }
+}

@@ -1,0 +1,217 @@
+//! The server side of `node.capnp` and `raft.capnp`: decodes requests, hands them to
+//! the node's [`Cluster`], encodes the answers.
+
+use std::sync::Arc;
+
+use capnp::capability::Rc;
+use wafer_proto::node_capnp::{failure, node, node_info};
+use wafer_proto::raft_capnp::raft;
+
+use crate::cluster::{Cluster, ClusterError};
+use crate::consensus::{codec, NodeAddr, NodeId};
+use crate::state::Command;
+
+/// The node's `Node` capability.
+pub struct NodeService {
+    cluster: Arc<Cluster>,
+}
+
+impl NodeService {
+    /// Serves `cluster`.
+    pub fn new(cluster: Arc<Cluster>) -> NodeService {
+        NodeService { cluster }
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> capnp::Error {
+    capnp::Error::failed(e.to_string())
+}
+
+/// Writes a node's identity.
+pub fn write_node_info(mut b: node_info::Builder<'_>, id: NodeId, addr: &NodeAddr) {
+    b.set_id(id);
+    b.set_rpc_addr(addr.rpc.as_str());
+    b.set_http_addr(addr.http.as_str());
+}
+
+/// Reads a node's identity.
+pub fn read_node_info(r: node_info::Reader<'_>) -> Result<(NodeId, NodeAddr), capnp::Error> {
+    Ok((
+        r.get_id(),
+        NodeAddr {
+            rpc: r.get_rpc_addr()?.to_str()?.to_string(),
+            http: r.get_http_addr()?.to_str()?.to_string(),
+        },
+    ))
+}
+
+/// Writes `error` as a `Failure`.
+pub fn write_failure(mut b: failure::Builder<'_>, error: &ClusterError) {
+    b.set_message(error.to_string().as_str());
+    b.set_kind(match error {
+        ClusterError::NotLeader { .. } => failure::Kind::NotLeader,
+        ClusterError::Rejected(_) => failure::Kind::Rejected,
+        _ => failure::Kind::Unavailable,
+    });
+    if let ClusterError::NotLeader {
+        leader: Some((id, addr)),
+    } = error
+    {
+        write_node_info(b.init_leader(), *id, addr);
+    }
+}
+
+/// Reads a `Failure`.
+pub fn read_failure(r: failure::Reader<'_>) -> Result<ClusterError, capnp::Error> {
+    let message = r.get_message()?.to_str()?.to_string();
+    Ok(match r.get_kind()? {
+        failure::Kind::NotLeader => ClusterError::NotLeader {
+            leader: if r.has_leader() {
+                Some(read_node_info(r.get_leader()?)?)
+            } else {
+                None
+            },
+        },
+        failure::Kind::Rejected => ClusterError::Rejected(message),
+        failure::Kind::Unavailable => ClusterError::Unavailable(message),
+    })
+}
+
+impl node::Server for NodeService {
+    async fn info(
+        self: Rc<Self>,
+        _: node::InfoParams,
+        mut results: node::InfoResults,
+    ) -> Result<(), capnp::Error> {
+        let member = self.cluster.is_member().await;
+        let mut r = results.get();
+        write_node_info(
+            r.reborrow().init_info(),
+            self.cluster.id(),
+            self.cluster.addr(),
+        );
+        r.set_member(member);
+        Ok(())
+    }
+
+    async fn raft(
+        self: Rc<Self>,
+        _: node::RaftParams,
+        mut results: node::RaftResults,
+    ) -> Result<(), capnp::Error> {
+        let service: raft::Client = capnp_rpc::new_client(RaftService {
+            cluster: self.cluster.clone(),
+        });
+        results.get().set_raft(service);
+        Ok(())
+    }
+
+    async fn propose(
+        self: Rc<Self>,
+        params: node::ProposeParams,
+        mut results: node::ProposeResults,
+    ) -> Result<(), capnp::Error> {
+        let command = Command::read(params.get()?.get_command()?).map_err(failed)?;
+        match self.cluster.propose_here(command).await {
+            Ok((index, response)) => {
+                let mut r = results.get();
+                r.set_log_index(index);
+                r.set_response(serde_json::to_string(&response).map_err(failed)?.as_str());
+            }
+            Err(e) => write_failure(results.get().init_failure(), &e),
+        }
+        Ok(())
+    }
+
+    async fn read_index(
+        self: Rc<Self>,
+        _: node::ReadIndexParams,
+        mut results: node::ReadIndexResults,
+    ) -> Result<(), capnp::Error> {
+        match self.cluster.read_index_here().await {
+            Ok(index) => results.get().set_index(index),
+            Err(e) => write_failure(results.get().init_failure(), &e),
+        }
+        Ok(())
+    }
+
+    async fn add_node(
+        self: Rc<Self>,
+        params: node::AddNodeParams,
+        mut results: node::AddNodeResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let (id, addr) = read_node_info(params.get_node()?)?;
+        let voter = params.get_voter();
+        if let Err(e) = self.cluster.add_node(id, addr, voter).await {
+            write_failure(results.get().init_failure(), &e);
+        }
+        Ok(())
+    }
+
+    async fn remove_node(
+        self: Rc<Self>,
+        params: node::RemoveNodeParams,
+        mut results: node::RemoveNodeResults,
+    ) -> Result<(), capnp::Error> {
+        let id = params.get()?.get_id();
+        if let Err(e) = self.cluster.remove_node(id).await {
+            write_failure(results.get().init_failure(), &e);
+        }
+        Ok(())
+    }
+}
+
+/// The node's `Raft` capability: hands RPCs to the local Raft.
+struct RaftService {
+    cluster: Arc<Cluster>,
+}
+
+impl raft::Server for RaftService {
+    async fn append_entries(
+        self: Rc<Self>,
+        params: raft::AppendEntriesParams,
+        mut results: raft::AppendEntriesResults,
+    ) -> Result<(), capnp::Error> {
+        let request = codec::read_append_request(params.get()?.get_request()?).map_err(failed)?;
+        match self.cluster.raft().append_entries(request).await {
+            Ok(response) => codec::write_append_response(results.get().init_response(), &response),
+            Err(e) => results
+                .get()
+                .set_error(serde_json::to_string(&e).map_err(failed)?.as_str()),
+        }
+        Ok(())
+    }
+
+    async fn vote(
+        self: Rc<Self>,
+        params: raft::VoteParams,
+        mut results: raft::VoteResults,
+    ) -> Result<(), capnp::Error> {
+        let request = codec::read_vote_request(params.get()?.get_request()?).map_err(failed)?;
+        match self.cluster.raft().vote(request).await {
+            Ok(response) => codec::write_vote_response(results.get().init_response(), &response),
+            Err(e) => results
+                .get()
+                .set_error(serde_json::to_string(&e).map_err(failed)?.as_str()),
+        }
+        Ok(())
+    }
+
+    async fn install_snapshot(
+        self: Rc<Self>,
+        params: raft::InstallSnapshotParams,
+        mut results: raft::InstallSnapshotResults,
+    ) -> Result<(), capnp::Error> {
+        let request = codec::read_snapshot_request(params.get()?.get_request()?).map_err(failed)?;
+        match self.cluster.raft().install_snapshot(request).await {
+            Ok(response) => {
+                codec::write_snapshot_response(results.get().init_response(), &response)
+            }
+            Err(e) => results
+                .get()
+                .set_error(serde_json::to_string(&e).map_err(failed)?.as_str()),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! `wafer server`: one member of a wafer cluster: state and Raft in the data folder,
+//! the Cap'n Proto node interface, the runtime and the HTTP gateway. `wafer dev` runs
+//! the same node as a one-node cluster.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::cluster::Cluster;
+use crate::consensus::{LogStore, NetworkFactory, NodeAddr, NodeId, StateMachine};
+use crate::functions::Functions;
+use crate::gateway::{self, AppState};
+use crate::metrics::Metrics;
+use crate::rpc::{NodeService, RpcHandle};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::state::State;
+
+/// The file in the data folder that names the node it belongs to.
+const NODE_FILE: &str = "node.json";
+/// The node's redb file: Raft log, state machine, blobs.
+const DB_FILE: &str = "wafer.redb";
+/// How long `--join` keeps trying to reach the cluster.
+const JOIN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Raft settings.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    /// Build a snapshot (and compact the log) after this many applied entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, for followers that lag a little.
+    pub keep_logs: u64,
+    /// Leader heartbeat interval, ms.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> RaftSettings {
+        RaftSettings {
+            snapshot_every: 5000,
+            keep_logs: 1000,
+            heartbeat_ms: 100,
+        }
+    }
+}
+
+/// How a server becomes a cluster member when its data folder is new.
+#[derive(Debug, Clone)]
+pub enum Membership {
+    /// Start a new one-node cluster.
+    Bootstrap,
+    /// Ask the cluster member at this Cap'n Proto address to add this node.
+    Join(String),
+    /// Wait to be added (`wafer cluster add`).
+    Wait,
+}
+
+/// Settings of a server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Node id, unique in the cluster.
+    pub id: NodeId,
+    /// Data folder.
+    pub data: PathBuf,
+    /// Cap'n Proto address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Gateway address; port 0 picks a free port.
+    pub http: SocketAddr,
+    /// How to become a member on first start.
+    pub membership: Membership,
+    /// Largest module accepted by the gateway, MiB.
+    pub max_module_mb: u64,
+    /// Runtime settings (the cache folder is set from `data`).
+    pub runtime: RuntimeConfig,
+    /// Raft settings.
+    pub raft: RaftSettings,
+}
+
+/// A started node.
+pub struct Node {
+    /// The node's cluster handle.
+    pub cluster: Arc<Cluster>,
+    /// Deployed functions.
+    pub functions: Arc<Functions>,
+    /// The bound gateway listener.
+    pub http: tokio::net::TcpListener,
+}
+
+/// Checks (or, on first use, writes) the data folder's node id, so that a folder is
+/// never used by another node.
+fn claim_data_folder(data: &Path, id: NodeId) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("creating data folder {}", data.display()))?;
+    let marker = data.join(NODE_FILE);
+    let db = data.join(DB_FILE);
+    match std::fs::read_to_string(&marker) {
+        Ok(text) => {
+            let stored: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "data folder {}: {} is corrupt",
+                    data.display(),
+                    marker.display()
+                )
+            })?;
+            let stored_id = stored.get("id").and_then(|v| v.as_u64());
+            if stored_id != Some(id) {
+                anyhow::bail!(
+                    "data folder {} belongs to node {}, not node {id}",
+                    data.display(),
+                    stored_id.map_or("?".to_string(), |i| i.to_string())
+                );
+            }
+            if !db.exists() {
+                anyhow::bail!(
+                    "data folder {} of node {id} has lost its database {DB_FILE}; restore it from a \
+                     backup, or remove the folder and re-add the node with --join",
+                    data.display()
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if db.exists() {
+                anyhow::bail!(
+                    "data folder {} has a database but no {NODE_FILE}: it was not written by this \
+                     version of wafer, or is damaged",
+                    data.display()
+                );
+            }
+            let text = serde_json::json!({ "id": id }).to_string();
+            std::fs::write(&marker, text)
+                .with_context(|| format!("writing {}", marker.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", marker.display())),
+    }
+    Ok(())
+}
+
+/// Opens the node's storage, starts Raft and the RPC server, and binds the gateway.
+/// The node is not yet a member when this returns; see [`become_member`].
+pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
+    claim_data_folder(&config.data, config.id)?;
+    let data = config.data.clone();
+    let runtime_config = config.runtime.clone();
+    let max_module_mb = config.max_module_mb;
+    let (state, functions) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let state = State::open(&data.join(DB_FILE)).with_context(|| {
+            format!(
+                "the data folder {} is damaged or in use by another process",
+                data.display()
+            )
+        })?;
+        let mut runtime = runtime_config;
+        runtime.cache_dir = Some(data.join("cache"));
+        let runtime = Arc::new(Runtime::new(&runtime)?);
+        let functions = Functions::load(state.clone(), runtime, max_module_mb << 20)?;
+        Ok((state, Arc::new(functions)))
+    })
+    .await??;
+
+    let rpc_listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("binding the node RPC address {}", config.listen))?;
+    rpc_listener.set_nonblocking(true)?;
+    let http = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("binding the gateway to {}", config.http))?;
+    let addr = NodeAddr {
+        rpc: rpc_listener.local_addr()?.to_string(),
+        http: http.local_addr()?.to_string(),
+    };
+
+    let log = LogStore::open(state.database().clone()).context("opening the Raft log")?;
+    let sm = StateMachine::open(
+        state.clone(),
+        &config.data.join("snapshots"),
+        functions.clone(),
+    )
+    .context("opening the state machine")?;
+    let raft_config = openraft::Config {
+        cluster_name: "wafer".into(),
+        heartbeat_interval: config.raft.heartbeat_ms,
+        election_timeout_min: config.raft.heartbeat_ms * 4,
+        election_timeout_max: config.raft.heartbeat_ms * 8,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_every),
+        max_in_snapshot_log_to_keep: config.raft.keep_logs,
+        snapshot_max_chunk_size: 1 << 20,
+        max_payload_entries: 64,
+        ..Default::default()
+    }
+    .validate()
+    .context("Raft settings")?;
+    let rpc = RpcHandle::start().context("starting the RPC thread")?;
+    let raft = crate::consensus::Raft::new(
+        config.id,
+        Arc::new(raft_config),
+        NetworkFactory::new(rpc.clone()),
+        log,
+        sm,
+    )
+    .await
+    .context("starting Raft")?;
+    if let Some(applied) = raft.metrics().borrow().last_applied {
+        functions.mark_synced(applied.index);
+    }
+    let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone()));
+    let service = NodeService::new(cluster.clone());
+    let serving = rpc.clone();
+    tokio::spawn(async move {
+        if let Err(e) = serving.serve(rpc_listener, service).await {
+            tracing::error!(error = %e, "the node RPC server stopped");
+        }
+    });
+    Ok(Node {
+        cluster,
+        functions,
+        http,
+    })
+}
+
+/// Makes a node with a new data folder a member: bootstraps, joins, or waits.
+pub async fn become_member(cluster: &Cluster, membership: &Membership) -> anyhow::Result<()> {
+    if cluster.is_member().await {
+        return Ok(());
+    }
+    match membership {
+        Membership::Bootstrap => {
+            cluster.bootstrap().await?;
+            tracing::info!(node = cluster.id(), "bootstrapped a new cluster");
+        }
+        Membership::Join(addr) => {
+            tracing::info!(node = cluster.id(), via = %addr, "joining the cluster");
+            cluster
+                .join(addr, JOIN_DEADLINE)
+                .await
+                .with_context(|| format!("joining the cluster through {addr}"))?;
+            tracing::info!(node = cluster.id(), "joined the cluster");
+        }
+        Membership::Wait => {
+            tracing::info!(
+                node = cluster.id(),
+                "waiting to be added with `wafer cluster add`"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Serves the gateway for `node` until Ctrl-C or SIGTERM, then stops Raft.
+pub async fn serve(node: Node) -> anyhow::Result<()> {
+    let metrics = Metrics::new(node.functions.runtime().metrics());
+    let state = Arc::new(AppState {
+        functions: node.functions.clone(),
+        cluster: node.cluster.clone(),
+        metrics,
+    });
+    gateway::serve::serve(
+        node.http,
+        gateway::app(state),
+        gateway::serve::default_workers(),
+        shutdown_signal(),
+    )
+    .await
+    .context("serving HTTP")?;
+    if let Err(e) = node.cluster.raft().shutdown().await {
+        tracing::warn!(error = %e, "stopping Raft");
+    }
+    Ok(())
+}
+
+/// Runs a server until Ctrl-C or SIGTERM.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let node = start(&config).await?;
+    let addr = node.cluster.addr().clone();
+    // The first line on stdout is machine-readable: tests and scripts wait for it.
+    println!(
+        "wafer server {}: listening on http://{} rpc {}",
+        config.id, addr.http, addr.rpc
+    );
+    println!("  data folder: {}", config.data.display());
+    become_member(&node.cluster, &config.membership).await?;
+    serve(node).await?;
+    tracing::info!("wafer server stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

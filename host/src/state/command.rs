@@ -1,0 +1,195 @@
+//! The replicated state machine's commands, their answers, and their Cap'n Proto
+//! encoding (`Command` in `capnp/node.capnp`): the bytes proposed, logged and replicated.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use wafer_proto::node_capnp::command;
+
+use super::{FunctionName, FunctionRecord, FunctionSpec};
+
+/// Largest module a deploy command may carry, bytes. Every replica applies the same
+/// limit; a node's gateway may accept less (`--max-module-mb`).
+pub const MAX_MODULE_BYTES: u64 = 256 << 20;
+
+/// A change to the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Stores `module` as the next version of function `name`.
+    DeployFunction {
+        /// The function.
+        name: FunctionName,
+        /// Limits and environment.
+        spec: FunctionSpec,
+        /// The WebAssembly module (binary).
+        module: Bytes,
+        /// Deploy time chosen by the proposer, ms since the Unix epoch.
+        deployed_at_ms: u64,
+    },
+    /// Removes function `name`.
+    DeleteFunction {
+        /// The function.
+        name: FunctionName,
+    },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResponse {
+    /// The function's new record.
+    Deployed(FunctionRecord),
+    /// The removed function's last record.
+    Deleted(FunctionRecord),
+    /// The command was refused; the state is unchanged.
+    Rejected(Rejection),
+}
+
+/// Why the state machine refused a command. Decided from the replicated state alone, so
+/// every replica refuses the same commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// No function has this name.
+    #[error("no function named `{0}`")]
+    NotFound(FunctionName),
+    /// The module is over [`MAX_MODULE_BYTES`].
+    #[error("module of {size} bytes exceeds the cluster's limit of {limit} bytes")]
+    ModuleTooLarge {
+        /// Module size.
+        size: u64,
+        /// Limit.
+        limit: u64,
+    },
+}
+
+/// Bytes that are not a valid encoded [`Command`].
+#[derive(Debug, thiserror::Error)]
+#[error("malformed command: {0}")]
+pub struct MalformedCommand(pub String);
+
+impl From<capnp::Error> for MalformedCommand {
+    fn from(e: capnp::Error) -> MalformedCommand {
+        MalformedCommand(e.to_string())
+    }
+}
+
+impl From<capnp::NotInSchema> for MalformedCommand {
+    fn from(e: capnp::NotInSchema) -> MalformedCommand {
+        MalformedCommand(e.to_string())
+    }
+}
+
+impl From<std::str::Utf8Error> for MalformedCommand {
+    fn from(e: std::str::Utf8Error) -> MalformedCommand {
+        MalformedCommand(e.to_string())
+    }
+}
+
+/// Reader options for messages between cluster nodes and from their own storage: these
+/// carry modules and batches of log entries, so capnp's default traversal limit
+/// (64 MiB) does not apply; the size of what is accepted is bounded where it enters the
+/// cluster (the gateway's module limit, [`MAX_MODULE_BYTES`]).
+pub fn reader_options() -> capnp::message::ReaderOptions {
+    let mut options = capnp::message::ReaderOptions::new();
+    options.traversal_limit_in_words(None);
+    options
+}
+
+impl Command {
+    /// Writes the command into a Cap'n Proto builder.
+    pub fn write(&self, builder: command::Builder<'_>) {
+        match self {
+            Command::DeployFunction {
+                name,
+                spec,
+                module,
+                deployed_at_ms,
+            } => {
+                let mut deploy = builder.init_deploy_function();
+                deploy.set_name(name.as_str());
+                // A spec always serializes: it is plain data with string keys.
+                let spec_json = serde_json::to_string(spec).unwrap_or_default();
+                deploy.set_spec(spec_json.as_str());
+                deploy.set_module(module);
+                deploy.set_deployed_at_ms(*deployed_at_ms);
+            }
+            Command::DeleteFunction { name } => {
+                builder.init_delete_function().set_name(name.as_str());
+            }
+        }
+    }
+
+    /// Reads a command from a Cap'n Proto reader.
+    pub fn read(reader: command::Reader<'_>) -> Result<Command, MalformedCommand> {
+        let name = |text: capnp::text::Reader<'_>| -> Result<FunctionName, MalformedCommand> {
+            text.to_str()?
+                .parse()
+                .map_err(|e: super::InvalidName| MalformedCommand(e.to_string()))
+        };
+        Ok(match reader.which()? {
+            command::DeployFunction(deploy) => Command::DeployFunction {
+                name: name(deploy.get_name()?)?,
+                spec: serde_json::from_str(deploy.get_spec()?.to_str()?)
+                    .map_err(|e| MalformedCommand(format!("spec: {e}")))?,
+                module: Bytes::copy_from_slice(deploy.get_module()?),
+                deployed_at_ms: deploy.get_deployed_at_ms(),
+            },
+            command::DeleteFunction(delete) => Command::DeleteFunction {
+                name: name(delete.get_name()?)?,
+            },
+        })
+    }
+
+    /// The command as a single-segment Cap'n Proto message.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut message = capnp::message::Builder::new_default();
+        self.write(message.init_root());
+        capnp::serialize::write_message_to_words(&message)
+    }
+
+    /// Decodes [`Command::encode`]'s bytes.
+    pub fn decode(mut bytes: &[u8]) -> Result<Command, MalformedCommand> {
+        let message = capnp::serialize::read_message_from_flat_slice(&mut bytes, reader_options())?;
+        Command::read(message.get_root()?)
+    }
+
+    /// A short description for logs.
+    pub fn summary(&self) -> String {
+        match self {
+            Command::DeployFunction { name, module, .. } => {
+                format!("deploy {name} ({} bytes)", module.len())
+            }
+            Command::DeleteFunction { name } => format!("delete {name}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_through_capnp() -> Result<(), MalformedCommand> {
+        let mut spec = FunctionSpec::default();
+        spec.limits.memory_mb = 7;
+        spec.env.insert("K".into(), "V".into());
+        let commands = [
+            Command::DeployFunction {
+                name: "f"
+                    .parse()
+                    .map_err(|e: super::super::InvalidName| MalformedCommand(e.to_string()))?,
+                spec,
+                module: Bytes::from_static(b"\0asm\x01\0\0\0"),
+                deployed_at_ms: 42,
+            },
+            Command::DeleteFunction {
+                name: "g"
+                    .parse()
+                    .map_err(|e: super::super::InvalidName| MalformedCommand(e.to_string()))?,
+            },
+        ];
+        for command in commands {
+            assert_eq!(Command::decode(&command.encode())?, command);
+        }
+        assert!(Command::decode(b"not capnp").is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,336 @@
+//! A cluster of real `wafer server` processes on 127.0.0.1, ports chosen at run time:
+//! start, kill -9, restart on the same addresses, add and remove members, and wait on
+//! each node's `GET /v1/cluster` instead of sleeping.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::{wafer_bin, START_DEADLINE};
+
+/// How long cluster state may take to settle (elections, catch-up) in tests.
+pub const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+/// Pause between polls.
+const POLL: Duration = Duration::from_millis(50);
+
+/// How a new server becomes a member.
+#[derive(Debug, Clone)]
+pub enum Join {
+    /// Start a new cluster.
+    Bootstrap,
+    /// Join through this member's RPC address.
+    Via(String),
+    /// Wait for `wafer cluster add`.
+    Wait,
+}
+
+/// One `wafer server` process (or its addresses, while it is down).
+pub struct Server {
+    /// Node id.
+    pub id: u64,
+    /// Data folder.
+    pub data: PathBuf,
+    /// Gateway address (`host:port`).
+    pub http: String,
+    /// Cap'n Proto address (`host:port`).
+    pub rpc: String,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// `http://HTTP` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    /// The base URL of its gateway.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// Whether the process is running.
+    pub fn is_up(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `wafer server --id ID --data DATA --listen RPC --http HTTP` plus `extra`, and
+/// waits for its first stdout line. Returns the process and its bound addresses.
+pub fn spawn_server(
+    id: u64,
+    data: &Path,
+    rpc: &str,
+    http: &str,
+    join: &Join,
+    extra: &[String],
+) -> anyhow::Result<(Child, String, String)> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.with_extension("log"))
+        .context("opening the server log")?;
+    let mut command = Command::new(wafer_bin()?);
+    command
+        .arg("server")
+        .args([
+            "--id",
+            &id.to_string(),
+            "--listen",
+            rpc,
+            "--http",
+            http,
+            "--data",
+        ])
+        .arg(data)
+        .args(extra);
+    match join {
+        Join::Bootstrap => {}
+        Join::Via(addr) => {
+            command.args(["--join", addr]);
+        }
+        Join::Wait => {
+            command.arg("--wait");
+        }
+    }
+    let mut child = command
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("starting wafer server")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // "wafer server ID: listening on http://HTTP rpc RPC"
+            if let Some((_, rest)) = line.split_once(": listening on http://") {
+                if let Some((http, rpc)) = rest.split_once(" rpc ") {
+                    let _ = tx.send((http.trim().to_string(), rpc.trim().to_string()));
+                }
+            }
+        }
+    });
+    match rx.recv_timeout(START_DEADLINE) {
+        Ok((http, rpc)) => Ok((child, http, rpc)),
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
+            bail!("wafer server {id} did not start (exit: {status:?}); its log:\n{log}")
+        }
+    }
+}
+
+/// A cluster of servers in one folder.
+pub struct Cluster {
+    dir: PathBuf,
+    extra: Vec<String>,
+    servers: BTreeMap<u64, Server>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Starts `n` servers (ids 1..=n) in `dir`: node 1 bootstraps, the others join
+    /// through it. `extra` arguments go to every server. Waits until all agree on a
+    /// leader and every node is a voter.
+    pub async fn start(dir: &Path, n: u64, extra: &[&str]) -> anyhow::Result<Cluster> {
+        let mut cluster = Cluster {
+            dir: dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            servers: BTreeMap::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .context("HTTP client")?,
+        };
+        cluster.add_server(1, Join::Bootstrap)?;
+        for id in 2..=n {
+            let via = cluster.server(1).rpc.clone();
+            cluster.add_server(id, Join::Via(via))?;
+        }
+        let ids: Vec<u64> = (1..=n).collect();
+        cluster.wait_voters(&ids, &ids).await?;
+        Ok(cluster)
+    }
+
+    /// Starts server `id` with a new data folder.
+    pub fn add_server(&mut self, id: u64, join: Join) -> anyhow::Result<&Server> {
+        let data = self.dir.join(format!("node{id}"));
+        let (child, http, rpc) =
+            spawn_server(id, &data, "127.0.0.1:0", "127.0.0.1:0", &join, &self.extra)?;
+        self.servers.insert(
+            id,
+            Server {
+                id,
+                data,
+                http,
+                rpc,
+                child: Some(child),
+            },
+        );
+        Ok(self.server(id))
+    }
+
+    /// Server `id`.
+    ///
+    /// # Panics
+    /// If there is no such server (a bug in the test).
+    pub fn server(&self, id: u64) -> &Server {
+        match self.servers.get(&id) {
+            Some(server) => server,
+            None => panic!("no server {id} in this cluster"),
+        }
+    }
+
+    /// Ids of the running servers.
+    pub fn up(&self) -> Vec<u64> {
+        self.servers
+            .values()
+            .filter(|s| s.is_up())
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// Kills server `id` with SIGKILL.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let server = self.servers.get_mut(&id).context("no such server")?;
+        if let Some(mut child) = server.child.take() {
+            child.kill().context("killing the server")?;
+            child.wait().context("waiting for the server")?;
+        }
+        Ok(())
+    }
+
+    /// Restarts server `id` from its data folder on its old addresses.
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let extra = self.extra.clone();
+        let server = self.servers.get_mut(&id).context("no such server")?;
+        if server.child.is_some() {
+            bail!("server {id} is running");
+        }
+        let (child, _, _) = spawn_server(
+            id,
+            &server.data,
+            &server.rpc,
+            &server.http,
+            &Join::Bootstrap,
+            &extra,
+        )?;
+        server.child = Some(child);
+        Ok(())
+    }
+
+    /// Node `id`'s `GET /v1/cluster`.
+    pub async fn status(&self, id: u64) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(self.server(id).url("/v1/cluster"))
+            .send()
+            .await
+            .with_context(|| format!("GET /v1/cluster on node {id}"))?;
+        response.json().await.context("reading the cluster status")
+    }
+
+    /// Polls until `check` holds for the statuses of `nodes` (all reachable), or fails
+    /// after [`SETTLE_DEADLINE`] showing the last statuses.
+    pub async fn wait_until(
+        &self,
+        nodes: &[u64],
+        what: &str,
+        check: impl Fn(&[Value]) -> bool,
+    ) -> anyhow::Result<Vec<Value>> {
+        let until = Instant::now() + SETTLE_DEADLINE;
+        let mut last = Vec::new();
+        loop {
+            let mut statuses = Vec::new();
+            for &id in nodes {
+                match self.status(id).await {
+                    Ok(status) => statuses.push(status),
+                    Err(e) => {
+                        statuses.clear();
+                        last = vec![Value::String(format!("node {id}: {e:#}"))];
+                        break;
+                    }
+                }
+            }
+            if statuses.len() == nodes.len() {
+                if check(&statuses) {
+                    return Ok(statuses);
+                }
+                last = statuses;
+            }
+            if Instant::now() >= until {
+                bail!("timed out waiting until {what}; last statuses: {last:#?}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until `nodes` agree on one leader among them; returns its id.
+    pub async fn wait_leader(&self, nodes: &[u64]) -> anyhow::Result<u64> {
+        let statuses = self
+            .wait_until(nodes, "the nodes agree on a leader", |all| {
+                let leader = all[0]["leader_id"].as_u64();
+                leader.is_some_and(|l| nodes.contains(&l))
+                    && all.iter().all(|s| s["leader_id"].as_u64() == leader)
+            })
+            .await?;
+        statuses[0]["leader_id"]
+            .as_u64()
+            .context("no leader id in the status")
+    }
+
+    /// Waits until every node of `nodes` sees exactly `voters` as voters (and a leader).
+    pub async fn wait_voters(&self, nodes: &[u64], voters: &[u64]) -> anyhow::Result<()> {
+        let mut want: Vec<u64> = voters.to_vec();
+        want.sort_unstable();
+        self.wait_until(nodes, &format!("the voters are {want:?}"), |all| {
+            all.iter().all(|s| {
+                let mut got: Vec<u64> = s["members"]
+                    .as_array()
+                    .map(|m| {
+                        m.iter()
+                            .filter(|m| m["voter"] == true)
+                            .filter_map(|m| m["id"].as_u64())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                got.sort_unstable();
+                got == want && s["leader_id"].as_u64().is_some()
+            })
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until node `id` has applied at least log index `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64) -> anyhow::Result<Value> {
+        let statuses = self
+            .wait_until(&[id], &format!("node {id} applied index {index}"), |all| {
+                all[0]["applied_index"].as_u64().is_some_and(|a| a >= index)
+            })
+            .await?;
+        Ok(statuses[0].clone())
+    }
+}

@@ -1,0 +1,389 @@
+//! Multi-node clusters of real `wafer server` processes: replication of deploys,
+//! leader failure, catch-up from the log and from snapshots, membership changes, and
+//! data folders that cannot be used.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use wafer_tests::cluster::{spawn_server, Cluster, Join, Server, SETTLE_DEADLINE};
+
+use crate::plain_program;
+
+/// `PUT /v1/functions/{name}` on `server`; returns the status and JSON body.
+async fn deploy_to(server: &Server, name: &str, wasm: Vec<u8>) -> (StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .put(server.url(&format!("/v1/functions/{name}")))
+        .body(wasm)
+        .send()
+        .await
+        .expect("deploy request");
+    let status = response.status();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// GETs `path` on `server` until it answers 200 (a follower applies a little after
+/// the leader); returns the body.
+async fn get_eventually(server: &Server, path: &str) -> String {
+    let until = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        let last = match reqwest::get(server.url(path)).await {
+            Ok(r) if r.status() == StatusCode::OK => return r.text().await.expect("body"),
+            Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            Instant::now() < until,
+            "GET {path} on node {} never succeeded; last: {last}",
+            server.id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Names of the functions node `server` lists after a linearizable read.
+async fn consistent_names(server: &Server) -> Vec<String> {
+    let body = get_eventually(server, "/v1/functions?consistent=true").await;
+    let json: Value = serde_json::from_str(&body).expect("JSON list");
+    let mut names: Vec<String> = json["functions"]
+        .as_array()
+        .expect("functions array")
+        .iter()
+        .filter_map(|f| f["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+fn follower_of(leader: u64, nodes: &[u64]) -> u64 {
+    *nodes.iter().find(|&&n| n != leader).expect("a follower")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_form_a_cluster_and_a_deploy_on_a_follower_is_served_everywhere() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start(dir.path(), 3, &[])
+        .await
+        .expect("cluster starts");
+    let leader = cluster.wait_leader(&[1, 2, 3]).await.expect("a leader");
+    let follower = follower_of(leader, &[1, 2, 3]);
+
+    let status = cluster.status(follower).await.expect("status");
+    assert_eq!(status["id"], follower);
+    assert_eq!(status["leader_id"], leader);
+    assert!(status["term"].as_u64().is_some_and(|t| t >= 1), "{status}");
+    assert_eq!(
+        status["members"].as_array().map(Vec::len),
+        Some(3),
+        "{status}"
+    );
+    assert!(status["last_log_index"].as_u64().is_some(), "{status}");
+
+    let hello = wafer_tests::example("hello").expect("example built");
+    let (code, record) = deploy_to(cluster.server(follower), "hello", hello).await;
+    assert_eq!(code, StatusCode::CREATED, "{record}");
+    assert_eq!(record["version"], 1);
+    // The follower acknowledged after commit and serves its own write at once.
+    let body = reqwest::get(cluster.server(follower).url("/fn/hello?name=ack"))
+        .await
+        .expect("invoke")
+        .text()
+        .await
+        .expect("body");
+    assert!(body.contains("Hello, ack!"), "{body}");
+    for id in [1, 2, 3] {
+        let body = get_eventually(cluster.server(id), &format!("/fn/hello?name=node{id}")).await;
+        assert!(
+            body.contains(&format!("Hello, node{id}!")),
+            "node {id}: {body}"
+        );
+    }
+
+    // A removal through another follower is seen everywhere too.
+    let other = *[1, 2, 3]
+        .iter()
+        .find(|&&n| n != leader && n != follower)
+        .expect("a second follower");
+    let response = reqwest::Client::new()
+        .delete(cluster.server(other).url("/v1/functions/hello"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), StatusCode::OK);
+    for id in [1, 2, 3] {
+        assert!(
+            consistent_names(cluster.server(id)).await.is_empty(),
+            "node {id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_leader_is_killed_acknowledged_deploys_survive_and_it_catches_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(dir.path(), 3, &[])
+        .await
+        .expect("cluster starts");
+    let leader = cluster.wait_leader(&[1, 2, 3]).await.expect("a leader");
+
+    let mut acknowledged = Vec::new();
+    for i in 0..5 {
+        let name = format!("f{i}");
+        let target = cluster.server((i % 3) + 1);
+        let (code, body) = deploy_to(target, &name, plain_program(&format!("out {i}"), 0)).await;
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+        acknowledged.push(name);
+    }
+
+    cluster.kill(leader).expect("kill -9 the leader");
+    let survivors: Vec<u64> = cluster.up();
+    let new_leader = cluster.wait_leader(&survivors).await.expect("a new leader");
+    assert_ne!(new_leader, leader);
+    for &id in &survivors {
+        assert_eq!(
+            consistent_names(cluster.server(id)).await,
+            acknowledged,
+            "node {id}"
+        );
+    }
+
+    // Writes continue without the old leader.
+    let (code, body) = deploy_to(
+        cluster.server(follower_of(new_leader, &survivors)),
+        "after",
+        plain_program("after", 0),
+    )
+    .await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    acknowledged.insert(0, "after".to_string());
+
+    // The old leader restarts from its data folder and catches up from the log.
+    cluster.restart(leader).expect("restart the old leader");
+    let target = cluster.status(new_leader).await.expect("status")["last_log_index"]
+        .as_u64()
+        .expect("an index");
+    cluster
+        .wait_applied(leader, target)
+        .await
+        .expect("catches up");
+    assert_eq!(consistent_names(cluster.server(leader)).await, acknowledged);
+    let body = get_eventually(cluster.server(leader), "/fn/after").await;
+    assert_eq!(body, "after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(
+        dir.path(),
+        3,
+        &["--snapshot-every", "4", "--keep-logs", "0"],
+    )
+    .await
+    .expect("cluster starts");
+    let leader = cluster.wait_leader(&[1, 2, 3]).await.expect("a leader");
+    let lagging = follower_of(leader, &[1, 2, 3]);
+    cluster.kill(lagging).expect("kill a follower");
+
+    let mut names = Vec::new();
+    for i in 0..12 {
+        let name = format!("s{i:02}");
+        let (code, body) = deploy_to(
+            cluster.server(leader),
+            &name,
+            plain_program(&format!("snap {i}"), 0),
+        )
+        .await;
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+        names.push(name);
+    }
+    // The leader compacted its log past what the stopped node has.
+    let status = cluster
+        .wait_until(&[leader], "the leader purged its log", |s| {
+            s[0]["purged_index"].as_u64().is_some_and(|p| p >= 8)
+        })
+        .await
+        .expect("log compaction");
+    let last = status[0]["last_log_index"].as_u64().expect("an index");
+
+    cluster.restart(lagging).expect("restart the follower");
+    let caught_up = cluster
+        .wait_applied(lagging, last)
+        .await
+        .expect("catches up");
+    assert!(
+        caught_up["snapshot_index"].as_u64().is_some_and(|s| s >= 8),
+        "the follower installed a snapshot: {caught_up}"
+    );
+    assert!(
+        cluster
+            .server(lagging)
+            .log()
+            .contains("installed a snapshot"),
+        "the follower's log mentions the snapshot"
+    );
+    assert_eq!(consistent_names(cluster.server(lagging)).await, names);
+    assert_eq!(
+        get_eventually(cluster.server(lagging), "/fn/s11").await,
+        "snap 11"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_grows_to_five_and_shrinks_and_keeps_committing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(dir.path(), 3, &[])
+        .await
+        .expect("cluster starts");
+    let via = cluster.server(2).rpc.clone();
+    cluster.add_server(4, Join::Via(via)).expect("node 4 joins");
+    cluster.add_server(5, Join::Wait).expect("node 5 waits");
+    // Node 5 is added from the CLI, through node 3's gateway.
+    let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
+        .args(["--server", &cluster.server(3).base(), "cluster", "add"])
+        .arg(&cluster.server(5).rpc)
+        .output()
+        .expect("wafer cluster add");
+    assert!(
+        output.status.success(),
+        "cluster add: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let all = [1, 2, 3, 4, 5];
+    cluster.wait_voters(&all, &all).await.expect("five voters");
+
+    let (code, body) = deploy_to(cluster.server(5), "grown", plain_program("five", 0)).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    for id in all {
+        assert_eq!(
+            get_eventually(cluster.server(id), "/fn/grown").await,
+            "five"
+        );
+    }
+
+    let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
+        .args([
+            "--server",
+            &cluster.server(4).base(),
+            "cluster",
+            "remove",
+            "2",
+        ])
+        .output()
+        .expect("wafer cluster remove");
+    assert!(
+        output.status.success(),
+        "cluster remove: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rest = [1, 3, 4, 5];
+    cluster
+        .wait_voters(&rest, &rest)
+        .await
+        .expect("four voters");
+    cluster.kill(2).expect("stop the removed node");
+    let (code, body) = deploy_to(cluster.server(1), "shrunk", plain_program("four", 0)).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    for id in rest {
+        assert_eq!(
+            get_eventually(cluster.server(id), "/fn/shrunk").await,
+            "four"
+        );
+    }
+
+    // `wafer cluster status` names the leader and every member.
+    let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
+        .args(["--server", &cluster.server(5).base(), "cluster", "status"])
+        .output()
+        .expect("wafer cluster status");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text.contains("leader:"),
+        "{text}"
+    );
+    for id in rest {
+        assert!(
+            text.contains(&cluster.server(id).rpc),
+            "status lists node {id}: {text}"
+        );
+    }
+    assert!(!text.contains(&cluster.server(2).rpc), "{text}");
+}
+
+/// Runs `wafer server` on `data` and expects it to exit with an error mentioning
+/// `expected`.
+fn expect_start_failure(id: u64, data: &std::path::Path, expected: &str) {
+    let result = spawn_server(
+        id,
+        data,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &Join::Bootstrap,
+        &[],
+    );
+    let err = match result {
+        Ok((mut child, _, _)) => {
+            let _ = child.kill();
+            panic!("wafer server started on {}", data.display());
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains(expected), "expected {expected:?} in: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "a clear error, not a panic: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_keeps_its_state_and_unusable_data_folders_fail_clearly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(dir.path(), 1, &[])
+        .await
+        .expect("server starts");
+    let (code, body) = deploy_to(cluster.server(1), "kept", plain_program("kept", 0)).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    cluster.kill(1).expect("kill");
+    cluster.restart(1).expect("restart");
+    assert_eq!(get_eventually(cluster.server(1), "/fn/kept").await, "kept");
+    let data = cluster.server(1).data.clone();
+    cluster.kill(1).expect("kill");
+
+    // Another node may not use this folder.
+    expect_start_failure(2, &data, "belongs to node 1");
+    // A damaged database.
+    let db = data.join("wafer.redb");
+    let mut bytes = std::fs::read(&db).expect("database");
+    for b in bytes.iter_mut().take(4096) {
+        *b = 0x5a;
+    }
+    std::fs::write(&db, bytes).expect("corrupt the database");
+    expect_start_failure(1, &data, "damaged");
+    // A lost database.
+    std::fs::remove_file(&db).expect("remove the database");
+    expect_start_failure(1, &data, "lost its database");
+    // A data folder that cannot be created.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a folder").expect("file");
+    let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
+        .args([
+            "server",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .arg("--data")
+        .arg(file.join("data"))
+        .output()
+        .expect("run wafer server");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("creating data folder") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
