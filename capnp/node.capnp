@@ -28,7 +28,18 @@ struct Command {
     deleteFunction :group {
       name @4 :Text;
     }
+    # Sets and removes labels of a function (metadata only; the module is unchanged).
+    setLabels :group {
+      name @5 :Text;
+      set @6 :List(Label);
+      remove @7 :List(Text);
+    }
   }
+}
+
+struct Label {
+  key @0 :Text;
+  value @1 :Text;
 }
 
 # Why a request to a node failed.

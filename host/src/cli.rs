@@ -182,6 +182,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set or remove labels of a function (metadata; the module is unchanged).
+    Label {
+        /// Function name.
+        name: String,
+        /// Labels to set.
+        #[arg(value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Label to remove (repeatable).
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
+    },
     /// Remove a function.
     Rm {
         /// Function name.
@@ -431,6 +442,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 println!("{table}");
             }
+        }
+        Command::Label { name, set, remove } => {
+            let set = set
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("labels are KEY=VALUE, got {pair:?}"))
+                })
+                .collect::<anyhow::Result<std::collections::BTreeMap<_, _>>>()?;
+            let record = client.label(&name, &set, &remove).await?;
+            let labels: Vec<String> = record
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!(
+                "{} labels: {}",
+                record.name,
+                if labels.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    labels.join(", ")
+                }
+            );
         }
         Command::Rm { name } => {
             let record = client.remove(&name).await?;

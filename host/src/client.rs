@@ -150,6 +150,23 @@ impl Client {
         Ok(list.functions)
     }
 
+    /// Sets labels `set` and removes labels `remove` of function `name`.
+    pub async fn label(
+        &self,
+        name: &str,
+        set: &std::collections::BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<FunctionRecord, ClientError> {
+        let response = self
+            .checked(
+                self.http
+                    .patch(self.url(&format!("/v1/functions/{name}/labels")))
+                    .json(&serde_json::json!({ "set": set, "remove": remove })),
+            )
+            .await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
     /// The server's view of the cluster.
     pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
         let response = self.checked(self.http.get(self.url("/v1/cluster"))).await?;

@@ -275,6 +275,13 @@ impl Observer for Functions {
                     tracing::info!(function = %record.name, "removed");
                     self.write_live().remove(&record.name);
                 }
+                CommandResponse::Labeled(record) => {
+                    let mut live = self.write_live();
+                    if let Some(current) = live.get(&record.name).cloned() {
+                        let relabeled = deployed(record.clone(), current.prepared.clone());
+                        live.insert(record.name.clone(), Arc::new(relabeled));
+                    }
+                }
                 CommandResponse::Rejected(_) => {}
             }
         }

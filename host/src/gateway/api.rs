@@ -10,7 +10,9 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::{discard, read_body, AppState};
-use crate::state::{Command, CommandResponse, FunctionName, FunctionSpec};
+use crate::state::{
+    check_label_key, check_label_value, Command, CommandResponse, FunctionName, FunctionSpec,
+};
 
 /// How long a write waits for this node to serve what it committed.
 const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -151,6 +153,50 @@ pub async fn remove(
     let name: FunctionName = name.parse()?;
     match commit(&app, Command::DeleteFunction { name }).await? {
         CommandResponse::Deleted(record) => Ok(Json(record).into_response()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Body of `PATCH /v1/functions/{name}/labels`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelChange {
+    /// Labels to add or change.
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, String>,
+    /// Labels to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// `PATCH /v1/functions/{name}/labels` with `{"set": {KEY: VALUE}, "remove": [KEY]}`:
+/// changes labels only (the module and its version stay).
+pub async fn label(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let name: FunctionName = name.parse()?;
+    let change: LabelChange = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "expected {{\"set\": {{\"key\": \"value\"}}, \"remove\": [\"key\"]}}: {e}"
+        ))
+    })?;
+    for key in change.remove.iter().chain(change.set.keys()) {
+        check_label_key(key)
+            .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_label", m))?;
+    }
+    for (key, value) in &change.set {
+        check_label_value(key, value)
+            .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_label", m))?;
+    }
+    let command = Command::SetLabels {
+        name,
+        set: change.set,
+        remove: change.remove,
+    };
+    match commit(&app, command).await? {
+        CommandResponse::Labeled(record) => Ok(Json(record).into_response()),
         other => Err(unexpected(other)),
     }
 }

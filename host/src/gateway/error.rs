@@ -123,6 +123,7 @@ impl From<Rejection> for ApiError {
             Rejection::ModuleTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
+            Rejection::InvalidLabel(_) => (StatusCode::BAD_REQUEST, "invalid_label"),
         };
         ApiError::new(status, code, message)
     }

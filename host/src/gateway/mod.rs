@@ -45,6 +45,10 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/v1/functions/{name}",
             get(api::show).put(api::deploy).delete(api::remove),
         )
+        .route(
+            "/v1/functions/{name}/labels",
+            axum::routing::patch(api::label),
+        )
         .route("/v1/cluster", get(cluster::status))
         .route("/v1/cluster/members", axum::routing::post(cluster::add))
         .route(

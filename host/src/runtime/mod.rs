@@ -206,7 +206,9 @@ pub struct InstanceState {
     log: LogPipe,
 }
 
-/// A module ready to instantiate: validated, compiled (or loaded) and linked.
+/// A module ready to instantiate: validated, compiled (or loaded) and linked. Cheap to
+/// clone (the compiled code is shared).
+#[derive(Clone)]
 pub struct Prepared {
     pre: InstancePre<InstanceState>,
     /// `_start`, found once so that each run skips the lookup by name.

@@ -1,6 +1,8 @@
 //! The replicated state machine's commands, their answers, and their Cap'n Proto
 //! encoding (`Command` in `capnp/node.capnp`): the bytes proposed, logged and replicated.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use wafer_proto::node_capnp::command;
@@ -30,6 +32,15 @@ pub enum Command {
         /// The function.
         name: FunctionName,
     },
+    /// Sets labels `set` and removes labels `remove` of function `name`.
+    SetLabels {
+        /// The function.
+        name: FunctionName,
+        /// Labels to add or change.
+        set: BTreeMap<String, String>,
+        /// Labels to remove (before `set` is applied).
+        remove: Vec<String>,
+    },
 }
 
 /// What applying a command did.
@@ -39,6 +50,8 @@ pub enum CommandResponse {
     Deployed(FunctionRecord),
     /// The removed function's last record.
     Deleted(FunctionRecord),
+    /// The function's record with its new labels.
+    Labeled(FunctionRecord),
     /// The command was refused; the state is unchanged.
     Rejected(Rejection),
 }
@@ -58,6 +71,9 @@ pub enum Rejection {
         /// Limit.
         limit: u64,
     },
+    /// A label key or value is invalid, or there are too many labels.
+    #[error("{0}")]
+    InvalidLabel(String),
 }
 
 /// Bytes that are not a valid encoded [`Command`].
@@ -114,6 +130,20 @@ impl Command {
             Command::DeleteFunction { name } => {
                 builder.init_delete_function().set_name(name.as_str());
             }
+            Command::SetLabels { name, set, remove } => {
+                let mut labels = builder.init_set_labels();
+                labels.set_name(name.as_str());
+                let mut list = labels.reborrow().init_set(set.len() as u32);
+                for (i, (key, value)) in set.iter().enumerate() {
+                    let mut label = list.reborrow().get(i as u32);
+                    label.set_key(key.as_str());
+                    label.set_value(value.as_str());
+                }
+                let mut list = labels.init_remove(remove.len() as u32);
+                for (i, key) in remove.iter().enumerate() {
+                    list.set(i as u32, key.as_str());
+                }
+            }
         }
     }
 
@@ -135,6 +165,24 @@ impl Command {
             command::DeleteFunction(delete) => Command::DeleteFunction {
                 name: name(delete.get_name()?)?,
             },
+            command::SetLabels(labels) => {
+                let mut set = BTreeMap::new();
+                for label in labels.get_set()? {
+                    set.insert(
+                        label.get_key()?.to_str()?.to_string(),
+                        label.get_value()?.to_str()?.to_string(),
+                    );
+                }
+                let mut remove = Vec::new();
+                for key in labels.get_remove()? {
+                    remove.push(key?.to_str()?.to_string());
+                }
+                Command::SetLabels {
+                    name: name(labels.get_name()?)?,
+                    set,
+                    remove,
+                }
+            }
         })
     }
 
@@ -158,6 +206,7 @@ impl Command {
                 format!("deploy {name} ({} bytes)", module.len())
             }
             Command::DeleteFunction { name } => format!("delete {name}"),
+            Command::SetLabels { name, .. } => format!("label {name}"),
         }
     }
 }
@@ -168,22 +217,25 @@ mod tests {
 
     #[test]
     fn commands_round_trip_through_capnp() -> Result<(), MalformedCommand> {
+        let name = |s: &str| -> Result<FunctionName, MalformedCommand> {
+            s.parse()
+                .map_err(|e: super::super::InvalidName| MalformedCommand(e.to_string()))
+        };
         let mut spec = FunctionSpec::default();
         spec.limits.memory_mb = 7;
         spec.env.insert("K".into(), "V".into());
         let commands = [
             Command::DeployFunction {
-                name: "f"
-                    .parse()
-                    .map_err(|e: super::super::InvalidName| MalformedCommand(e.to_string()))?,
+                name: name("f")?,
                 spec,
                 module: Bytes::from_static(b"\0asm\x01\0\0\0"),
                 deployed_at_ms: 42,
             },
-            Command::DeleteFunction {
-                name: "g"
-                    .parse()
-                    .map_err(|e: super::super::InvalidName| MalformedCommand(e.to_string()))?,
+            Command::DeleteFunction { name: name("g")? },
+            Command::SetLabels {
+                name: name("h")?,
+                set: BTreeMap::from([("team".into(), "a".into()), ("tier".into(), "".into())]),
+                remove: vec!["old".into()],
             },
         ];
         for command in commands {

@@ -99,6 +99,42 @@ pub struct FunctionRecord {
     pub spec: FunctionSpec,
     /// When this version was deployed, ms since the Unix epoch.
     pub deployed_at_ms: u64,
+    /// Labels: free-form metadata set with `wafer label`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Longest label key.
+pub const MAX_LABEL_KEY: usize = 63;
+/// Longest label value.
+pub const MAX_LABEL_VALUE: usize = 255;
+/// Most labels on one function.
+pub const MAX_LABELS: usize = 64;
+
+/// Checks a label key: 1-63 characters of `a-z`, `0-9`, `-`, `_`, `.` and `/`.
+pub fn check_label_key(key: &str) -> Result<(), String> {
+    let valid = !key.is_empty()
+        && key.len() <= MAX_LABEL_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_./".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid label key {key:?}: use 1-{MAX_LABEL_KEY} characters of a-z, 0-9, '-', '_', '.' and '/'"
+        ))
+    }
+}
+
+/// Checks a label value: at most 255 bytes, no control characters.
+pub fn check_label_value(key: &str, value: &str) -> Result<(), String> {
+    if value.len() > MAX_LABEL_VALUE || value.chars().any(char::is_control) {
+        return Err(format!(
+            "invalid value for label {key:?}: at most {MAX_LABEL_VALUE} bytes without control characters"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -21,7 +21,10 @@ use crate::digest::Digest;
 pub use command::{
     reader_options, Command, CommandResponse, MalformedCommand, Rejection, MAX_MODULE_BYTES,
 };
-pub use function::{FunctionName, FunctionRecord, FunctionSpec, InvalidName, MAX_NAME_LEN};
+pub use function::{
+    check_label_key, check_label_value, FunctionName, FunctionRecord, FunctionSpec, InvalidName,
+    MAX_LABELS, MAX_NAME_LEN,
+};
 
 /// Function name -> JSON [`FunctionRecord`].
 const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
@@ -167,6 +170,10 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
                 size,
                 spec: spec.clone(),
                 deployed_at_ms: *deployed_at_ms,
+                labels: previous
+                    .as_ref()
+                    .map(|p| p.labels.clone())
+                    .unwrap_or_default(),
             };
             let hex = record.digest.to_hex();
             if blobs.get(hex.as_str()).map_err(storage)?.is_none() {
@@ -190,6 +197,32 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
             };
             release_blob(&functions, &mut blobs, &removed.digest)?;
             Ok(CommandResponse::Deleted(removed))
+        }
+        Command::SetLabels { name, set, remove } => {
+            let mut record = match functions.get(name.as_str()).map_err(storage)? {
+                Some(bytes) => decode(name.as_str(), bytes.value())?,
+                None => return Ok(CommandResponse::Rejected(Rejection::NotFound(name.clone()))),
+            };
+            for key in remove {
+                record.labels.remove(key);
+            }
+            for (key, value) in set {
+                if let Err(why) = check_label_key(key).and_then(|()| check_label_value(key, value))
+                {
+                    return Ok(CommandResponse::Rejected(Rejection::InvalidLabel(why)));
+                }
+                record.labels.insert(key.clone(), value.clone());
+            }
+            if record.labels.len() > MAX_LABELS {
+                return Ok(CommandResponse::Rejected(Rejection::InvalidLabel(format!(
+                    "a function has at most {MAX_LABELS} labels"
+                ))));
+            }
+            let encoded = encode(&record)?;
+            functions
+                .insert(name.as_str(), encoded.as_slice())
+                .map_err(storage)?;
+            Ok(CommandResponse::Labeled(record))
         }
     }
 }

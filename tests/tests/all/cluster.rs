@@ -100,11 +100,48 @@ async fn three_servers_form_a_cluster_and_a_deploy_on_a_follower_is_served_every
         );
     }
 
-    // A removal through another follower is seen everywhere too.
+    // Labels are small metadata commands: set through one node, read on another.
     let other = *[1, 2, 3]
         .iter()
         .find(|&&n| n != leader && n != follower)
         .expect("a second follower");
+    let http = reqwest::Client::new();
+    let response = http
+        .patch(cluster.server(leader).url("/v1/functions/hello/labels"))
+        .json(&serde_json::json!({ "set": { "team": "edge", "tier": "1" } }))
+        .send()
+        .await
+        .expect("label");
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = http
+        .patch(cluster.server(follower).url("/v1/functions/hello/labels"))
+        .json(&serde_json::json!({ "remove": ["tier"] }))
+        .send()
+        .await
+        .expect("label");
+    assert_eq!(response.status(), StatusCode::OK);
+    let shown: Value = serde_json::from_str(
+        &get_eventually(cluster.server(other), "/v1/functions/hello?consistent=true").await,
+    )
+    .expect("JSON record");
+    assert_eq!(
+        shown["labels"],
+        serde_json::json!({ "team": "edge" }),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["version"], 1,
+        "labels do not make a new version: {shown}"
+    );
+    let response = http
+        .patch(cluster.server(other).url("/v1/functions/hello/labels"))
+        .json(&serde_json::json!({ "set": { "Bad Key": "x" } }))
+        .send()
+        .await
+        .expect("label");
+    crate::expect_error(response, StatusCode::BAD_REQUEST, "invalid_label").await;
+
+    // A removal through another follower is seen everywhere too.
     let response = reqwest::Client::new()
         .delete(cluster.server(other).url("/v1/functions/hello"))
         .send()
