@@ -34,6 +34,9 @@ struct Command {
       set @6 :List(Label);
       remove @7 :List(Text);
     }
+    # Several commands proposed together, applied in order as one log entry (the
+    # leader batches concurrent proposals so that one fsync commits them all).
+    batch @8 :List(Command);
   }
 }
 
@@ -64,9 +67,10 @@ interface Node {
   info @0 () -> (info :NodeInfo, member :Bool);
   # The Raft endpoint of this node.
   raft @1 () -> (raft :Raft);
-  # Commits `command` through the leader; answers once it is applied on the leader.
-  # `response` is the state machine's answer as JSON; `failure` is null on success.
-  propose @2 (command :Command) -> (logIndex :UInt64, response :Text, failure :Failure);
+  # Commits `command` through the leader; answers once it is applied on the leader with
+  # its log index. `rejection` is the state machine's refusal as JSON (empty when the
+  # command was applied); `failure` is null when the command was committed.
+  propose @2 (command :Command) -> (logIndex :UInt64, rejection :Text, failure :Failure);
   # The leader's commit index, confirmed by a quorum (a linearizable read point).
   readIndex @3 () -> (index :UInt64, failure :Failure);
   # Adds `node` as a learner, then (with `voter`) promotes it to voter.

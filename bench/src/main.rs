@@ -4,10 +4,13 @@
 //!   per request) against a plain axum/hyper hello-world server and against
 //!   process-per-request (`wafer run` per call), all driven by the same load generator;
 //! - `instantiate`: in-process instantiate + run latency of `hello`, with and without the
-//!   pooling allocator.
+//!   pooling allocator;
+//! - `commit`: Raft commits of small metadata commands on 1- and 3-node wafer clusters
+//!   against etcd 3.4 clusters of the same size, at the same numbers of clients.
 //!
 //! `cargo run --release -p wafer-bench -- all` prints a Markdown report.
 
+mod commit;
 mod load;
 
 // The same allocator as the `wafer` binary, so in-process numbers match the server's.
@@ -35,12 +38,28 @@ enum Cmd {
     Gateway(GatewayArgs),
     /// In-process instantiate + run, pooling on and off.
     Instantiate(InstantiateArgs),
-    /// Both.
+    /// Raft commits: wafer vs etcd.
+    Commit(commit::CommitArgs),
+    /// Sets labels on function `meta` through the node at ADDR (its --listen address)
+    /// from N clients (for profiling a server by hand).
+    CommitLoad {
+        /// The node's Cap'n Proto address.
+        addr: String,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds of measured load (after 1 s of warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// All of the above.
     All {
         #[command(flatten)]
         gateway: GatewayArgs,
         #[command(flatten)]
         instantiate: InstantiateArgs,
+        #[command(flatten)]
+        commit: commit::CommitArgs,
     },
     /// (internal) a plain axum hello-world server; prints its address.
     PlainServer,
@@ -125,13 +144,24 @@ fn main() -> anyhow::Result<()> {
             print_header();
             instantiate(&i)
         }
+        Cmd::CommitLoad {
+            addr,
+            clients,
+            seconds,
+        } => commit::load_one(&addr, clients, Duration::from_secs(seconds)),
+        Cmd::Commit(c) => {
+            print_header();
+            commit::run(&c)
+        }
         Cmd::All {
             gateway: g,
             instantiate: i,
+            commit: c,
         } => {
             print_header();
             gateway(&g)?;
-            instantiate(&i)
+            instantiate(&i)?;
+            commit::run(&c)
         }
     }
 }

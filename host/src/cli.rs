@@ -469,8 +469,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Rm { name } => {
-            let record = client.remove(&name).await?;
-            println!("removed {} (version {})", record.name, record.version);
+            client.remove(&name).await?;
+            println!("removed {name}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -137,14 +137,15 @@ impl Client {
         response.json().await.map_err(ClientError::Response)
     }
 
-    /// Every deployed function.
+    /// Every deployed function, read linearizably (what any write acknowledged before
+    /// this call did is included).
     pub async fn list(&self) -> Result<Vec<FunctionRecord>, ClientError> {
         #[derive(serde::Deserialize)]
         struct List {
             functions: Vec<FunctionRecord>,
         }
         let response = self
-            .checked(self.http.get(self.url("/v1/functions")))
+            .checked(self.http.get(self.url("/v1/functions?consistent=true")))
             .await?;
         let list: List = response.json().await.map_err(ClientError::Response)?;
         Ok(list.functions)
@@ -201,11 +202,10 @@ impl Client {
     }
 
     /// Removes function `name`.
-    pub async fn remove(&self, name: &str) -> Result<FunctionRecord, ClientError> {
-        let response = self
-            .checked(self.http.delete(self.url(&format!("/v1/functions/{name}"))))
+    pub async fn remove(&self, name: &str) -> Result<(), ClientError> {
+        self.checked(self.http.delete(self.url(&format!("/v1/functions/{name}"))))
             .await?;
-        response.json().await.map_err(ClientError::Response)
+        Ok(())
     }
 
     /// Invokes function `name` at `path` with `method`, `headers` and `body`. Errors

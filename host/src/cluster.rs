@@ -3,6 +3,7 @@
 //! changes, and status.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{
@@ -15,7 +16,7 @@ use crate::consensus::{NodeAddr, NodeId, Raft};
 use wafer_proto::node_capnp::failure;
 
 use crate::rpc::{read_failure, write_node_info, Peers, RpcError, RpcHandle};
-use crate::state::{Command, CommandResponse};
+use crate::state::{Command, CommandResponse, Rejection};
 
 /// How long an operation may wait for a leader and retry on leadership changes.
 const LEADER_DEADLINE: Duration = Duration::from_secs(15);
@@ -78,7 +79,7 @@ enum LeaderOp {
 
 /// What a [`LeaderOp`] returned.
 enum LeaderAnswer {
-    Proposed(u64, CommandResponse),
+    Proposed(Committed),
     ReadIndex(u64),
     Done,
 }
@@ -119,6 +120,126 @@ pub struct ClusterStatus {
     pub purged_index: Option<u64>,
 }
 
+/// Most commands in one batch.
+const MAX_BATCH: usize = 512;
+/// Most bytes of commands in one batch (a deploy's module counts).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// A committed command: its log index, and the state machine's refusal if it refused
+/// it. (What it changed is read from the local state once it has caught up to `index`.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The log index of the entry that carried the command.
+    pub index: u64,
+    /// Why the state machine refused the command, if it did.
+    pub rejection: Option<Rejection>,
+}
+
+impl Committed {
+    fn new(index: u64, response: CommandResponse) -> Committed {
+        Committed {
+            index,
+            rejection: match response {
+                CommandResponse::Rejected(why) => Some(why),
+                _ => None,
+            },
+        }
+    }
+}
+
+type Proposal = (
+    Command,
+    tokio::sync::oneshot::Sender<Result<Committed, ClusterError>>,
+);
+
+/// Log entries of batched proposals in flight at once: while one is applied, the next
+/// is appended and fsynced.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// Batches proposals made on this node: while entries are being committed, the
+/// proposals that arrive meanwhile wait and then go together as one
+/// [`Command::Batch`] entry. (openraft 0.9 writes and fsyncs one entry per
+/// `client_write`; batching lets one fsync commit many commands.) Entries are submitted
+/// in arrival order; up to [`MAX_IN_FLIGHT`] are in flight.
+async fn batch_proposals(
+    raft: Raft,
+    mut proposals: tokio::sync::mpsc::UnboundedReceiver<Proposal>,
+) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = proposals.recv().await {
+        // Wait for a slot first: proposals keep arriving meanwhile and join the batch.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = first.0.size();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match proposals.try_recv() {
+                Ok(next) => {
+                    bytes += next.0.size();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let (commands, waiters): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let single = commands.len() == 1;
+        let command = match <[Command; 1]>::try_from(commands) {
+            Ok([one]) => one,
+            Err(many) => Command::Batch(many),
+        };
+        // Submitted here, in order; answered by a task.
+        let submitted = raft.client_write_ff(command).await;
+        tokio::spawn(async move {
+            let result = match submitted {
+                Err(fatal) => Err(ClusterError::Unavailable(fatal.to_string())),
+                Ok(receiver) => match receiver.await {
+                    Err(_) => Err(ClusterError::Unavailable("Raft stopped".into())),
+                    Ok(result) => result.map_err(|e| write_error(RaftError::APIError(e))),
+                },
+            };
+            drop(permit);
+            answer(waiters, single, result);
+        });
+    }
+}
+
+/// Sends each waiter of a batch its answer.
+fn answer(
+    waiters: Vec<tokio::sync::oneshot::Sender<Result<Committed, ClusterError>>>,
+    single: bool,
+    result: Result<openraft::raft::ClientWriteResponse<crate::consensus::TypeConfig>, ClusterError>,
+) {
+    let answers: Vec<Result<Committed, ClusterError>> = match result {
+        Err(e) => waiters.iter().map(|_| Err(e.clone())).collect(),
+        Ok(response) => {
+            let index = response.log_id.index;
+            match (single, response.data) {
+                (true, Some(answer)) => vec![Ok(Committed::new(index, answer))],
+                (false, Some(CommandResponse::Batch(answers)))
+                    if answers.len() == waiters.len() =>
+                {
+                    answers
+                        .into_iter()
+                        .map(|a| Ok(Committed::new(index, a)))
+                        .collect()
+                }
+                (_, other) => waiters
+                    .iter()
+                    .map(|_| {
+                        Err(ClusterError::Unavailable(format!(
+                            "unexpected answer from the state machine: {other:?}"
+                        )))
+                    })
+                    .collect(),
+            }
+        }
+    };
+    for (waiter, answer) in waiters.into_iter().zip(answers) {
+        let _ = waiter.send(answer);
+    }
+}
+
 /// This node's handle on the cluster.
 pub struct Cluster {
     id: NodeId,
@@ -127,17 +248,23 @@ pub struct Cluster {
     rpc: RpcHandle,
     /// Membership changes made here run one at a time (Raft allows one in flight).
     membership_changes: tokio::sync::Mutex<()>,
+    /// Proposals to batch (see [`batch_proposals`]).
+    proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
 }
 
 impl Cluster {
-    /// A handle for node `id` reachable at `addr`.
+    /// A handle for node `id` reachable at `addr`. Starts its proposal batcher: call
+    /// within a tokio runtime.
     pub fn new(id: NodeId, addr: NodeAddr, raft: Raft, rpc: RpcHandle) -> Cluster {
+        let (proposals, queue) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(batch_proposals(raft.clone(), queue));
         Cluster {
             id,
             addr,
             raft,
             rpc,
             membership_changes: tokio::sync::Mutex::new(()),
+            proposals,
         }
     }
 
@@ -180,12 +307,12 @@ impl Cluster {
 
     /// Commits `command` through the leader; returns its log index and the state
     /// machine's answer.
-    pub async fn propose(&self, command: Command) -> Result<(u64, CommandResponse), ClusterError> {
+    pub async fn propose(&self, command: Command) -> Result<Committed, ClusterError> {
         match self
             .on_leader(LeaderOp::Propose(command), LEADER_DEADLINE)
             .await?
         {
-            LeaderAnswer::Proposed(index, response) => Ok((index, response)),
+            LeaderAnswer::Proposed(committed) => Ok(committed),
             _ => Err(ClusterError::Unavailable(
                 "unexpected answer to a proposal".into(),
             )),
@@ -290,12 +417,9 @@ impl Cluster {
     }
 
     /// Proposes `command` to the local Raft, which must be the leader.
-    pub async fn propose_here(
-        &self,
-        command: Command,
-    ) -> Result<(u64, CommandResponse), ClusterError> {
+    pub async fn propose_here(&self, command: Command) -> Result<Committed, ClusterError> {
         match self.here(LeaderOp::Propose(command)).await? {
-            LeaderAnswer::Proposed(index, response) => Ok((index, response)),
+            LeaderAnswer::Proposed(committed) => Ok(committed),
             _ => Err(ClusterError::Unavailable(
                 "unexpected answer to a proposal".into(),
             )),
@@ -388,11 +512,14 @@ impl Cluster {
     async fn here(&self, op: LeaderOp) -> Result<LeaderAnswer, ClusterError> {
         match op {
             LeaderOp::Propose(command) => {
-                let response = self.raft.client_write(command).await.map_err(write_error)?;
-                let data = response
-                    .data
-                    .ok_or_else(|| ClusterError::Unavailable("the command had no answer".into()))?;
-                Ok(LeaderAnswer::Proposed(response.log_id.index, data))
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.proposals
+                    .send((command, tx))
+                    .map_err(|_| ClusterError::Unavailable("the proposer has stopped".into()))?;
+                let committed = rx
+                    .await
+                    .map_err(|_| ClusterError::Unavailable("the proposer has stopped".into()))??;
+                Ok(LeaderAnswer::Proposed(committed))
             }
             LeaderOp::ReadIndex => match self.raft.ensure_linearizable().await {
                 Ok(read) => Ok(LeaderAnswer::ReadIndex(read.map_or(0, |id| id.index))),
@@ -499,14 +626,21 @@ async fn call_remote(
                 return Err(failure(r.get_failure()));
             }
             let text = r
-                .get_response()
+                .get_rejection()
                 .map_err(transport)?
                 .to_str()
                 .map_err(|e| transport(e.into()))?;
-            let response: CommandResponse = serde_json::from_str(text).map_err(|e| {
-                ClusterError::Unavailable(format!("malformed answer from {addr}: {e}"))
-            })?;
-            Ok(LeaderAnswer::Proposed(r.get_log_index(), response))
+            let rejection = if text.is_empty() {
+                None
+            } else {
+                Some(serde_json::from_str(text).map_err(|e| {
+                    ClusterError::Unavailable(format!("malformed answer from {addr}: {e}"))
+                })?)
+            };
+            Ok(LeaderAnswer::Proposed(Committed {
+                index: r.get_log_index(),
+                rejection,
+            }))
         }
         LeaderOp::ReadIndex => {
             let reply = node

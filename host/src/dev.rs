@@ -12,7 +12,7 @@ use crate::cluster::Cluster;
 use crate::functions::Functions;
 use crate::runtime::RuntimeConfig;
 use crate::server::{self, Membership, RaftSettings, ServerConfig};
-use crate::state::{CommandResponse, FunctionName, FunctionSpec};
+use crate::state::{FunctionName, FunctionSpec};
 
 /// How long a deploy waits for this node to serve what it committed.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,14 +75,14 @@ pub async fn deploy_examples(
             let command = prepare
                 .await?
                 .with_context(|| format!("deploying example {}", path.display()))?;
-            let (index, response) = cluster
+            let committed = cluster
                 .propose(command)
                 .await
                 .with_context(|| format!("deploying example {}", path.display()))?;
-            if let CommandResponse::Rejected(why) = response {
+            if let Some(why) = committed.rejection {
                 anyhow::bail!("deploying example {}: {why}", path.display());
             }
-            functions.wait_synced(index, SYNC_TIMEOUT).await;
+            functions.wait_synced(committed.index, SYNC_TIMEOUT).await;
         }
         names.push(name);
     }
@@ -103,6 +103,7 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
     };
     let node = server::start(&server_config).await?;
     server::become_member(&node.cluster, &server_config.membership).await?;
+    server::catch_up(&node).await;
     let examples = match &config.examples {
         Some(dir) => deploy_examples(&node.functions, &node.cluster, dir).await?,
         None => Vec::new(),

@@ -256,8 +256,16 @@ impl Functions {
 }
 
 impl Observer for Functions {
-    fn applied(&self, last_index: u64, changes: &[CommandResponse]) {
-        for change in changes {
+    fn applied(&self, last_index: u64, changes: &[&CommandResponse]) {
+        // A relabeling that a later change of the same function supersedes is skipped
+        // (a batch may carry many of them).
+        let mut last_change: HashMap<&FunctionName, usize> = HashMap::new();
+        for (i, change) in changes.iter().enumerate() {
+            if let Some(name) = change.function() {
+                last_change.insert(name, i);
+            }
+        }
+        for (i, change) in changes.iter().enumerate() {
             match change {
                 CommandResponse::Deployed(record) => {
                     let name = record.name.clone();
@@ -271,18 +279,29 @@ impl Observer for Functions {
                         }
                     }
                 }
-                CommandResponse::Deleted(record) => {
-                    tracing::info!(function = %record.name, "removed");
-                    self.write_live().remove(&record.name);
+                CommandResponse::Deleted(name) => {
+                    tracing::info!(function = %name, "removed");
+                    self.write_live().remove(name);
                 }
-                CommandResponse::Labeled(record) => {
-                    let mut live = self.write_live();
-                    if let Some(current) = live.get(&record.name).cloned() {
-                        let relabeled = deployed(record.clone(), current.prepared.clone());
-                        live.insert(record.name.clone(), Arc::new(relabeled));
+                CommandResponse::Labeled(name) if last_change.get(name) == Some(&i) => {
+                    match self.state.get_function(name) {
+                        Ok(Some(record)) => {
+                            let mut live = self.write_live();
+                            if let Some(current) = live.get(name).cloned() {
+                                let relabeled = deployed(record, current.prepared.clone());
+                                live.insert(name.clone(), Arc::new(relabeled));
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(err) => {
+                            tracing::error!(function = %name, error = %err, "reading relabeled function")
+                        }
                     }
                 }
-                CommandResponse::Rejected(_) => {}
+                // Superseded relabelings; refusals; batches arrive flattened.
+                CommandResponse::Labeled(_)
+                | CommandResponse::Rejected(_)
+                | CommandResponse::Batch(_) => {}
             }
         }
         self.synced.send_modify(|at| *at = (*at).max(last_index));

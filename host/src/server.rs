@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterError};
 use crate::consensus::{LogStore, NetworkFactory, NodeAddr, NodeId, StateMachine};
 use crate::functions::Functions;
 use crate::gateway::{self, AppState};
@@ -22,6 +22,8 @@ use crate::state::State;
 const NODE_FILE: &str = "node.json";
 /// The node's redb file: Raft log, state machine, blobs.
 const DB_FILE: &str = "wafer.redb";
+/// How long a starting node waits to catch up with the cluster before serving.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(20);
 /// How long `--join` keeps trying to reach the cluster.
 const JOIN_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -246,6 +248,33 @@ pub async fn become_member(cluster: &Cluster, membership: &Membership) -> anyhow
     Ok(())
 }
 
+/// Waits (up to [`CATCH_UP_DEADLINE`]) until this node serves everything the cluster
+/// committed before it started: a restarted node re-applies its log and hears from the
+/// leader before it answers, so a restart never shows an older state. Without a leader
+/// in time it serves what it has, with a warning.
+pub async fn catch_up(node: &Node) {
+    if !node.cluster.is_member().await {
+        return;
+    }
+    let caught_up = async {
+        let index = node.cluster.read_index().await?;
+        if node.functions.wait_synced(index, CATCH_UP_DEADLINE).await {
+            Ok(index)
+        } else {
+            Err(ClusterError::Unavailable(format!(
+                "functions not ready at index {index}"
+            )))
+        }
+    };
+    match tokio::time::timeout(CATCH_UP_DEADLINE, caught_up).await {
+        Ok(Ok(index)) => tracing::info!(index, "caught up with the cluster"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "serving without catching up with the cluster"),
+        Err(_) => {
+            tracing::warn!("no leader within {CATCH_UP_DEADLINE:?}; serving without catching up")
+        }
+    }
+}
+
 /// Serves the gateway for `node` until Ctrl-C or SIGTERM, then stops Raft.
 pub async fn serve(node: Node) -> anyhow::Result<()> {
     let metrics = Metrics::new(node.functions.runtime().metrics());
@@ -272,13 +301,15 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let node = start(&config).await?;
     let addr = node.cluster.addr().clone();
-    // The first line on stdout is machine-readable: tests and scripts wait for it.
+    become_member(&node.cluster, &config.membership).await?;
+    catch_up(&node).await;
+    // The first line on stdout is machine-readable: tests and scripts wait for it. It
+    // comes once the node is a member and caught up (or, with --wait, at once).
     println!(
         "wafer server {}: listening on http://{} rpc {}",
         config.id, addr.http, addr.rpc
     );
     println!("  data folder: {}", config.data.display());
-    become_member(&node.cluster, &config.membership).await?;
     serve(node).await?;
     tracing::info!("wafer server stopped");
     Ok(())

@@ -1,5 +1,12 @@
 //! The Raft log in the node's redb file: entries by index, the vote, the committed log
-//! id and the last purged log id. Every write is one durable redb transaction.
+//! id and the last purged log id. Appends, the vote, truncations and purges are durable
+//! (fsynced) when they return; the committed log id is a restart hint written without
+//! an fsync of its own (the next durable write persists it).
+//!
+//! openraft 0.9 waits for each append to be flushed before it appends again, so there is
+//! nothing to gain from flushing in the background: appends are flushed inline, and
+//! concurrent proposals are batched into one entry before they reach the log
+//! (`crate::cluster`).
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -7,12 +14,23 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{OptionalSend, StorageIOError};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::codec::{decode_entry, encode_entry};
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+/// Makes every commit so far durable: an empty commit with immediate durability
+/// persists the non-durable commits before it.
+pub(super) fn durable_barrier(db: &Database) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate).map_err(|e| {
+        redb::Error::from(redb::StorageError::Io(std::io::Error::other(e.to_string())))
+    })?;
+    txn.commit()?;
+    Ok(())
+}
 
 /// Log index -> entry (`Entry` in raft.capnp).
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -50,9 +68,15 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StorageError> {
+    fn put_meta<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        durability: Durability,
+    ) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(value).map_err(write_err)?;
-        let txn = self.db.begin_write().map_err(write_err)?;
+        let mut txn = self.db.begin_write().map_err(write_err)?;
+        txn.set_durability(durability).map_err(write_err)?;
         txn.open_table(META)
             .map_err(write_err)?
             .insert(key, bytes.as_slice())
@@ -108,7 +132,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        self.put_meta(VOTE, vote)
+        self.put_meta(VOTE, vote, Durability::Immediate)
             .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
@@ -117,7 +141,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.put_meta(COMMITTED, &committed)
+        // A hint for restarts (what to re-apply): losing the latest one is harmless.
+        self.put_meta(COMMITTED, &committed, Durability::None)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

@@ -184,6 +184,20 @@ fn write_atomically(
     Ok(())
 }
 
+/// Runs `f`, which blocks (redb, compiling modules): in place on a multi-threaded
+/// runtime (other tasks move to other workers; no hand-off to another thread), else on
+/// the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(f)
+    } else {
+        tokio::task::spawn_blocking(f).await.map_err(sm_write)?
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = self.state.clone();
@@ -191,6 +205,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let n = self.built.fetch_add(1, Ordering::Relaxed);
         let build_path = path.clone();
         let meta = tokio::task::spawn_blocking(move || -> Result<SnapshotMeta, StorageError> {
+            // Applied commands are not fsynced (the log is): make them durable before
+            // the snapshot lets the log behind it be purged.
+            super::log_store::durable_barrier(state.database()).map_err(sm_write)?;
             // One read transaction: the snapshot is a consistent cut of the state.
             let txn = state.database().begin_read().map_err(sm_read)?;
             let last_applied = get_meta::<Option<LogId>>(&txn, LAST_APPLIED)?.flatten();
@@ -242,10 +259,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let state = self.state.clone();
         let observer = self.observer.clone();
-        tokio::task::spawn_blocking(
+        blocking(
             move || -> Result<Vec<Option<CommandResponse>>, StorageError> {
                 let (_, mut membership) = applied_state_of(&state)?;
-                let txn = state.database().begin_write().map_err(sm_write)?;
+                let mut txn = state.database().begin_write().map_err(sm_write)?;
+                // Not fsynced: after a crash, openraft re-applies the committed entries
+                // from the durable log (a snapshot first makes the state durable).
+                txn.set_durability(redb::Durability::None)
+                    .map_err(sm_write)?;
                 let mut responses = Vec::with_capacity(entries.len());
                 for entry in &entries {
                     responses.push(match &entry.payload {
@@ -263,13 +284,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 put_meta(&txn, &Some(last), &membership)?;
                 txn.commit().map_err(sm_write)?;
-                let changes: Vec<CommandResponse> = responses.iter().flatten().cloned().collect();
+                let changes: Vec<&CommandResponse> = responses
+                    .iter()
+                    .flatten()
+                    .flat_map(CommandResponse::flatten)
+                    .collect();
                 observer.applied(last.index, &changes);
                 Ok(responses)
             },
         )
         .await
-        .map_err(sm_write)?
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {

@@ -10,8 +10,9 @@ use axum::Json;
 
 use super::error::ApiError;
 use super::{discard, read_body, AppState};
+use crate::cluster::Committed;
 use crate::state::{
-    check_label_key, check_label_value, Command, CommandResponse, FunctionName, FunctionSpec,
+    check_label_key, check_label_value, Command, FunctionName, FunctionRecord, FunctionSpec,
 };
 
 /// How long a write waits for this node to serve what it committed.
@@ -43,15 +44,15 @@ pub async fn deploy(
     let limit = app.functions.max_module_bytes();
     let wasm = read_body(body, &headers, limit, "module").await?;
     let functions = app.functions.clone();
-    let command = tokio::task::spawn_blocking(move || functions.prepare_deploy(&name, &wasm, spec))
-        .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
-    let record = match commit(&app, command).await? {
-        CommandResponse::Deployed(record) => record,
-        other => return Err(unexpected(other)),
-    };
+    let target = name.clone();
+    let command =
+        tokio::task::spawn_blocking(move || functions.prepare_deploy(&target, &wasm, spec))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })??;
+    commit(&app, command).await?;
+    let record = current_record(&app, &name)?;
     let status = if record.version == 1 {
         StatusCode::CREATED
     } else {
@@ -151,10 +152,8 @@ pub async fn remove(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let name: FunctionName = name.parse()?;
-    match commit(&app, Command::DeleteFunction { name }).await? {
-        CommandResponse::Deleted(record) => Ok(Json(record).into_response()),
-        other => Err(unexpected(other)),
-    }
+    commit(&app, Command::DeleteFunction { name: name.clone() }).await?;
+    Ok(Json(serde_json::json!({ "name": name, "removed": true })).into_response())
 }
 
 /// Body of `PATCH /v1/functions/{name}/labels`.
@@ -191,21 +190,19 @@ pub async fn label(
             .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_label", m))?;
     }
     let command = Command::SetLabels {
-        name,
+        name: name.clone(),
         set: change.set,
         remove: change.remove,
     };
-    match commit(&app, command).await? {
-        CommandResponse::Labeled(record) => Ok(Json(record).into_response()),
-        other => Err(unexpected(other)),
-    }
+    commit(&app, command).await?;
+    Ok(Json(current_record(&app, &name)?).into_response())
 }
 
 /// Commits `command` through the cluster and waits until this node serves its effect,
 /// so that the caller's next request to this node sees it.
-async fn commit(app: &AppState, command: Command) -> Result<CommandResponse, ApiError> {
-    let (index, response) = app.cluster.propose(command).await?;
-    if let CommandResponse::Rejected(why) = response {
+async fn commit(app: &AppState, command: Command) -> Result<(), ApiError> {
+    let Committed { index, rejection } = app.cluster.propose(command).await?;
+    if let Some(why) = rejection {
         return Err(why.into());
     }
     if !app.functions.wait_synced(index, SYNC_TIMEOUT).await {
@@ -215,15 +212,19 @@ async fn commit(app: &AppState, command: Command) -> Result<CommandResponse, Api
             format!("committed at log index {index}, but this node has not applied it yet; retry the read"),
         ));
     }
-    Ok(response)
+    Ok(())
 }
 
-fn unexpected(response: CommandResponse) -> ApiError {
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        format!("unexpected answer from the state machine: {response:?}"),
-    )
+/// The record of `name` as this node now serves it (after [`commit`]).
+fn current_record(app: &AppState, name: &FunctionName) -> Result<FunctionRecord, ApiError> {
+    match app.functions.get(name) {
+        Ok(function) => Ok(function.record.clone()),
+        Err(_) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("function `{name}` was removed by a concurrent request"),
+        )),
+    }
 }
 
 /// With `?consistent=true`, waits for a linearizable read point before reading.

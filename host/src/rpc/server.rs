@@ -113,10 +113,12 @@ impl node::Server for NodeService {
     ) -> Result<(), capnp::Error> {
         let command = Command::read(params.get()?.get_command()?).map_err(failed)?;
         match self.cluster.propose_here(command).await {
-            Ok((index, response)) => {
+            Ok(committed) => {
                 let mut r = results.get();
-                r.set_log_index(index);
-                r.set_response(serde_json::to_string(&response).map_err(failed)?.as_str());
+                r.set_log_index(committed.index);
+                if let Some(why) = &committed.rejection {
+                    r.set_rejection(serde_json::to_string(why).map_err(failed)?.as_str());
+                }
             }
             Err(e) => write_failure(results.get().init_failure(), &e),
         }

@@ -41,6 +41,8 @@ pub enum Command {
         /// Labels to remove (before `set` is applied).
         remove: Vec<String>,
     },
+    /// Commands applied in order as one (answered with [`CommandResponse::Batch`]).
+    Batch(Vec<Command>),
 }
 
 /// What applying a command did.
@@ -48,12 +50,36 @@ pub enum Command {
 pub enum CommandResponse {
     /// The function's new record.
     Deployed(FunctionRecord),
-    /// The removed function's last record.
-    Deleted(FunctionRecord),
-    /// The function's record with its new labels.
-    Labeled(FunctionRecord),
+    /// The function was removed.
+    Deleted(FunctionName),
+    /// The function's labels changed.
+    Labeled(FunctionName),
     /// The command was refused; the state is unchanged.
     Rejected(Rejection),
+    /// The answers to a [`Command::Batch`], in order.
+    Batch(Vec<CommandResponse>),
+}
+
+impl CommandResponse {
+    /// The function this answer changed, if any.
+    pub fn function(&self) -> Option<&FunctionName> {
+        match self {
+            CommandResponse::Deployed(record) => Some(&record.name),
+            CommandResponse::Deleted(name) | CommandResponse::Labeled(name) => Some(name),
+            CommandResponse::Rejected(_) | CommandResponse::Batch(_) => None,
+        }
+    }
+
+    /// The answers this stands for: a batch's, or this one.
+    pub fn flatten(&self) -> Vec<&CommandResponse> {
+        match self {
+            CommandResponse::Batch(responses) => responses
+                .iter()
+                .flat_map(CommandResponse::flatten)
+                .collect(),
+            other => vec![other],
+        }
+    }
 }
 
 /// Why the state machine refused a command. Decided from the replicated state alone, so
@@ -144,6 +170,30 @@ impl Command {
                     list.set(i as u32, key.as_str());
                 }
             }
+            Command::Batch(commands) => {
+                let mut list = builder.init_batch(commands.len() as u32);
+                for (i, command) in commands.iter().enumerate() {
+                    command.write(list.reborrow().get(i as u32));
+                }
+            }
+        }
+    }
+
+    /// Roughly how many bytes the command takes in the log.
+    pub fn size(&self) -> usize {
+        match self {
+            Command::DeployFunction { module, spec, .. } => {
+                module.len() + 256 + spec.env.len() * 64
+            }
+            Command::DeleteFunction { .. } => 64,
+            Command::SetLabels { set, remove, .. } => {
+                64 + set
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 16)
+                    .sum::<usize>()
+                    + remove.iter().map(|k| k.len() + 8).sum::<usize>()
+            }
+            Command::Batch(commands) => commands.iter().map(Command::size).sum(),
         }
     }
 
@@ -183,6 +233,12 @@ impl Command {
                     remove,
                 }
             }
+            command::Batch(commands) => Command::Batch(
+                commands?
+                    .iter()
+                    .map(Command::read)
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
         })
     }
 
@@ -207,6 +263,7 @@ impl Command {
             }
             Command::DeleteFunction { name } => format!("delete {name}"),
             Command::SetLabels { name, .. } => format!("label {name}"),
+            Command::Batch(commands) => format!("batch of {}", commands.len()),
         }
     }
 }
@@ -237,6 +294,10 @@ mod tests {
                 set: BTreeMap::from([("team".into(), "a".into()), ("tier".into(), "".into())]),
                 remove: vec!["old".into()],
             },
+            Command::Batch(vec![
+                Command::DeleteFunction { name: name("i")? },
+                Command::Batch(vec![Command::DeleteFunction { name: name("j")? }]),
+            ]),
         ];
         for command in commands {
             assert_eq!(Command::decode(&command.encode())?, command);

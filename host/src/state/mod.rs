@@ -63,7 +63,7 @@ pub enum StateError {
 pub trait Observer: Send + Sync + 'static {
     /// Entries up to log index `last_index` were applied, with these answers (one per
     /// command, in log order; entries without a command have none).
-    fn applied(&self, last_index: u64, changes: &[CommandResponse]);
+    fn applied(&self, last_index: u64, changes: &[&CommandResponse]);
     /// A snapshot replaced the whole state, as of log index `last_index`.
     fn replaced(&self, last_index: u64);
 }
@@ -72,7 +72,7 @@ pub trait Observer: Send + Sync + 'static {
 pub struct NoObserver;
 
 impl Observer for NoObserver {
-    fn applied(&self, _: u64, _: &[CommandResponse]) {}
+    fn applied(&self, _: u64, _: &[&CommandResponse]) {}
     fn replaced(&self, _: u64) {}
 }
 
@@ -196,35 +196,114 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
                 None => return Ok(CommandResponse::Rejected(Rejection::NotFound(name.clone()))),
             };
             release_blob(&functions, &mut blobs, &removed.digest)?;
-            Ok(CommandResponse::Deleted(removed))
+            Ok(CommandResponse::Deleted(removed.name))
         }
-        Command::SetLabels { name, set, remove } => {
-            let mut record = match functions.get(name.as_str()).map_err(storage)? {
-                Some(bytes) => decode(name.as_str(), bytes.value())?,
-                None => return Ok(CommandResponse::Rejected(Rejection::NotFound(name.clone()))),
-            };
-            for key in remove {
-                record.labels.remove(key);
-            }
-            for (key, value) in set {
-                if let Err(why) = check_label_key(key).and_then(|()| check_label_value(key, value))
-                {
-                    return Ok(CommandResponse::Rejected(Rejection::InvalidLabel(why)));
+        Command::SetLabels { name, .. } => {
+            drop((functions, blobs));
+            let mut responses = Vec::with_capacity(1);
+            label_run(txn, name, std::slice::from_ref(command), &mut responses)?;
+            Ok(responses
+                .pop()
+                .unwrap_or(CommandResponse::Rejected(Rejection::NotFound(name.clone()))))
+        }
+        Command::Batch(commands) => {
+            drop((functions, blobs));
+            let mut responses = Vec::with_capacity(commands.len());
+            let mut i = 0;
+            while i < commands.len() {
+                match &commands[i] {
+                    // Consecutive label changes of one function: read and write it once.
+                    Command::SetLabels { name, .. } => {
+                        let end = commands[i..]
+                            .iter()
+                            .position(
+                                |c| !matches!(c, Command::SetLabels { name: n, .. } if n == name),
+                            )
+                            .map_or(commands.len(), |p| i + p);
+                        label_run(txn, name, &commands[i..end], &mut responses)?;
+                        i = end;
+                    }
+                    other => {
+                        responses.push(apply(txn, other)?);
+                        i += 1;
+                    }
                 }
-                record.labels.insert(key.clone(), value.clone());
             }
-            if record.labels.len() > MAX_LABELS {
-                return Ok(CommandResponse::Rejected(Rejection::InvalidLabel(format!(
-                    "a function has at most {MAX_LABELS} labels"
-                ))));
-            }
-            let encoded = encode(&record)?;
-            functions
-                .insert(name.as_str(), encoded.as_slice())
-                .map_err(storage)?;
-            Ok(CommandResponse::Labeled(record))
+            Ok(CommandResponse::Batch(responses))
         }
     }
+}
+
+/// Applies `run`, label changes of function `name` only, in order: the record is read
+/// and written once. Pushes one answer per command.
+fn label_run(
+    txn: &WriteTransaction,
+    name: &FunctionName,
+    run: &[Command],
+    responses: &mut Vec<CommandResponse>,
+) -> Result<(), StateError> {
+    let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
+    let mut record = match functions.get(name.as_str()).map_err(storage)? {
+        Some(bytes) => decode(name.as_str(), bytes.value())?,
+        None => {
+            responses.extend(
+                run.iter()
+                    .map(|_| CommandResponse::Rejected(Rejection::NotFound(name.clone()))),
+            );
+            return Ok(());
+        }
+    };
+    let mut changed = false;
+    for command in run {
+        let Command::SetLabels { set, remove, .. } = command else {
+            continue;
+        };
+        responses.push(match change_labels(&mut record, set, remove) {
+            Ok(()) => {
+                changed = true;
+                CommandResponse::Labeled(name.clone())
+            }
+            Err(why) => CommandResponse::Rejected(why),
+        });
+    }
+    if changed {
+        let encoded = encode(&record)?;
+        functions
+            .insert(name.as_str(), encoded.as_slice())
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// Removes labels `remove`, then sets `set`, on `record`; or refuses the change and
+/// leaves `record` as it was.
+fn change_labels(
+    record: &mut FunctionRecord,
+    set: &std::collections::BTreeMap<String, String>,
+    remove: &[String],
+) -> Result<(), Rejection> {
+    for (key, value) in set {
+        check_label_key(key)
+            .and_then(|()| check_label_value(key, value))
+            .map_err(Rejection::InvalidLabel)?;
+    }
+    let kept = record
+        .labels
+        .keys()
+        .filter(|k| !remove.contains(k) && !set.contains_key(*k))
+        .count();
+    if kept + set.len() > MAX_LABELS {
+        return Err(Rejection::InvalidLabel(format!(
+            "a function has at most {MAX_LABELS} labels"
+        )));
+    }
+    for key in remove {
+        record.labels.remove(key);
+    }
+    for (key, value) in set {
+        record.labels.insert(key.clone(), value.clone());
+    }
+    Ok(())
 }
 
 /// Writes every record of the state as of `txn` to `out`, one [`snapshot_item`]
@@ -397,6 +476,68 @@ mod tests {
             delete(&state, "b")?,
             CommandResponse::Rejected(Rejection::NotFound(name("b")))
         );
+        Ok(())
+    }
+
+    fn labels(state: &State, n: &str) -> Result<Vec<(String, String)>, StateError> {
+        Ok(state
+            .get_function(&name(n))?
+            .map(|r| r.labels.into_iter().collect())
+            .unwrap_or_default())
+    }
+
+    #[test]
+    fn a_batch_applies_each_label_change_or_refuses_it_alone() -> Result<(), StateError> {
+        let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
+        let state = State::open(&dir.path().join("s.redb"))?;
+        deploy(&state, "f", b"module")?;
+        let set = |k: &str, v: &str| Command::SetLabels {
+            name: name("f"),
+            set: [(k.to_string(), v.to_string())].into(),
+            remove: Vec::new(),
+        };
+        let batch = Command::Batch(vec![
+            set("a", "1"),
+            set("Bad Key", "x"),
+            Command::SetLabels {
+                name: name("f"),
+                set: [("b".to_string(), "2".to_string())].into(),
+                remove: vec!["a".to_string()],
+            },
+            Command::SetLabels {
+                name: name("missing"),
+                set: Default::default(),
+                remove: Vec::new(),
+            },
+            set("c", "3"),
+        ]);
+        let txn = state.database().begin_write().map_err(storage)?;
+        let response = apply(&txn, &batch)?;
+        txn.commit().map_err(storage)?;
+        let CommandResponse::Batch(answers) = response else {
+            panic!("a batch answers with a batch");
+        };
+        assert!(matches!(answers[0], CommandResponse::Labeled(_)));
+        assert!(matches!(
+            answers[1],
+            CommandResponse::Rejected(Rejection::InvalidLabel(_))
+        ));
+        assert!(matches!(answers[2], CommandResponse::Labeled(_)));
+        assert!(matches!(
+            answers[3],
+            CommandResponse::Rejected(Rejection::NotFound(_))
+        ));
+        assert!(matches!(answers[4], CommandResponse::Labeled(_)));
+        assert_eq!(
+            labels(&state, "f")?,
+            [
+                ("b".to_string(), "2".to_string()),
+                ("c".to_string(), "3".to_string())
+            ]
+        );
+        // Labels survive a redeploy, which makes a new version.
+        assert_eq!(version(deploy(&state, "f", b"module-2")?), 2);
+        assert_eq!(labels(&state, "f")?.len(), 2);
         Ok(())
     }
 
