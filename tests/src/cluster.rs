@@ -3,16 +3,14 @@
 //! each node's `GET /v1/cluster` instead of sleeping.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::{wafer_bin, START_DEADLINE};
+use crate::{spawn_until_ready, wafer_bin};
 
 /// How long cluster state may take to settle (elections, catch-up) in tests.
 pub const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
@@ -84,11 +82,6 @@ pub fn spawn_server(
     join: &Join,
     extra: &[String],
 ) -> anyhow::Result<(Child, String, String)> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data.with_extension("log"))
-        .context("opening the server log")?;
     let mut command = Command::new(wafer_bin()?);
     command
         .arg("server")
@@ -112,34 +105,13 @@ pub fn spawn_server(
             command.arg("--wait");
         }
     }
-    let mut child = command
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .context("starting wafer server")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            // "wafer server ID: listening on http://HTTP rpc RPC"
-            if let Some((_, rest)) = line.split_once(": listening on http://") {
-                if let Some((http, rpc)) = rest.split_once(" rpc ") {
-                    let _ = tx.send((http.trim().to_string(), rpc.trim().to_string()));
-                }
-            }
-        }
-    });
-    match rx.recv_timeout(START_DEADLINE) {
-        Ok((http, rpc)) => Ok((child, http, rpc)),
-        Err(_) => {
-            let _ = child.kill();
-            let status = child.wait().ok();
-            let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
-            bail!("wafer server {id} did not start (exit: {status:?}); its log:\n{log}")
-        }
-    }
+    // "wafer server ID: listening on http://HTTP rpc RPC"
+    let (child, (http, rpc)) = spawn_until_ready(command, data, "wafer server", |line| {
+        let (_, rest) = line.split_once(": listening on http://")?;
+        let (http, rpc) = rest.split_once(" rpc ")?;
+        Some((http.trim().to_string(), rpc.trim().to_string()))
+    })?;
+    Ok((child, http, rpc))
 }
 
 /// A cluster of servers in one folder.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 /// How long a server may take to start listening.
-pub(crate) const START_DEADLINE: Duration = Duration::from_secs(60);
+const START_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -64,6 +64,49 @@ pub fn example(name: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// Starts `command` (a `wafer` server whose data folder is `data`) with `RUST_LOG=info`,
+/// stderr appended to `DATA.log`, and waits until `ready` accepts a line of its stdout;
+/// returns the process and what `ready` returned. Fails with the log if the process
+/// exits or is not ready within the start deadline.
+pub fn spawn_until_ready<T: Send + 'static>(
+    mut command: Command,
+    data: &Path,
+    what: &str,
+    ready: fn(&str) -> Option<T>,
+) -> anyhow::Result<(Child, T)> {
+    let log_path = data.with_extension("log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .context("opening the server log")?;
+    let mut child = command
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(found) = ready(&line) {
+                let _ = tx.send(found);
+            }
+        }
+    });
+    match rx.recv_timeout(START_DEADLINE) {
+        Ok(found) => Ok((child, found)),
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("{what} did not start (exit: {status:?}); its log:\n{log}")
+        }
+    }
+}
+
 /// A `wafer dev` process; killed when dropped.
 pub struct DevServer {
     child: Child,
@@ -75,44 +118,21 @@ impl DevServer {
     /// Starts `wafer dev` on `127.0.0.1:0` with data in `data`, plus `extra` arguments,
     /// and waits until it prints its URL.
     pub fn start(data: &Path, extra: &[&str]) -> anyhow::Result<DevServer> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data.with_extension("log"))
-            .context("opening the server log")?;
-        let mut child = Command::new(wafer_bin()?)
+        let mut command = Command::new(wafer_bin()?);
+        command
             .arg("dev")
             .args(["--http", "127.0.0.1:0", "--data"])
             .arg(data)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("starting wafer dev")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("wafer dev: listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        match rx.recv_timeout(START_DEADLINE) {
-            Ok(url) => Ok(DevServer {
-                child,
-                url,
-                data: data.to_path_buf(),
-            }),
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                let log = std::fs::read_to_string(data.with_extension("log")).unwrap_or_default();
-                bail!("wafer dev did not start (exit: {status:?}); its log:\n{log}")
-            }
-        }
+            .args(extra);
+        let (child, url) = spawn_until_ready(command, data, "wafer dev", |line| {
+            line.strip_prefix("wafer dev: listening on ")
+                .map(|url| url.trim().to_string())
+        })?;
+        Ok(DevServer {
+            child,
+            url,
+            data: data.to_path_buf(),
+        })
     }
 
     /// `http://127.0.0.1:PORT` + `path`.

@@ -104,43 +104,57 @@ impl Network {
     }
 }
 
+/// One `raft.capnp` call on the RPC thread: `$method` makes the request, `$write` and
+/// `$read` are the codec functions of its request and response. Evaluates to the
+/// response, or openraft's error (a remote error is decoded from its JSON).
+macro_rules! raft_call {
+    ($self:ident, $rpc:ident, $option:ident, $method:ident, $write:path, $read:path) => {{
+        let addr = $self.addr.clone();
+        let call = $self.rpc.run(move |peers| async move {
+            let (_, raft) = peers.get(&addr).await?;
+            let mut request = raft.$method();
+            $write(request.get().init_request(), &$rpc);
+            let reply = request.send().promise.await.map_err(|e| {
+                peers.forget(&addr);
+                RpcError::from_capnp(&addr, e)
+            })?;
+            let fail = |e: &dyn std::fmt::Display| RpcError::Failed {
+                addr: addr.clone(),
+                message: e.to_string(),
+            };
+            let r = reply.get().map_err(|e| fail(&e))?;
+            let error = r
+                .get_error()
+                .map_err(|e| fail(&e))?
+                .to_str()
+                .map_err(|e| fail(&e))?;
+            if !error.is_empty() {
+                return Ok(Answer::Remote(error.to_string()));
+            }
+            let response = $read(r.get_response().map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
+            Ok(Answer::Ok(response))
+        });
+        match $self.with_timeout($option.hard_ttl(), call).await? {
+            Answer::Ok(response) => Ok(response),
+            Answer::Remote(json) => Err(remote($self.target, &json)),
+        }
+    }};
+}
+
 impl RaftNetwork<TypeConfig> for Network {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse> {
-        let addr = self.addr.clone();
-        let call = self.rpc.run(move |peers| async move {
-            let (_, raft) = peers.get(&addr).await?;
-            let mut request = raft.append_entries_request();
-            codec::write_append_request(request.get().init_request(), &rpc);
-            let reply = request.send().promise.await.map_err(|e| {
-                peers.forget(&addr);
-                RpcError::from_capnp(&addr, e)
-            })?;
-            let fail = |e: String| RpcError::Failed {
-                addr: addr.clone(),
-                message: e,
-            };
-            let r = reply.get().map_err(|e| fail(e.to_string()))?;
-            let error = r
-                .get_error()
-                .map_err(|e| fail(e.to_string()))?
-                .to_str()
-                .map_err(|e| fail(e.to_string()))?;
-            if !error.is_empty() {
-                return Ok(Answer::Remote(error.to_string()));
-            }
-            let response =
-                codec::read_append_response(r.get_response().map_err(|e| fail(e.to_string()))?)
-                    .map_err(|e| fail(e.to_string()))?;
-            Ok(Answer::Ok(response))
-        });
-        match self.with_timeout(option.hard_ttl(), call).await? {
-            Answer::Ok(response) => Ok(response),
-            Answer::Remote(json) => Err(remote(self.target, &json)),
-        }
+        raft_call!(
+            self,
+            rpc,
+            option,
+            append_entries_request,
+            codec::write_append_request,
+            codec::read_append_response
+        )
     }
 
     async fn install_snapshot(
@@ -148,70 +162,24 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: InstallSnapshotRequest,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse, InstallSnapshotError> {
-        let addr = self.addr.clone();
-        let call = self.rpc.run(move |peers| async move {
-            let (_, raft) = peers.get(&addr).await?;
-            let mut request = raft.install_snapshot_request();
-            codec::write_snapshot_request(request.get().init_request(), &rpc);
-            let reply = request.send().promise.await.map_err(|e| {
-                peers.forget(&addr);
-                RpcError::from_capnp(&addr, e)
-            })?;
-            let fail = |e: String| RpcError::Failed {
-                addr: addr.clone(),
-                message: e,
-            };
-            let r = reply.get().map_err(|e| fail(e.to_string()))?;
-            let error = r
-                .get_error()
-                .map_err(|e| fail(e.to_string()))?
-                .to_str()
-                .map_err(|e| fail(e.to_string()))?;
-            if !error.is_empty() {
-                return Ok(Answer::Remote(error.to_string()));
-            }
-            let response =
-                codec::read_snapshot_response(r.get_response().map_err(|e| fail(e.to_string()))?)
-                    .map_err(|e| fail(e.to_string()))?;
-            Ok(Answer::Ok(response))
-        });
-        match self.with_timeout(option.hard_ttl(), call).await? {
-            Answer::Ok(response) => Ok(response),
-            Answer::Remote(json) => Err(remote(self.target, &json)),
-        }
+        raft_call!(
+            self,
+            rpc,
+            option,
+            install_snapshot_request,
+            codec::write_snapshot_request,
+            codec::read_snapshot_response
+        )
     }
 
     async fn vote(&mut self, rpc: VoteRequest, option: RPCOption) -> RpcResult<VoteResponse> {
-        let addr = self.addr.clone();
-        let call = self.rpc.run(move |peers| async move {
-            let (_, raft) = peers.get(&addr).await?;
-            let mut request = raft.vote_request();
-            codec::write_vote_request(request.get().init_request(), &rpc);
-            let reply = request.send().promise.await.map_err(|e| {
-                peers.forget(&addr);
-                RpcError::from_capnp(&addr, e)
-            })?;
-            let fail = |e: String| RpcError::Failed {
-                addr: addr.clone(),
-                message: e,
-            };
-            let r = reply.get().map_err(|e| fail(e.to_string()))?;
-            let error = r
-                .get_error()
-                .map_err(|e| fail(e.to_string()))?
-                .to_str()
-                .map_err(|e| fail(e.to_string()))?;
-            if !error.is_empty() {
-                return Ok(Answer::Remote(error.to_string()));
-            }
-            let response =
-                codec::read_vote_response(r.get_response().map_err(|e| fail(e.to_string()))?)
-                    .map_err(|e| fail(e.to_string()))?;
-            Ok(Answer::Ok(response))
-        });
-        match self.with_timeout(option.hard_ttl(), call).await? {
-            Answer::Ok(response) => Ok(response),
-            Answer::Remote(json) => Err(remote(self.target, &json)),
-        }
+        raft_call!(
+            self,
+            rpc,
+            option,
+            vote_request,
+            codec::write_vote_request,
+            codec::read_vote_response
+        )
     }
 }

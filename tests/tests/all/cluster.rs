@@ -56,6 +56,21 @@ async fn consistent_names(server: &Server) -> Vec<String> {
     names
 }
 
+/// Runs `wafer --server <server's gateway> ARGS`, expects success, returns stdout.
+fn cli(server: &Server, args: &[&str]) -> String {
+    let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
+        .args(["--server", &server.base()])
+        .args(args)
+        .output()
+        .expect("run wafer");
+    assert!(
+        output.status.success(),
+        "wafer {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 fn follower_of(leader: u64, nodes: &[u64]) -> u64 {
     *nodes.iter().find(|&&n| n != leader).expect("a follower")
 }
@@ -277,16 +292,11 @@ async fn the_cluster_grows_to_five_and_shrinks_and_keeps_committing() {
     cluster.add_server(4, Join::Via(via)).expect("node 4 joins");
     cluster.add_server(5, Join::Wait).expect("node 5 waits");
     // Node 5 is added from the CLI, through node 3's gateway.
-    let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
-        .args(["--server", &cluster.server(3).base(), "cluster", "add"])
-        .arg(&cluster.server(5).rpc)
-        .output()
-        .expect("wafer cluster add");
-    assert!(
-        output.status.success(),
-        "cluster add: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let added = cli(
+        cluster.server(3),
+        &["cluster", "add", &cluster.server(5).rpc],
     );
+    assert!(added.contains("added node 5"), "{added}");
     let all = [1, 2, 3, 4, 5];
     cluster.wait_voters(&all, &all).await.expect("five voters");
 
@@ -298,22 +308,13 @@ async fn the_cluster_grows_to_five_and_shrinks_and_keeps_committing() {
             "five"
         );
     }
+    // The CLI through any member: labels, and a linearizable listing.
+    let labeled = cli(cluster.server(1), &["label", "grown", "team=edge"]);
+    assert!(labeled.contains("team=edge"), "{labeled}");
+    let listed = cli(cluster.server(4), &["fns", "--json"]);
+    assert!(listed.contains("\"team\": \"edge\""), "{listed}");
 
-    let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
-        .args([
-            "--server",
-            &cluster.server(4).base(),
-            "cluster",
-            "remove",
-            "2",
-        ])
-        .output()
-        .expect("wafer cluster remove");
-    assert!(
-        output.status.success(),
-        "cluster remove: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    cli(cluster.server(4), &["cluster", "remove", "2"]);
     let rest = [1, 3, 4, 5];
     cluster
         .wait_voters(&rest, &rest)
@@ -330,15 +331,8 @@ async fn the_cluster_grows_to_five_and_shrinks_and_keeps_committing() {
     }
 
     // `wafer cluster status` names the leader and every member.
-    let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
-        .args(["--server", &cluster.server(5).base(), "cluster", "status"])
-        .output()
-        .expect("wafer cluster status");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && text.contains("leader:"),
-        "{text}"
-    );
+    let text = cli(cluster.server(5), &["cluster", "status"]);
+    assert!(text.contains("leader:"), "{text}");
     for id in rest {
         assert!(
             text.contains(&cluster.server(id).rpc),
