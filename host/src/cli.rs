@@ -250,8 +250,23 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Lets a client command die quietly when its output pipe closes (`wafer fns | head`),
+/// as command-line tools do, instead of panicking in `println!`. Servers keep Rust's
+/// default (SIGPIPE ignored; a closed socket is an error to handle).
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: `signal` only sets the process-wide disposition of SIGPIPE back to the
+    // default; it is thread-safe, takes no pointers, and touches no memory Rust owns.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = Client::new(&cli.server);
+    if !matches!(cli.command, Command::Dev { .. } | Command::Server { .. }) {
+        default_sigpipe();
+    }
     match cli.command {
         Command::Dev {
             http,
