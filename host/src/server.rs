@@ -179,6 +179,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         functions.clone(),
     )
     .context("opening the state machine")?;
+    // The functions were loaded from the state as of this index.
+    functions.mark_synced(sm.applied_index().context("reading the state machine")?);
     let raft_config = openraft::Config {
         cluster_name: "wafer".into(),
         heartbeat_interval: config.raft.heartbeat_ms,
@@ -202,9 +204,6 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     )
     .await
     .context("starting Raft")?;
-    if let Some(applied) = raft.metrics().borrow().last_applied {
-        functions.mark_synced(applied.index);
-    }
     let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone()));
     let service = NodeService::new(cluster.clone());
     let serving = rpc.clone();

@@ -194,6 +194,22 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops server `id` with SIGTERM (a graceful stop) and waits for it to exit.
+    pub fn stop(&mut self, id: u64) -> anyhow::Result<()> {
+        let server = self.servers.get_mut(&id).context("no such server")?;
+        if let Some(mut child) = server.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .context("running kill")?;
+            if !status.success() {
+                bail!("kill -TERM failed: {status}");
+            }
+            child.wait().context("waiting for the server")?;
+        }
+        Ok(())
+    }
+
     /// Restarts server `id` from its data folder on its old addresses.
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         let extra = self.extra.clone();

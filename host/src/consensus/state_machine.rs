@@ -100,6 +100,11 @@ impl StateMachine {
     pub fn state(&self) -> &State {
         &self.state
     }
+
+    /// The index of the last entry applied to the stored state (0 when none).
+    pub fn applied_index(&self) -> Result<u64, StorageError> {
+        Ok(applied_state_of(&self.state)?.0.map_or(0, |id| id.index))
+    }
 }
 
 fn get_meta<T: DeserializeOwned>(

@@ -375,9 +375,16 @@ async fn a_restarted_server_keeps_its_state_and_unusable_data_folders_fail_clear
         .expect("server starts");
     let (code, body) = deploy_to(cluster.server(1), "kept", plain_program("kept", 0)).await;
     assert_eq!(code, StatusCode::CREATED, "{body}");
+    // After a graceful stop and after a crash, the server comes back caught up.
+    cluster.stop(1).expect("stop");
+    cluster.restart(1).expect("restart");
+    assert_eq!(get_eventually(cluster.server(1), "/fn/kept").await, "kept");
     cluster.kill(1).expect("kill");
     cluster.restart(1).expect("restart");
     assert_eq!(get_eventually(cluster.server(1), "/fn/kept").await, "kept");
+    let log = cluster.server(1).log();
+    assert!(log.contains("caught up with the cluster"), "{log}");
+    assert!(!log.contains("without catching up"), "{log}");
     let data = cluster.server(1).data.clone();
     cluster.kill(1).expect("kill");
 
