@@ -125,8 +125,8 @@ fn claim_data_folder(data: &Path, id: NodeId) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if db.exists() {
                 anyhow::bail!(
-                    "data folder {} has a database but no {NODE_FILE}: it was not written by this \
-                     version of wafer, or is damaged",
+                    "data folder {} has a database but no {NODE_FILE}: it was written by an older \
+                     wafer (before clustering) or is damaged; move it away to start afresh",
                     data.display()
                 );
             }
