@@ -1,12 +1,15 @@
-//! Prometheus metrics of a node: invocations, errors, durations, module cache and live
-//! instances, rendered in the text exposition format at `/metrics`.
+//! Prometheus metrics of a node: invocations, errors, durations, module cache, live
+//! instances and this node's Raft state, rendered in the text exposition format at
+//! `/metrics`.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::cluster::ClusterStatus;
 use crate::runtime::RuntimeMetrics;
 
 /// Labels of an invocation count.
@@ -76,6 +79,18 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     /// Guest run time by function, seconds.
     pub duration: HistogramFamily,
+    raft: RaftGauges,
+}
+
+/// This node's Raft state, set from [`ClusterStatus`] when metrics are rendered.
+#[derive(Default)]
+struct RaftGauges {
+    term: Gauge,
+    is_leader: Gauge,
+    last_log_index: Gauge,
+    applied_index: Gauge,
+    snapshot_index: Gauge,
+    voters: Gauge,
 }
 
 fn duration_histogram() -> Histogram {
@@ -125,11 +140,39 @@ impl Metrics {
             "Function instances alive now",
             runtime.live_instances.clone(),
         );
+        let raft = RaftGauges::default();
+        registry.register("raft_term", "Current Raft term", raft.term.clone());
+        registry.register(
+            "raft_is_leader",
+            "1 if this node is the leader",
+            raft.is_leader.clone(),
+        );
+        registry.register(
+            "raft_last_log_index",
+            "Index of the last entry in this node's log",
+            raft.last_log_index.clone(),
+        );
+        registry.register(
+            "raft_applied_index",
+            "Index of the last entry applied to this node's state",
+            raft.applied_index.clone(),
+        );
+        registry.register(
+            "raft_snapshot_index",
+            "Index covered by this node's latest snapshot",
+            raft.snapshot_index.clone(),
+        );
+        registry.register(
+            "raft_voters",
+            "Voting members of the cluster, as this node sees it",
+            raft.voters.clone(),
+        );
         Metrics {
             registry,
             invocations,
             errors,
             duration,
+            raft,
         }
     }
 
@@ -174,6 +217,23 @@ impl Metrics {
                 kind,
             })
             .inc();
+    }
+
+    /// Records this node's view of the cluster (before rendering).
+    pub fn observe_cluster(&self, status: &ClusterStatus) {
+        let index = |i: Option<u64>| i.map_or(0, |i| i64::try_from(i).unwrap_or(i64::MAX));
+        self.raft
+            .term
+            .set(i64::try_from(status.term).unwrap_or(i64::MAX));
+        self.raft
+            .is_leader
+            .set(i64::from(status.leader_id == Some(status.id)));
+        self.raft.last_log_index.set(index(status.last_log_index));
+        self.raft.applied_index.set(index(status.applied_index));
+        self.raft.snapshot_index.set(index(status.snapshot_index));
+        self.raft
+            .voters
+            .set(status.members.iter().filter(|m| m.voter).count() as i64);
     }
 
     /// The metrics in Prometheus text format.

@@ -89,7 +89,10 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        app.metrics.render(),
+        {
+            app.metrics.observe_cluster(&app.cluster.status());
+            app.metrics.render()
+        },
     )
 }
 

@@ -95,6 +95,38 @@ async fn three_servers_form_a_cluster_and_a_deploy_on_a_follower_is_served_every
     );
     assert!(status["last_log_index"].as_u64().is_some(), "{status}");
 
+    // Raft metrics: the node all agree leads reports itself leader, the others do not,
+    // and each counts three voters (polled: leadership may move meanwhile).
+    let until = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        let now = cluster.wait_leader(&[1, 2, 3]).await.expect("a leader");
+        let mut seen = Vec::new();
+        for id in [1, 2, 3] {
+            let text = reqwest::get(cluster.server(id).url("/metrics"))
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("metrics text");
+            seen.push((
+                wafer_tests::metric(&text, "wafer_raft_is_leader"),
+                wafer_tests::metric(&text, "wafer_raft_voters"),
+            ));
+        }
+        let expected: Vec<_> = [1, 2, 3]
+            .iter()
+            .map(|&id| (Some(if id == now { 1.0 } else { 0.0 }), Some(3.0)))
+            .collect();
+        if seen == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "raft metrics {seen:?}, leader {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     let hello = wafer_tests::example("hello").expect("example built");
     let (code, record) = deploy_to(cluster.server(follower), "hello", hello).await;
     assert_eq!(code, StatusCode::CREATED, "{record}");
