@@ -283,11 +283,6 @@ impl Cluster {
         &self.raft
     }
 
-    /// The RPC thread.
-    pub fn rpc(&self) -> &RpcHandle {
-        &self.rpc
-    }
-
     /// Whether this node has a Raft state (it bootstrapped or was added to a cluster).
     pub async fn is_member(&self) -> bool {
         self.raft.is_initialized().await.unwrap_or(false)

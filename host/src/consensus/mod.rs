@@ -15,7 +15,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use log_store::LogStore;
-pub use network::{Network, NetworkFactory};
+pub use network::NetworkFactory;
 pub use state_machine::StateMachine;
 
 use crate::state::{Command, CommandResponse};

@@ -96,11 +96,6 @@ impl StateMachine {
         })
     }
 
-    /// The state this machine applies to.
-    pub fn state(&self) -> &State {
-        &self.state
-    }
-
     /// The index of the last entry applied to the stored state (0 when none).
     pub fn applied_index(&self) -> Result<u64, StorageError> {
         Ok(applied_state_of(&self.state)?.0.map_or(0, |id| id.index))
@@ -120,20 +115,23 @@ fn get_meta<T: DeserializeOwned>(
     }
 }
 
+/// Records the last applied log id and, when it changed, the membership.
 fn put_meta(
     txn: &redb::WriteTransaction,
     last_applied: &Option<LogId>,
-    membership: &StoredMembership,
+    membership: Option<&StoredMembership>,
 ) -> Result<(), StorageError> {
     let mut table = txn.open_table(META).map_err(sm_write)?;
     let applied = serde_json::to_vec(last_applied).map_err(sm_write)?;
-    let membership = serde_json::to_vec(membership).map_err(sm_write)?;
     table
         .insert(LAST_APPLIED, applied.as_slice())
         .map_err(sm_write)?;
-    table
-        .insert(MEMBERSHIP, membership.as_slice())
-        .map_err(sm_write)?;
+    if let Some(membership) = membership {
+        let membership = serde_json::to_vec(membership).map_err(sm_write)?;
+        table
+            .insert(MEMBERSHIP, membership.as_slice())
+            .map_err(sm_write)?;
+    }
     Ok(())
 }
 
@@ -266,7 +264,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let observer = self.observer.clone();
         blocking(
             move || -> Result<Vec<Option<CommandResponse>>, StorageError> {
-                let (_, mut membership) = applied_state_of(&state)?;
+                // Set only by a membership entry in this batch.
+                let mut membership = None;
                 let mut txn = state.database().begin_write().map_err(sm_write)?;
                 // Not fsynced: after a crash, openraft re-applies the committed entries
                 // from the durable log (a snapshot first makes the state durable).
@@ -282,12 +281,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             })?)
                         }
                         EntryPayload::Membership(m) => {
-                            membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                            membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
                             None
                         }
                     });
                 }
-                put_meta(&txn, &Some(last), &membership)?;
+                put_meta(&txn, &Some(last), membership.as_ref())?;
                 txn.commit().map_err(sm_write)?;
                 let changes: Vec<&CommandResponse> = responses
                     .iter()
@@ -361,7 +360,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             let txn = state.database().begin_write().map_err(sm_write)?;
             state::restore(&txn, &mut reader).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-            put_meta(&txn, &meta.last_log_id, &meta.last_membership)?;
+            put_meta(&txn, &meta.last_log_id, Some(&meta.last_membership))?;
             txn.commit().map_err(sm_write)?;
             // Keep the received data as this node's current snapshot. (Copied: the data
             // need not be in the file `begin_receiving_snapshot` made.)

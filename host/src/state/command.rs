@@ -254,18 +254,6 @@ impl Command {
         let message = capnp::serialize::read_message_from_flat_slice(&mut bytes, reader_options())?;
         Command::read(message.get_root()?)
     }
-
-    /// A short description for logs.
-    pub fn summary(&self) -> String {
-        match self {
-            Command::DeployFunction { name, module, .. } => {
-                format!("deploy {name} ({} bytes)", module.len())
-            }
-            Command::DeleteFunction { name } => format!("delete {name}"),
-            Command::SetLabels { name, .. } => format!("label {name}"),
-            Command::Batch(commands) => format!("batch of {}", commands.len()),
-        }
-    }
 }
 
 #[cfg(test)]
