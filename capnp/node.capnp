@@ -37,7 +37,59 @@ struct Command {
     # Several commands proposed together, applied in order as one log entry (the
     # leader batches concurrent proposals so that one fsync commits them all).
     batch @8 :List(Command);
+
+    # An agent registers (again): it is active with this capacity and these attributes.
+    registerAgent :group {
+      agent @9 :AgentInfo;
+      atMs @10 :UInt64;
+    }
+    # The leader stopped hearing from agent `agent`: its allocations return to the pool.
+    agentUnreachable :group {
+      agent @11 :Text;
+      atMs @12 :UInt64;
+    }
+    # A framework registers (again) in a role.
+    registerFramework :group {
+      id @13 :Text;
+      name @14 :Text;
+      role @15 :Text;
+      atMs @16 :UInt64;
+    }
+    # Sets a role's weight and quota (a null quota: no limit).
+    setRole :group {
+      role @17 :Text;
+      weight @18 :Float64;
+      quota @19 :Resources;
+    }
+    # A framework accepts an offer: `resources` of agent `agent` become its allocation,
+    # unless they are no longer free (then the command is rejected, on every replica).
+    accept :group {
+      framework @20 :Text;
+      agent @21 :Text;
+      resources @22 :Resources;
+      atMs @23 :UInt64;
+    }
+    # An allocation's resources return to the pool.
+    release :group {
+      allocation @24 :UInt64;
+    }
   }
+}
+
+# Amounts of resources (see `Resources` in host/src/state/resources.rs).
+struct Resources {
+  slots @0 :UInt64;
+  memoryMb @1 :UInt64;
+  accelerators @2 :UInt64;
+}
+
+# What an agent registers with.
+struct AgentInfo {
+  id @0 :Text;
+  # Cap'n Proto address of its executor.
+  rpcAddr @1 :Text;
+  resources @2 :Resources;
+  attributes @3 :List(Label);
 }
 
 struct Label {
@@ -92,6 +144,13 @@ struct SnapshotItem {
     blob :group {
       digest @2 :Text;
       module @3 :Data;
+    }
+    # A row of one of the scheduling tables (agents, frameworks, roles, allocations,
+    # counters), as stored.
+    row :group {
+      table @4 :Text;
+      key @5 :Data;
+      value @6 :Data;
     }
   }
 }

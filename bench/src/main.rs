@@ -5,11 +5,14 @@
 //!   process-per-request (`wafer run` per call), all driven by the same load generator;
 //! - `instantiate`: in-process instantiate + run latency of `hello`, with and without the
 //!   pooling allocator;
+//! - `allocator`: the allocator alone with 1,000 and 10,000 simulated agents:
+//!   placements/s and allocation-round latency;
 //! - `commit`: Raft commits of small metadata commands on 1- and 3-node wafer clusters
 //!   against etcd 3.4 clusters of the same size, at the same numbers of clients.
 //!
 //! `cargo run --release -p wafer-bench -- all` prints a Markdown report.
 
+mod allocator;
 mod commit;
 mod load;
 
@@ -40,6 +43,8 @@ enum Cmd {
     Instantiate(InstantiateArgs),
     /// Raft commits: wafer vs etcd.
     Commit(commit::CommitArgs),
+    /// The allocator alone, with simulated agents.
+    Allocator(allocator::AllocatorArgs),
     /// Sets labels on function `meta` through the node at ADDR (its --listen address)
     /// from N clients (for profiling a server by hand).
     CommitLoad {
@@ -60,6 +65,8 @@ enum Cmd {
         instantiate: InstantiateArgs,
         #[command(flatten)]
         commit: commit::CommitArgs,
+        #[command(flatten)]
+        allocator: allocator::AllocatorArgs,
     },
     /// (internal) a plain axum hello-world server; prints its address.
     PlainServer,
@@ -153,15 +160,21 @@ fn main() -> anyhow::Result<()> {
             print_header();
             commit::run(&c)
         }
+        Cmd::Allocator(a) => {
+            print_header();
+            allocator::run(&a)
+        }
         Cmd::All {
             gateway: g,
             instantiate: i,
             commit: c,
+            allocator: a,
         } => {
             print_header();
             gateway(&g)?;
             instantiate(&i)?;
-            commit::run(&c)
+            commit::run(&c)?;
+            allocator::run(&a)
         }
     }
 }

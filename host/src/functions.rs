@@ -298,10 +298,9 @@ impl Observer for Functions {
                         }
                     }
                 }
-                // Superseded relabelings; refusals; batches arrive flattened.
-                CommandResponse::Labeled(_)
-                | CommandResponse::Rejected(_)
-                | CommandResponse::Batch(_) => {}
+                // Superseded relabelings; refusals; batches arrive flattened; scheduling
+                // changes are the scheduler's.
+                _ => {}
             }
         }
         self.synced.send_modify(|at| *at = (*at).max(last_index));

@@ -13,5 +13,6 @@ pub mod gateway;
 pub mod metrics;
 pub mod rpc;
 pub mod runtime;
+pub mod scheduler;
 pub mod server;
 pub mod state;

@@ -124,6 +124,17 @@ impl From<Rejection> for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
             Rejection::InvalidLabel(_) => (StatusCode::BAD_REQUEST, "invalid_label"),
+            Rejection::InvalidAttribute(_) | Rejection::InvalidWeight(_) => {
+                (StatusCode::BAD_REQUEST, "invalid")
+            }
+            Rejection::UnknownAgent(_)
+            | Rejection::UnknownFramework(_)
+            | Rejection::UnknownAllocation(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Rejection::NothingToAllocate => (StatusCode::BAD_REQUEST, "invalid"),
+            Rejection::AgentUnreachable(_)
+            | Rejection::InsufficientResources { .. }
+            | Rejection::QuotaExceeded { .. }
+            | Rejection::CapacityBelowAllocated { .. } => (StatusCode::CONFLICT, "rejected"),
         };
         ApiError::new(status, code, message)
     }

@@ -5,16 +5,19 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use wafer_proto::node_capnp::command;
+use wafer_proto::node_capnp::{command, resources};
 
-use super::{FunctionName, FunctionRecord, FunctionSpec};
+use super::{
+    AgentId, Allocation, AllocationId, FrameworkId, FunctionName, FunctionRecord, FunctionSpec,
+    InvalidId, Resources, RoleName,
+};
 
 /// Largest module a deploy command may carry, bytes. Every replica applies the same
 /// limit; a node's gateway may accept less (`--max-module-mb`).
 pub const MAX_MODULE_BYTES: u64 = 256 << 20;
 
 /// A change to the replicated state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Stores `module` as the next version of function `name`.
     DeployFunction {
@@ -43,6 +46,63 @@ pub enum Command {
     },
     /// Commands applied in order as one (answered with [`CommandResponse::Batch`]).
     Batch(Vec<Command>),
+    /// Agent `agent` registers (again): active, with this capacity and these attributes.
+    RegisterAgent {
+        /// The agent.
+        agent: AgentId,
+        /// Cap'n Proto address of its executor.
+        rpc: String,
+        /// Its capacity.
+        resources: Resources,
+        /// Attributes for placement constraints.
+        attributes: BTreeMap<String, String>,
+        /// When, ms since the Unix epoch (chosen by the proposer).
+        at_ms: u64,
+    },
+    /// The leader stopped hearing from `agent`: its allocations return to the pool.
+    AgentUnreachable {
+        /// The agent.
+        agent: AgentId,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
+    /// A framework registers (again) in a role.
+    RegisterFramework {
+        /// Its id.
+        id: FrameworkId,
+        /// A name for people.
+        name: String,
+        /// Its role.
+        role: RoleName,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
+    /// Sets a role's weight and quota.
+    SetRole {
+        /// The role.
+        role: RoleName,
+        /// Its weight (above 0).
+        weight: f64,
+        /// The most its frameworks may hold together (none: no limit).
+        quota: Option<Resources>,
+    },
+    /// A framework accepts an offer: `resources` of `agent` become its allocation,
+    /// unless they are no longer free.
+    Accept {
+        /// The framework.
+        framework: FrameworkId,
+        /// The agent.
+        agent: AgentId,
+        /// How much.
+        resources: Resources,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
+    /// An allocation's resources return to the pool.
+    Release {
+        /// The allocation.
+        allocation: AllocationId,
+    },
 }
 
 /// What applying a command did.
@@ -58,6 +118,23 @@ pub enum CommandResponse {
     Rejected(Rejection),
     /// The answers to a [`Command::Batch`], in order.
     Batch(Vec<CommandResponse>),
+    /// The agent is registered and active.
+    AgentRegistered(AgentId),
+    /// The agent is unreachable; these allocations were released.
+    AgentLost {
+        /// The agent.
+        agent: AgentId,
+        /// Its allocations, now released.
+        released: Vec<AllocationId>,
+    },
+    /// The framework is registered.
+    FrameworkRegistered(FrameworkId),
+    /// The role's settings changed.
+    RoleSet(RoleName),
+    /// The offer was accepted: this allocation was made.
+    Allocated(Allocation),
+    /// The allocation was released.
+    Released(AllocationId),
 }
 
 impl CommandResponse {
@@ -66,7 +143,7 @@ impl CommandResponse {
         match self {
             CommandResponse::Deployed(record) => Some(&record.name),
             CommandResponse::Deleted(name) | CommandResponse::Labeled(name) => Some(name),
-            CommandResponse::Rejected(_) | CommandResponse::Batch(_) => None,
+            _ => None,
         }
     }
 
@@ -100,6 +177,57 @@ pub enum Rejection {
     /// A label key or value is invalid, or there are too many labels.
     #[error("{0}")]
     InvalidLabel(String),
+    /// An agent attribute is invalid, or there are too many.
+    #[error("{0}")]
+    InvalidAttribute(String),
+    /// A role's weight is out of range.
+    #[error("{0}")]
+    InvalidWeight(String),
+    /// No agent has this id.
+    #[error("no agent `{0}`")]
+    UnknownAgent(AgentId),
+    /// The agent is unreachable: its resources are not offered.
+    #[error("agent `{0}` is unreachable")]
+    AgentUnreachable(AgentId),
+    /// No framework has this id.
+    #[error("no framework `{0}` is registered")]
+    UnknownFramework(FrameworkId),
+    /// No allocation has this id.
+    #[error("no allocation {0}")]
+    UnknownAllocation(AllocationId),
+    /// An accept asked for nothing.
+    #[error("an accept must ask for some resources")]
+    NothingToAllocate,
+    /// The resources asked for are no longer free on the agent (the offer was stale).
+    #[error("agent `{agent}` has {free} free, not the {requested} asked for")]
+    InsufficientResources {
+        /// The agent.
+        agent: AgentId,
+        /// What was asked for.
+        requested: Resources,
+        /// What is free.
+        free: Resources,
+    },
+    /// The role would hold more than its quota.
+    #[error("role `{role}` would hold {would_hold}, over its quota of {quota}")]
+    QuotaExceeded {
+        /// The role.
+        role: RoleName,
+        /// Its quota.
+        quota: Resources,
+        /// What it would hold.
+        would_hold: Resources,
+    },
+    /// An agent registered with less capacity than it has allocated.
+    #[error("agent `{agent}` cannot shrink to {capacity}: {allocated} is allocated")]
+    CapacityBelowAllocated {
+        /// The agent.
+        agent: AgentId,
+        /// The capacity it registered with.
+        capacity: Resources,
+        /// What is allocated on it.
+        allocated: Resources,
+    },
 }
 
 /// Bytes that are not a valid encoded [`Command`].
@@ -115,6 +243,12 @@ impl From<capnp::Error> for MalformedCommand {
 
 impl From<capnp::NotInSchema> for MalformedCommand {
     fn from(e: capnp::NotInSchema) -> MalformedCommand {
+        MalformedCommand(e.to_string())
+    }
+}
+
+impl From<InvalidId> for MalformedCommand {
+    fn from(e: InvalidId) -> MalformedCommand {
         MalformedCommand(e.to_string())
     }
 }
@@ -176,6 +310,70 @@ impl Command {
                     command.write(list.reborrow().get(i as u32));
                 }
             }
+            Command::RegisterAgent {
+                agent,
+                rpc,
+                resources,
+                attributes,
+                at_ms,
+            } => {
+                let mut register = builder.init_register_agent();
+                register.set_at_ms(*at_ms);
+                let mut info = register.init_agent();
+                info.set_id(agent.as_str());
+                info.set_rpc_addr(rpc.as_str());
+                write_resources(info.reborrow().init_resources(), resources);
+                let mut list = info.init_attributes(attributes.len() as u32);
+                for (i, (key, value)) in attributes.iter().enumerate() {
+                    let mut label = list.reborrow().get(i as u32);
+                    label.set_key(key.as_str());
+                    label.set_value(value.as_str());
+                }
+            }
+            Command::AgentUnreachable { agent, at_ms } => {
+                let mut lost = builder.init_agent_unreachable();
+                lost.set_agent(agent.as_str());
+                lost.set_at_ms(*at_ms);
+            }
+            Command::RegisterFramework {
+                id,
+                name,
+                role,
+                at_ms,
+            } => {
+                let mut register = builder.init_register_framework();
+                register.set_id(id.as_str());
+                register.set_name(name.as_str());
+                register.set_role(role.as_str());
+                register.set_at_ms(*at_ms);
+            }
+            Command::SetRole {
+                role,
+                weight,
+                quota,
+            } => {
+                let mut set = builder.init_set_role();
+                set.set_role(role.as_str());
+                set.set_weight(*weight);
+                if let Some(quota) = quota {
+                    write_resources(set.init_quota(), quota);
+                }
+            }
+            Command::Accept {
+                framework,
+                agent,
+                resources,
+                at_ms,
+            } => {
+                let mut accept = builder.init_accept();
+                accept.set_framework(framework.as_str());
+                accept.set_agent(agent.as_str());
+                accept.set_at_ms(*at_ms);
+                write_resources(accept.init_resources(), resources);
+            }
+            Command::Release { allocation } => {
+                builder.init_release().set_allocation(allocation.0);
+            }
         }
     }
 
@@ -194,6 +392,20 @@ impl Command {
                     + remove.iter().map(|k| k.len() + 8).sum::<usize>()
             }
             Command::Batch(commands) => commands.iter().map(Command::size).sum(),
+            Command::RegisterAgent {
+                rpc, attributes, ..
+            } => {
+                128 + rpc.len()
+                    + attributes
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 16)
+                        .sum::<usize>()
+            }
+            Command::RegisterFramework { name, .. } => 128 + name.len(),
+            Command::AgentUnreachable { .. }
+            | Command::SetRole { .. }
+            | Command::Accept { .. }
+            | Command::Release { .. } => 128,
         }
     }
 
@@ -239,6 +451,51 @@ impl Command {
                     .map(Command::read)
                     .collect::<Result<Vec<_>, _>>()?,
             ),
+            command::RegisterAgent(register) => {
+                let info = register.get_agent()?;
+                let mut attributes = BTreeMap::new();
+                for label in info.get_attributes()? {
+                    attributes.insert(
+                        label.get_key()?.to_str()?.to_string(),
+                        label.get_value()?.to_str()?.to_string(),
+                    );
+                }
+                Command::RegisterAgent {
+                    agent: info.get_id()?.to_str()?.parse()?,
+                    rpc: info.get_rpc_addr()?.to_str()?.to_string(),
+                    resources: read_resources(info.get_resources()?),
+                    attributes,
+                    at_ms: register.get_at_ms(),
+                }
+            }
+            command::AgentUnreachable(lost) => Command::AgentUnreachable {
+                agent: lost.get_agent()?.to_str()?.parse()?,
+                at_ms: lost.get_at_ms(),
+            },
+            command::RegisterFramework(register) => Command::RegisterFramework {
+                id: register.get_id()?.to_str()?.parse()?,
+                name: register.get_name()?.to_str()?.to_string(),
+                role: register.get_role()?.to_str()?.parse()?,
+                at_ms: register.get_at_ms(),
+            },
+            command::SetRole(set) => Command::SetRole {
+                role: set.get_role()?.to_str()?.parse()?,
+                weight: set.get_weight(),
+                quota: if set.has_quota() {
+                    Some(read_resources(set.get_quota()?))
+                } else {
+                    None
+                },
+            },
+            command::Accept(accept) => Command::Accept {
+                framework: accept.get_framework()?.to_str()?.parse()?,
+                agent: accept.get_agent()?.to_str()?.parse()?,
+                resources: read_resources(accept.get_resources()?),
+                at_ms: accept.get_at_ms(),
+            },
+            command::Release(release) => Command::Release {
+                allocation: AllocationId(release.get_allocation()),
+            },
         })
     }
 
@@ -253,6 +510,22 @@ impl Command {
     pub fn decode(mut bytes: &[u8]) -> Result<Command, MalformedCommand> {
         let message = capnp::serialize::read_message_from_flat_slice(&mut bytes, reader_options())?;
         Command::read(message.get_root()?)
+    }
+}
+
+/// Writes `resources` into a capnp `Resources`.
+pub fn write_resources(mut b: resources::Builder<'_>, r: &Resources) {
+    b.set_slots(r.slots);
+    b.set_memory_mb(r.memory_mb);
+    b.set_accelerators(r.accelerators);
+}
+
+/// Reads a capnp `Resources`.
+pub fn read_resources(r: resources::Reader<'_>) -> Resources {
+    Resources {
+        slots: r.get_slots(),
+        memory_mb: r.get_memory_mb(),
+        accelerators: r.get_accelerators(),
     }
 }
 
@@ -286,6 +559,46 @@ mod tests {
                 Command::DeleteFunction { name: name("i")? },
                 Command::Batch(vec![Command::DeleteFunction { name: name("j")? }]),
             ]),
+            Command::RegisterAgent {
+                agent: "a-1".parse()?,
+                rpc: "127.0.0.1:7000".into(),
+                resources: Resources {
+                    slots: 8,
+                    memory_mb: 4096,
+                    accelerators: 1,
+                },
+                attributes: BTreeMap::from([("zone".into(), "b".into())]),
+                at_ms: 5,
+            },
+            Command::AgentUnreachable {
+                agent: "a-1".parse()?,
+                at_ms: 6,
+            },
+            Command::RegisterFramework {
+                id: "jobs".parse()?,
+                name: "durable jobs".into(),
+                role: "batch".parse()?,
+                at_ms: 7,
+            },
+            Command::SetRole {
+                role: "batch".parse()?,
+                weight: 2.5,
+                quota: Some(Resources::new(10, 1024)),
+            },
+            Command::SetRole {
+                role: "web".parse()?,
+                weight: 1.0,
+                quota: None,
+            },
+            Command::Accept {
+                framework: "jobs".parse()?,
+                agent: "a-1".parse()?,
+                resources: Resources::new(2, 512),
+                at_ms: 8,
+            },
+            Command::Release {
+                allocation: AllocationId(3),
+            },
         ];
         for command in commands {
             assert_eq!(Command::decode(&command.encode())?, command);

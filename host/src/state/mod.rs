@@ -1,12 +1,18 @@
 //! The replicated state machine's data in the node's redb file: deployed functions
-//! (name -> record) and module blobs (digest -> bytes, shared by functions with the same
-//! module), changed only by applying [`Command`]s in log order.
+//! (name -> record), module blobs (digest -> bytes, shared by functions with the same
+//! module) and the scheduling tables (agents, frameworks, roles, allocations), changed
+//! only by applying [`Command`]s in log order.
 //!
 //! `apply` is deterministic: its answer and its effect depend only on the command and
 //! the state before it, so every replica that applies the same log holds the same state.
 
+mod agent;
 mod command;
+mod framework;
 mod function;
+pub(crate) mod ident;
+mod resources;
+mod scheduling;
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -18,13 +24,21 @@ use redb::{
 use wafer_proto::node_capnp::snapshot_item;
 
 use crate::digest::Digest;
+pub use agent::{AgentId, AgentRecord, AgentState};
 pub use command::{
-    reader_options, Command, CommandResponse, MalformedCommand, Rejection, MAX_MODULE_BYTES,
+    read_resources, reader_options, write_resources, Command, CommandResponse, MalformedCommand,
+    Rejection, MAX_MODULE_BYTES,
+};
+pub use framework::{
+    Allocation, AllocationId, FrameworkId, FrameworkRecord, RoleName, RoleRecord, MAX_WEIGHT,
 };
 pub use function::{
     check_label_key, check_label_value, FunctionName, FunctionRecord, FunctionSpec, InvalidName,
     MAX_LABELS, MAX_NAME_LEN,
 };
+pub use ident::InvalidId;
+pub use resources::Resources;
+pub use scheduling::SchedulingView;
 
 /// Function name -> JSON [`FunctionRecord`].
 const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
@@ -98,6 +112,7 @@ impl State {
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(FUNCTIONS).map_err(storage)?;
         txn.open_table(BLOBS).map_err(storage)?;
+        scheduling::create_tables(&txn)?;
         txn.commit().map_err(storage)?;
         Ok(State { db: Arc::new(db) })
     }
@@ -129,6 +144,12 @@ impl State {
         Ok(out)
     }
 
+    /// The scheduling tables: agents, frameworks, roles and allocations.
+    pub fn scheduling(&self) -> Result<SchedulingView, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        scheduling::read_view(&txn)
+    }
+
     /// The module with `digest`.
     pub fn get_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StateError> {
         let txn = self.db.begin_read().map_err(storage)?;
@@ -143,6 +164,9 @@ impl State {
 /// Applies `command` inside `txn`. A command the state refuses is answered with
 /// [`CommandResponse::Rejected`] and changes nothing; an `Err` is a storage failure.
 pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandResponse, StateError> {
+    if let Some(answer) = scheduling::apply(txn, command)? {
+        return Ok(answer);
+    }
     let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
     let mut blobs = txn.open_table(BLOBS).map_err(storage)?;
     match command {
@@ -231,6 +255,15 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
             }
             Ok(CommandResponse::Batch(responses))
         }
+        // Answered by `scheduling::apply` above.
+        Command::RegisterAgent { .. }
+        | Command::AgentUnreachable { .. }
+        | Command::RegisterFramework { .. }
+        | Command::SetRole { .. }
+        | Command::Accept { .. }
+        | Command::Release { .. } => Err(StateError::Snapshot(
+            "a scheduling command reached the function tables".into(),
+        )),
     }
 }
 
@@ -330,7 +363,7 @@ pub fn dump(txn: &ReadTransaction, out: &mut impl Write) -> Result<(), StateErro
         blob.set_module(module.value());
         capnp::serialize::write_message(&mut *out, &message).map_err(io)?;
     }
-    Ok(())
+    scheduling::dump(txn, out)
 }
 
 /// Replaces the state in `txn` with the records [`dump`] wrote, read from `input` until
@@ -339,6 +372,7 @@ pub fn restore(txn: &WriteTransaction, input: &mut impl BufRead) -> Result<(), S
     let bad = |e: capnp::Error| StateError::Snapshot(e.to_string());
     txn.delete_table(FUNCTIONS).map_err(storage)?;
     txn.delete_table(BLOBS).map_err(storage)?;
+    scheduling::clear(txn)?;
     let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
     let mut blobs = txn.open_table(BLOBS).map_err(storage)?;
     while let Some(message) =
@@ -367,6 +401,18 @@ pub fn restore(txn: &WriteTransaction, input: &mut impl BufRead) -> Result<(), S
                 blobs
                     .insert(digest, blob.get_module().map_err(bad)?)
                     .map_err(storage)?;
+            }
+            snapshot_item::Row(row) => {
+                let table = row
+                    .get_table()
+                    .and_then(|n| n.to_str().map_err(Into::into))
+                    .map_err(bad)?;
+                scheduling::restore_row(
+                    txn,
+                    table,
+                    row.get_key().map_err(bad)?,
+                    row.get_value().map_err(bad)?,
+                )?;
             }
         }
     }

@@ -1,0 +1,11 @@
+//! Two-level scheduling, Mesos style: the leader's allocator offers agents' free
+//! resources to frameworks by dominant resource fairness; a framework accepts an offer
+//! with a command that the replicated state validates (so nothing is allocated twice),
+//! or declines it.
+
+pub mod allocator;
+pub mod constraint;
+pub mod simulation;
+
+pub use allocator::{Allocator, AllocatorConfig, Offer, OfferError, OfferId, Share};
+pub use constraint::{Constraint, InvalidConstraint};

@@ -1,0 +1,722 @@
+//! The scheduling half of the replicated state: agents, frameworks, roles and
+//! allocations in their redb tables, and the deterministic `apply` of the commands that
+//! change them. An accept is checked against the agent's free resources and the role's
+//! quota as the state stands when it is applied, so a stale offer is refused on every
+//! replica alike and nothing is ever allocated twice.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use redb::{ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
+use serde::{de::DeserializeOwned, Serialize};
+use wafer_proto::node_capnp::snapshot_item;
+
+use super::{
+    check_label_key, check_label_value, storage, AgentId, AgentRecord, AgentState, Allocation,
+    AllocationId, Command, CommandResponse, FrameworkId, FrameworkRecord, Rejection, Resources,
+    RoleName, RoleRecord, StateError, MAX_LABELS, MAX_WEIGHT,
+};
+
+/// Agent id -> JSON [`AgentRecord`].
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+/// Framework id -> JSON [`FrameworkRecord`].
+const FRAMEWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("frameworks");
+/// Role -> JSON [`RoleRecord`] (configured roles only).
+const ROLES: TableDefinition<&str, &[u8]> = TableDefinition::new("roles");
+/// Allocation id -> JSON [`Allocation`].
+const ALLOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("allocations");
+/// Counters: `next_allocation`.
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+const NEXT_ALLOCATION: &str = "next_allocation";
+
+/// Creates the tables (so that readers find them empty rather than missing).
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StateError> {
+    txn.open_table(AGENTS).map_err(storage)?;
+    txn.open_table(FRAMEWORKS).map_err(storage)?;
+    txn.open_table(ROLES).map_err(storage)?;
+    txn.open_table(ALLOCATIONS).map_err(storage)?;
+    txn.open_table(COUNTERS).map_err(storage)?;
+    Ok(())
+}
+
+/// Everything the scheduler reads: one consistent view of the scheduling tables.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulingView {
+    /// Agents by id.
+    pub agents: BTreeMap<AgentId, AgentRecord>,
+    /// Frameworks by id.
+    pub frameworks: BTreeMap<FrameworkId, FrameworkRecord>,
+    /// Configured roles.
+    pub roles: BTreeMap<RoleName, RoleRecord>,
+    /// Allocations by id.
+    pub allocations: BTreeMap<AllocationId, Allocation>,
+}
+
+impl SchedulingView {
+    /// The settings of `role` (defaults when nobody configured it).
+    pub fn role(&self, role: &RoleName) -> RoleRecord {
+        self.roles
+            .get(role)
+            .cloned()
+            .unwrap_or_else(|| RoleRecord::default_for(role.clone()))
+    }
+
+    /// Agents whose allocations exceed their capacity (always empty: a test checks it).
+    pub fn overcommitted(&self) -> Vec<AgentId> {
+        let mut sums: BTreeMap<&AgentId, Resources> = BTreeMap::new();
+        for a in self.allocations.values() {
+            let sum = sums.entry(&a.agent).or_default();
+            *sum = sum.plus(&a.resources);
+        }
+        self.agents
+            .values()
+            .filter(|agent| {
+                let sum = sums.get(&agent.id).copied().unwrap_or_default();
+                sum != agent.allocated || !sum.fits_in(&agent.resources)
+            })
+            .map(|agent| agent.id.clone())
+            .collect()
+    }
+}
+
+/// Reads the scheduling tables as of `txn`.
+pub(super) fn read_view(txn: &ReadTransaction) -> Result<SchedulingView, StateError> {
+    let mut view = SchedulingView::default();
+    for entry in txn
+        .open_table(AGENTS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        let record: AgentRecord = decode(key.value(), value.value())?;
+        view.agents.insert(record.id.clone(), record);
+    }
+    for entry in txn
+        .open_table(FRAMEWORKS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        let record: FrameworkRecord = decode(key.value(), value.value())?;
+        view.frameworks.insert(record.id.clone(), record);
+    }
+    for entry in txn
+        .open_table(ROLES)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        let record: RoleRecord = decode(key.value(), value.value())?;
+        view.roles.insert(record.name.clone(), record);
+    }
+    for entry in txn
+        .open_table(ALLOCATIONS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        let record: Allocation = decode(&key.value().to_string(), value.value())?;
+        view.allocations.insert(record.id, record);
+    }
+    Ok(view)
+}
+
+/// Applies a scheduling command (any other command is answered `None`).
+pub(super) fn apply(
+    txn: &WriteTransaction,
+    command: &Command,
+) -> Result<Option<CommandResponse>, StateError> {
+    let answer = match command {
+        Command::RegisterAgent {
+            agent,
+            rpc,
+            resources,
+            attributes,
+            at_ms,
+        } => register_agent(txn, agent, rpc, resources, attributes, *at_ms)?,
+        Command::AgentUnreachable { agent, at_ms } => agent_unreachable(txn, agent, *at_ms)?,
+        Command::RegisterFramework {
+            id,
+            name,
+            role,
+            at_ms,
+        } => {
+            let mut frameworks = txn.open_table(FRAMEWORKS).map_err(storage)?;
+            let registered_at_ms = match frameworks.get(id.as_str()).map_err(storage)? {
+                Some(bytes) => {
+                    decode::<FrameworkRecord>(id.as_str(), bytes.value())?.registered_at_ms
+                }
+                None => *at_ms,
+            };
+            let record = FrameworkRecord {
+                id: id.clone(),
+                name: name.clone(),
+                role: role.clone(),
+                registered_at_ms,
+            };
+            frameworks
+                .insert(id.as_str(), encode(id.as_str(), &record)?.as_slice())
+                .map_err(storage)?;
+            CommandResponse::FrameworkRegistered(id.clone())
+        }
+        Command::SetRole {
+            role,
+            weight,
+            quota,
+        } => {
+            if !(weight.is_finite() && *weight > 0.0 && *weight <= MAX_WEIGHT) {
+                return Ok(Some(CommandResponse::Rejected(Rejection::InvalidWeight(
+                    format!(
+                        "a role's weight must be above 0 and at most {MAX_WEIGHT}, not {weight}"
+                    ),
+                ))));
+            }
+            let record = RoleRecord {
+                name: role.clone(),
+                weight: *weight,
+                quota: *quota,
+            };
+            txn.open_table(ROLES)
+                .map_err(storage)?
+                .insert(role.as_str(), encode(role.as_str(), &record)?.as_slice())
+                .map_err(storage)?;
+            CommandResponse::RoleSet(role.clone())
+        }
+        Command::Accept {
+            framework,
+            agent,
+            resources,
+            at_ms,
+        } => accept(txn, framework, agent, resources, *at_ms)?,
+        Command::Release { allocation } => {
+            let mut allocations = txn.open_table(ALLOCATIONS).map_err(storage)?;
+            let removed: Allocation = match allocations.remove(allocation.0).map_err(storage)? {
+                Some(bytes) => decode(&allocation.to_string(), bytes.value())?,
+                None => {
+                    return Ok(Some(CommandResponse::Rejected(
+                        Rejection::UnknownAllocation(*allocation),
+                    )))
+                }
+            };
+            drop(allocations);
+            let mut agents = txn.open_table(AGENTS).map_err(storage)?;
+            let record = match agents.get(removed.agent.as_str()).map_err(storage)? {
+                Some(bytes) => Some(decode::<AgentRecord>(
+                    removed.agent.as_str(),
+                    bytes.value(),
+                )?),
+                None => None,
+            };
+            if let Some(mut record) = record {
+                record.allocated = record.allocated.minus(&removed.resources);
+                agents
+                    .insert(
+                        removed.agent.as_str(),
+                        encode(removed.agent.as_str(), &record)?.as_slice(),
+                    )
+                    .map_err(storage)?;
+            }
+            CommandResponse::Released(*allocation)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(answer))
+}
+
+fn register_agent(
+    txn: &WriteTransaction,
+    id: &AgentId,
+    rpc: &str,
+    resources: &Resources,
+    attributes: &BTreeMap<String, String>,
+    at_ms: u64,
+) -> Result<CommandResponse, StateError> {
+    if attributes.len() > MAX_LABELS {
+        return Ok(CommandResponse::Rejected(Rejection::InvalidAttribute(
+            format!("an agent has at most {MAX_LABELS} attributes"),
+        )));
+    }
+    for (key, value) in attributes {
+        if let Err(why) = check_label_key(key).and_then(|()| check_label_value(key, value)) {
+            return Ok(CommandResponse::Rejected(Rejection::InvalidAttribute(why)));
+        }
+    }
+    let mut agents = txn.open_table(AGENTS).map_err(storage)?;
+    let previous = match agents.get(id.as_str()).map_err(storage)? {
+        Some(bytes) => Some(decode::<AgentRecord>(id.as_str(), bytes.value())?),
+        None => None,
+    };
+    let allocated = previous.as_ref().map(|p| p.allocated).unwrap_or_default();
+    if !allocated.fits_in(resources) {
+        return Ok(CommandResponse::Rejected(
+            Rejection::CapacityBelowAllocated {
+                agent: id.clone(),
+                capacity: *resources,
+                allocated,
+            },
+        ));
+    }
+    let record = AgentRecord {
+        id: id.clone(),
+        rpc: rpc.to_string(),
+        resources: *resources,
+        allocated,
+        attributes: attributes.clone(),
+        state: AgentState::Active,
+        registered_at_ms: previous.as_ref().map_or(at_ms, |p| p.registered_at_ms),
+        changed_at_ms: match &previous {
+            Some(p) if p.state == AgentState::Active => p.changed_at_ms,
+            _ => at_ms,
+        },
+    };
+    agents
+        .insert(id.as_str(), encode(id.as_str(), &record)?.as_slice())
+        .map_err(storage)?;
+    Ok(CommandResponse::AgentRegistered(id.clone()))
+}
+
+fn agent_unreachable(
+    txn: &WriteTransaction,
+    id: &AgentId,
+    at_ms: u64,
+) -> Result<CommandResponse, StateError> {
+    let mut agents = txn.open_table(AGENTS).map_err(storage)?;
+    let mut record = match agents.get(id.as_str()).map_err(storage)? {
+        Some(bytes) => decode::<AgentRecord>(id.as_str(), bytes.value())?,
+        None => {
+            return Ok(CommandResponse::Rejected(Rejection::UnknownAgent(
+                id.clone(),
+            )))
+        }
+    };
+    let mut allocations = txn.open_table(ALLOCATIONS).map_err(storage)?;
+    let mut released = Vec::new();
+    for entry in allocations.iter().map_err(storage)? {
+        let (key, value) = entry.map_err(storage)?;
+        let allocation: Allocation = decode(&key.value().to_string(), value.value())?;
+        if allocation.agent == *id {
+            released.push(allocation.id);
+        }
+    }
+    for allocation in &released {
+        allocations.remove(allocation.0).map_err(storage)?;
+    }
+    if record.state != AgentState::Unreachable {
+        record.changed_at_ms = at_ms;
+    }
+    record.state = AgentState::Unreachable;
+    record.allocated = Resources::ZERO;
+    agents
+        .insert(id.as_str(), encode(id.as_str(), &record)?.as_slice())
+        .map_err(storage)?;
+    Ok(CommandResponse::AgentLost {
+        agent: id.clone(),
+        released,
+    })
+}
+
+fn accept(
+    txn: &WriteTransaction,
+    framework: &FrameworkId,
+    agent: &AgentId,
+    resources: &Resources,
+    at_ms: u64,
+) -> Result<CommandResponse, StateError> {
+    let reject = |why| Ok(CommandResponse::Rejected(why));
+    if resources.is_zero() {
+        return reject(Rejection::NothingToAllocate);
+    }
+    let role = match txn
+        .open_table(FRAMEWORKS)
+        .map_err(storage)?
+        .get(framework.as_str())
+        .map_err(storage)?
+    {
+        Some(bytes) => decode::<FrameworkRecord>(framework.as_str(), bytes.value())?.role,
+        None => return reject(Rejection::UnknownFramework(framework.clone())),
+    };
+    let mut agents = txn.open_table(AGENTS).map_err(storage)?;
+    let mut record = match agents.get(agent.as_str()).map_err(storage)? {
+        Some(bytes) => decode::<AgentRecord>(agent.as_str(), bytes.value())?,
+        None => return reject(Rejection::UnknownAgent(agent.clone())),
+    };
+    if record.state != AgentState::Active {
+        return reject(Rejection::AgentUnreachable(agent.clone()));
+    }
+    let free = record.resources.minus(&record.allocated);
+    if !resources.fits_in(&free) {
+        return reject(Rejection::InsufficientResources {
+            agent: agent.clone(),
+            requested: *resources,
+            free,
+        });
+    }
+    let mut allocations = txn.open_table(ALLOCATIONS).map_err(storage)?;
+    let quota = match txn
+        .open_table(ROLES)
+        .map_err(storage)?
+        .get(role.as_str())
+        .map_err(storage)?
+    {
+        Some(bytes) => decode::<RoleRecord>(role.as_str(), bytes.value())?.quota,
+        None => None,
+    };
+    if let Some(quota) = quota {
+        // Only roles with a quota pay for this scan.
+        let mut held = Resources::ZERO;
+        for entry in allocations.iter().map_err(storage)? {
+            let (key, value) = entry.map_err(storage)?;
+            let allocation: Allocation = decode(&key.value().to_string(), value.value())?;
+            if allocation.role == role {
+                held = held.plus(&allocation.resources);
+            }
+        }
+        let would_hold = held.plus(resources);
+        if !would_hold.fits_in(&quota) {
+            return reject(Rejection::QuotaExceeded {
+                role,
+                quota,
+                would_hold,
+            });
+        }
+    }
+    let mut counters = txn.open_table(COUNTERS).map_err(storage)?;
+    let id = counters
+        .get(NEXT_ALLOCATION)
+        .map_err(storage)?
+        .map_or(1, |v| v.value());
+    counters.insert(NEXT_ALLOCATION, id + 1).map_err(storage)?;
+    let allocation = Allocation {
+        id: AllocationId(id),
+        framework: framework.clone(),
+        role,
+        agent: agent.clone(),
+        resources: *resources,
+        allocated_at_ms: at_ms,
+    };
+    allocations
+        .insert(id, encode(&id.to_string(), &allocation)?.as_slice())
+        .map_err(storage)?;
+    record.allocated = record.allocated.plus(resources);
+    agents
+        .insert(agent.as_str(), encode(agent.as_str(), &record)?.as_slice())
+        .map_err(storage)?;
+    Ok(CommandResponse::Allocated(allocation))
+}
+
+/// Writes every row of the scheduling tables to `out`, one [`snapshot_item`] each.
+pub(super) fn dump(txn: &ReadTransaction, out: &mut impl Write) -> Result<(), StateError> {
+    let mut row = |table: &str, key: &[u8], value: &[u8]| -> Result<(), StateError> {
+        let mut message = capnp::message::Builder::new_default();
+        let mut item = message.init_root::<snapshot_item::Builder>().init_row();
+        item.set_table(table);
+        item.set_key(key);
+        item.set_value(value);
+        capnp::serialize::write_message(&mut *out, &message)
+            .map_err(|e| StateError::Snapshot(e.to_string()))
+    };
+    for definition in [AGENTS, FRAMEWORKS, ROLES] {
+        let table = txn.open_table(definition).map_err(storage)?;
+        for entry in table.iter().map_err(storage)? {
+            let (key, value) = entry.map_err(storage)?;
+            row(definition.name(), key.value().as_bytes(), value.value())?;
+        }
+    }
+    for entry in txn
+        .open_table(ALLOCATIONS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        row(
+            ALLOCATIONS.name(),
+            &key.value().to_be_bytes(),
+            value.value(),
+        )?;
+    }
+    for entry in txn
+        .open_table(COUNTERS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        row(
+            COUNTERS.name(),
+            key.value().as_bytes(),
+            &value.value().to_be_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Empties the scheduling tables (before a snapshot's rows are restored).
+pub(super) fn clear(txn: &WriteTransaction) -> Result<(), StateError> {
+    txn.delete_table(AGENTS).map_err(storage)?;
+    txn.delete_table(FRAMEWORKS).map_err(storage)?;
+    txn.delete_table(ROLES).map_err(storage)?;
+    txn.delete_table(ALLOCATIONS).map_err(storage)?;
+    txn.delete_table(COUNTERS).map_err(storage)?;
+    create_tables(txn)
+}
+
+/// Restores one row [`dump`] wrote; refuses rows that would not read back.
+pub(super) fn restore_row(
+    txn: &WriteTransaction,
+    table: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), StateError> {
+    let bad = |what: &str| StateError::Snapshot(format!("malformed {what} row in {table}"));
+    let text_key = || std::str::from_utf8(key).map_err(|_| bad("key"));
+    match table {
+        "agents" => {
+            let key = text_key()?;
+            decode::<AgentRecord>(key, value)?;
+            txn.open_table(AGENTS)
+                .map_err(storage)?
+                .insert(key, value)
+                .map_err(storage)?;
+        }
+        "frameworks" => {
+            let key = text_key()?;
+            decode::<FrameworkRecord>(key, value)?;
+            txn.open_table(FRAMEWORKS)
+                .map_err(storage)?
+                .insert(key, value)
+                .map_err(storage)?;
+        }
+        "roles" => {
+            let key = text_key()?;
+            decode::<RoleRecord>(key, value)?;
+            txn.open_table(ROLES)
+                .map_err(storage)?
+                .insert(key, value)
+                .map_err(storage)?;
+        }
+        "allocations" => {
+            let id = u64::from_be_bytes(key.try_into().map_err(|_| bad("key"))?);
+            decode::<Allocation>(&id.to_string(), value)?;
+            txn.open_table(ALLOCATIONS)
+                .map_err(storage)?
+                .insert(id, value)
+                .map_err(storage)?;
+        }
+        "counters" => {
+            let count = u64::from_be_bytes(value.try_into().map_err(|_| bad("value"))?);
+            txn.open_table(COUNTERS)
+                .map_err(storage)?
+                .insert(text_key()?, count)
+                .map_err(storage)?;
+        }
+        other => {
+            return Err(StateError::Snapshot(format!(
+                "unknown table {other:?} in the snapshot"
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn encode<T: Serialize>(key: &str, record: &T) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec(record).map_err(|e| StateError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{apply, dump, restore, State};
+    use super::*;
+    use redb::ReadableDatabase;
+
+    fn id<T: std::str::FromStr>(s: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        match s.parse() {
+            Ok(v) => v,
+            Err(e) => panic!("{s}: {e:?}"),
+        }
+    }
+
+    fn run(state: &State, command: Command) -> Result<CommandResponse, StateError> {
+        let txn = state.database().begin_write().map_err(storage)?;
+        let answer = apply(&txn, &command)?;
+        txn.commit().map_err(storage)?;
+        Ok(answer)
+    }
+
+    fn register(agent: &str, slots: u64) -> Command {
+        Command::RegisterAgent {
+            agent: id(agent),
+            rpc: "127.0.0.1:9".into(),
+            resources: Resources::new(slots, 1024),
+            attributes: BTreeMap::from([("zone".into(), "a".into())]),
+            at_ms: 1,
+        }
+    }
+
+    fn accept(framework: &str, agent: &str, slots: u64) -> Command {
+        Command::Accept {
+            framework: id(framework),
+            agent: id(agent),
+            resources: Resources::new(slots, 100),
+            at_ms: 2,
+        }
+    }
+
+    #[test]
+    fn accepts_never_overcommit_and_lost_agents_release() -> Result<(), StateError> {
+        let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
+        let state = State::open(&dir.path().join("s.redb"))?;
+        assert!(matches!(
+            run(&state, register("a1", 4))?,
+            CommandResponse::AgentRegistered(_)
+        ));
+        assert!(matches!(
+            run(&state, accept("f", "a1", 1))?,
+            CommandResponse::Rejected(Rejection::UnknownFramework(_))
+        ));
+        run(
+            &state,
+            Command::RegisterFramework {
+                id: id("f"),
+                name: "f".into(),
+                role: id("r"),
+                at_ms: 1,
+            },
+        )?;
+        // Two accepts of the same offer: the second finds the resources gone.
+        assert!(matches!(
+            run(&state, accept("f", "a1", 3))?,
+            CommandResponse::Allocated(_)
+        ));
+        assert!(matches!(
+            run(&state, accept("f", "a1", 3))?,
+            CommandResponse::Rejected(Rejection::InsufficientResources { .. })
+        ));
+        assert!(matches!(
+            run(&state, accept("f", "a1", 1))?,
+            CommandResponse::Allocated(_)
+        ));
+        assert!(matches!(
+            run(&state, accept("f", "nobody", 1))?,
+            CommandResponse::Rejected(Rejection::UnknownAgent(_))
+        ));
+        // Shrinking below what is allocated is refused.
+        assert!(matches!(
+            run(&state, register("a1", 2))?,
+            CommandResponse::Rejected(Rejection::CapacityBelowAllocated { .. })
+        ));
+        let view = state.scheduling()?;
+        assert_eq!(view.allocations.len(), 2);
+        assert_eq!(view.agents[&id("a1")].allocated, Resources::new(4, 200));
+        assert!(view.overcommitted().is_empty());
+
+        // A quota limits the role.
+        run(&state, register("a2", 8))?;
+        run(
+            &state,
+            Command::SetRole {
+                role: id("r"),
+                weight: 2.0,
+                quota: Some(Resources::new(6, 1 << 20)),
+            },
+        )?;
+        assert!(matches!(
+            run(&state, accept("f", "a2", 3))?,
+            CommandResponse::Rejected(Rejection::QuotaExceeded { .. })
+        ));
+        assert!(matches!(
+            run(&state, accept("f", "a2", 2))?,
+            CommandResponse::Allocated(_)
+        ));
+        assert!(matches!(
+            run(
+                &state,
+                Command::SetRole {
+                    role: id("r"),
+                    weight: f64::NAN,
+                    quota: None
+                }
+            )?,
+            CommandResponse::Rejected(Rejection::InvalidWeight(_))
+        ));
+
+        // A lost agent's allocations go back; it takes no accepts until it registers.
+        let CommandResponse::AgentLost { released, .. } = run(
+            &state,
+            Command::AgentUnreachable {
+                agent: id("a1"),
+                at_ms: 3,
+            },
+        )?
+        else {
+            panic!("the agent is marked unreachable");
+        };
+        assert_eq!(released.len(), 2);
+        assert!(matches!(
+            run(&state, accept("f", "a1", 1))?,
+            CommandResponse::Rejected(Rejection::AgentUnreachable(_))
+        ));
+        run(&state, register("a1", 4))?;
+        let view = state.scheduling()?;
+        assert_eq!(view.agents[&id("a1")].state, AgentState::Active);
+        assert_eq!(view.agents[&id("a1")].allocated, Resources::ZERO);
+        assert_eq!(view.allocations.len(), 1);
+
+        // Release, twice.
+        let only = *view.allocations.keys().next().unwrap_or(&AllocationId(0));
+        assert!(matches!(
+            run(&state, Command::Release { allocation: only })?,
+            CommandResponse::Released(_)
+        ));
+        assert!(matches!(
+            run(&state, Command::Release { allocation: only })?,
+            CommandResponse::Rejected(Rejection::UnknownAllocation(_))
+        ));
+        assert_eq!(
+            state.scheduling()?.agents[&id("a2")].allocated,
+            Resources::ZERO
+        );
+
+        // A snapshot carries the scheduling tables, counters included.
+        run(&state, accept("f", "a2", 1))?;
+        let mut stream = Vec::new();
+        dump(
+            &state.database().begin_read().map_err(storage)?,
+            &mut stream,
+        )?;
+        let copy = State::open(&dir.path().join("copy.redb"))?;
+        let txn = copy.database().begin_write().map_err(storage)?;
+        restore(&txn, &mut stream.as_slice())?;
+        txn.commit().map_err(storage)?;
+        let (a, b) = (state.scheduling()?, copy.scheduling()?);
+        assert_eq!(a.agents, b.agents);
+        assert_eq!(a.frameworks, b.frameworks);
+        assert_eq!(a.roles, b.roles);
+        assert_eq!(a.allocations, b.allocations);
+        // Both assign the same next allocation id.
+        let (x, y) = (
+            run(&state, accept("f", "a2", 1))?,
+            run(&copy, accept("f", "a2", 1))?,
+        );
+        assert_eq!(x, y);
+        Ok(())
+    }
+}
