@@ -129,6 +129,22 @@ interface Node {
   addNode @4 (node :NodeInfo, voter :Bool) -> (failure :Failure);
   # Removes node `id` from the cluster's voters and learners.
   removeNode @5 (id :UInt64) -> (failure :Failure);
+
+  # An agent registers (or registers again after it was unreachable or restarted); any
+  # server takes it and answers once it is committed. The agent then heartbeats every
+  # `heartbeatMs` to the leader.
+  registerAgent @6 (agent :AgentInfo) -> (heartbeatMs :UInt32, failure :Failure);
+  # Agent `agent` is alive. Only the leader takes heartbeats (others answer `notLeader`
+  # with the leader). `reregister`: the leader does not know the agent as active (it
+  # was marked unreachable, or the registration is not applied yet): register again.
+  heartbeat @7 (agent :Text) -> (reregister :Bool, failure :Failure);
+}
+
+# An agent's interface (the bootstrap capability of its `--listen` port): servers and
+# gateways reach it to run work on its slots.
+interface Executor {
+  # The agent's identity and capacity.
+  info @0 () -> (agent :AgentInfo);
 }
 
 # One item of a state snapshot. A snapshot file is a stream of single-segment messages:

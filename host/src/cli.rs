@@ -1,5 +1,5 @@
-//! The `wafer` command line: server roles (`dev`, `server`), local execution (`run`) and
-//! client verbs (`deploy`, `invoke`, `fns`, `rm`, `cluster`).
+//! The `wafer` command line: node roles (`dev`, `server`, `agent`), local execution
+//! (`run`) and client verbs (`deploy`, `invoke`, `fns`, `rm`, `nodes`, `cluster`).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -9,11 +9,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::agent::AgentConfig;
 use crate::client::{Client, ClientError};
 use crate::dev::{self, DevConfig};
 use crate::runtime::{Exit, Invocation, Limits, Runtime, RuntimeConfig, Stdio};
+use crate::scheduler::SchedulerConfig;
 use crate::server::{self, Membership, RaftSettings, ServerConfig};
-use crate::state::FunctionSpec;
+use crate::state::{AgentId, FunctionSpec, Resources};
 
 /// wafer: a WebAssembly serverless compute fabric.
 #[derive(Debug, Parser)]
@@ -63,6 +65,44 @@ impl LimitArgs {
     }
 }
 
+/// What an agent offers, shared by `agent`, `server --agent` and `dev`.
+#[derive(Debug, Clone, clap::Args)]
+struct AgentArgs {
+    /// Invocation slots (concurrent instances) offered.
+    #[arg(long, default_value_t = 16)]
+    slots: u64,
+    /// Guest memory offered, MiB.
+    #[arg(long = "agent-memory", value_name = "MB", default_value_t = 8192)]
+    memory_mb: u64,
+    /// Accelerator devices offered.
+    #[arg(long, default_value_t = 0)]
+    accelerators: u64,
+    /// Attribute for placement constraints, e.g. `zone=b` (repeatable).
+    #[arg(long = "attribute", value_name = "KEY=VALUE")]
+    attributes: Vec<String>,
+}
+
+impl AgentArgs {
+    fn resources(&self) -> Resources {
+        Resources {
+            slots: self.slots,
+            memory_mb: self.memory_mb,
+            accelerators: self.accelerators,
+        }
+    }
+
+    fn attributes(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        self.attributes
+            .iter()
+            .map(|pair| {
+                pair.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .with_context(|| format!("attributes are KEY=VALUE, got {pair:?}"))
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a single-node server (state, runtime, gateway) with the example functions.
@@ -85,6 +125,8 @@ enum Command {
         /// Most function instances alive at once.
         #[arg(long, default_value_t = 1000)]
         max_instances: u32,
+        #[command(flatten)]
+        agent: AgentArgs,
     },
     /// Run a cluster member: Raft state in the data folder, node RPC, gateway.
     Server {
@@ -123,6 +165,42 @@ enum Command {
         /// Raft heartbeat interval, ms (elections time out after 4-8 heartbeats).
         #[arg(long, default_value_t = 100)]
         heartbeat_ms: u64,
+        /// Mark an agent unreachable after this long without a heartbeat, ms (agents
+        /// heartbeat five times as often).
+        #[arg(long, default_value_t = 5000)]
+        agent_timeout_ms: u64,
+        /// Also run an agent in this process (data in DATA/agent).
+        #[arg(long)]
+        agent: bool,
+        /// Executor address of the in-process agent (with --agent).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        agent_listen: SocketAddr,
+        #[command(flatten)]
+        agent_args: AgentArgs,
+    },
+    /// Run an agent: a worker that registers its resources with the cluster and runs
+    /// the work placed on it.
+    Agent {
+        /// Servers' --listen addresses, comma-separated (any one suffices).
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+        /// Data folder (keeps the agent's id across restarts).
+        #[arg(long)]
+        data: PathBuf,
+        /// Executor address (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:7071")]
+        listen: SocketAddr,
+        /// Agent id [default: the one in the data folder, else a new one].
+        #[arg(long)]
+        id: Option<AgentId>,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// List the agents: capacity, allocated, free, attributes, state.
+    Nodes {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect or change the cluster's membership.
     Cluster {
@@ -275,6 +353,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             no_examples,
             max_module_mb,
             max_instances,
+            agent,
         } => {
             let examples = if no_examples {
                 None
@@ -296,6 +375,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_instances,
                     ..RuntimeConfig::default()
                 },
+                agent_resources: agent.resources(),
             })
             .await?;
         }
@@ -311,7 +391,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             snapshot_every,
             keep_logs,
             heartbeat_ms,
+            agent_timeout_ms,
+            agent,
+            agent_listen,
+            agent_args,
         } => {
+            let agent = if agent {
+                Some(AgentConfig {
+                    id: None,
+                    data: data.join("agent"),
+                    listen: agent_listen,
+                    servers: Vec::new(),
+                    resources: agent_args.resources(),
+                    attributes: agent_args.attributes()?,
+                })
+            } else {
+                None
+            };
             let membership = match (join, wait) {
                 (Some(addr), _) => Membership::Join(addr),
                 (None, true) => Membership::Wait,
@@ -333,8 +429,67 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     keep_logs,
                     heartbeat_ms,
                 },
+                scheduler: SchedulerConfig {
+                    agent_timeout: std::time::Duration::from_millis(agent_timeout_ms.max(50)),
+                    ..SchedulerConfig::default()
+                },
+                agent,
             })
             .await?;
+        }
+        Command::Agent {
+            servers,
+            data,
+            listen,
+            id,
+            agent,
+        } => {
+            crate::agent::run(AgentConfig {
+                id,
+                data,
+                listen,
+                servers,
+                resources: agent.resources(),
+                attributes: agent.attributes()?,
+            })
+            .await?;
+        }
+        Command::Nodes { json } => {
+            let agents = client.nodes().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&agents)?);
+            } else if agents.is_empty() {
+                println!("no agents registered");
+            } else {
+                let mut table = comfy_table::Table::new();
+                table.load_preset(comfy_table::presets::NOTHING);
+                table.set_header([
+                    "AGENT",
+                    "STATE",
+                    "SLOTS (FREE/ALL)",
+                    "MEMORY (FREE/ALL)",
+                    "ACCEL",
+                    "ATTRIBUTES",
+                    "EXECUTOR",
+                ]);
+                for a in agents {
+                    let r = &a.record;
+                    table.add_row([
+                        r.id.to_string(),
+                        format!("{:?}", r.state).to_lowercase(),
+                        format!("{}/{}", a.free.slots, r.resources.slots),
+                        format!("{}/{} MiB", a.free.memory_mb, r.resources.memory_mb),
+                        format!("{}/{}", a.free.accelerators, r.resources.accelerators),
+                        r.attributes
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        r.rpc.clone(),
+                    ]);
+                }
+                println!("{table}");
+            }
         }
         Command::Cluster { command } => return cluster_command(&client, command).await,
         Command::Run {

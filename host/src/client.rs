@@ -174,6 +174,19 @@ impl Client {
         response.json().await.map_err(ClientError::Response)
     }
 
+    /// The agents (`GET /v1/nodes`, linearizable).
+    pub async fn nodes(&self) -> Result<Vec<crate::scheduler::AgentView>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Nodes {
+            agents: Vec<crate::scheduler::AgentView>,
+        }
+        let response = self
+            .checked(self.http.get(self.url("/v1/nodes?consistent=true")))
+            .await?;
+        let nodes: Nodes = response.json().await.map_err(ClientError::Response)?;
+        Ok(nodes.agents)
+    }
+
     /// Adds the node listening at `rpc_addr` to the cluster; returns its id.
     pub async fn cluster_add(&self, rpc_addr: &str) -> Result<u64, ClientError> {
         #[derive(serde::Deserialize)]

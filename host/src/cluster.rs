@@ -283,6 +283,34 @@ impl Cluster {
         &self.raft
     }
 
+    /// The leader this node knows of, with its addresses.
+    pub fn leader(&self) -> Option<(NodeId, NodeAddr)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        let addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)?
+            .clone();
+        Some((leader, addr))
+    }
+
+    /// This node's term while it is the leader.
+    pub fn leading_term(&self) -> Option<u64> {
+        let metrics = self.raft.metrics().borrow().clone();
+        (metrics.state == ServerState::Leader && metrics.current_leader == Some(self.id))
+            .then_some(metrics.current_term)
+    }
+
+    /// The index of the last entry applied to this node's state.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|log_id| log_id.index)
+    }
+
     /// Whether this node has a Raft state (it bootstrapped or was added to a cluster).
     pub async fn is_member(&self) -> bool {
         self.raft.is_initialized().await.unwrap_or(false)

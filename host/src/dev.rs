@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::agent::AgentConfig;
 use crate::cluster::Cluster;
 use crate::functions::Functions;
 use crate::runtime::RuntimeConfig;
+use crate::scheduler::SchedulerConfig;
 use crate::server::{self, Membership, RaftSettings, ServerConfig};
 use crate::state::{FunctionName, FunctionSpec};
 
@@ -31,6 +33,8 @@ pub struct DevConfig {
     pub max_module_mb: u64,
     /// Runtime settings (the cache folder is set from `data`).
     pub runtime: RuntimeConfig,
+    /// What the in-process agent offers.
+    pub agent_resources: crate::state::Resources,
 }
 
 /// Deploys every `NAME.wasm` in `dir` (with `NAME.json` as its manifest when present)
@@ -100,10 +104,20 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
         max_module_mb: config.max_module_mb,
         runtime: config.runtime.clone(),
         raft: RaftSettings::default(),
+        scheduler: SchedulerConfig::default(),
+        agent: Some(AgentConfig {
+            id: None,
+            data: config.data.join("agent"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            servers: Vec::new(),
+            resources: config.agent_resources,
+            attributes: Default::default(),
+        }),
     };
     let node = server::start(&server_config).await?;
     server::become_member(&node.cluster, &server_config.membership).await?;
     server::catch_up(&node).await;
+    server::start_agent(&node, server_config.agent.clone()).await?;
     let examples = match &config.examples {
         Some(dir) => deploy_examples(&node.functions, &node.cluster, dir).await?,
         None => Vec::new(),

@@ -219,6 +219,12 @@ impl Metrics {
             .inc();
     }
 
+    /// Adds the scheduler's series.
+    pub fn with_scheduler(mut self, scheduler: &crate::scheduler::SchedulerMetrics) -> Metrics {
+        scheduler.register(&mut self.registry);
+        self
+    }
+
     /// Records this node's view of the cluster (before rendering).
     pub fn observe_cluster(&self, status: &ClusterStatus) {
         let index = |i: Option<u64>| i.map_or(0, |i| i64::try_from(i).unwrap_or(i64::MAX));

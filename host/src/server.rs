@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::agent::{self, AgentConfig};
 use crate::cluster::{Cluster, ClusterError};
 use crate::consensus::{LogStore, NetworkFactory, NodeAddr, NodeId, StateMachine};
 use crate::functions::Functions;
@@ -16,6 +17,7 @@ use crate::gateway::{self, AppState};
 use crate::metrics::Metrics;
 use crate::rpc::{NodeService, RpcHandle};
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::state::State;
 
 /// The file in the data folder that names the node it belongs to.
@@ -78,12 +80,19 @@ pub struct ServerConfig {
     pub runtime: RuntimeConfig,
     /// Raft settings.
     pub raft: RaftSettings,
+    /// Scheduling settings (agent timeout).
+    pub scheduler: SchedulerConfig,
+    /// Run an agent in this process too (its `servers` are filled in with this
+    /// server's address).
+    pub agent: Option<AgentConfig>,
 }
 
 /// A started node.
 pub struct Node {
     /// The node's cluster handle.
     pub cluster: Arc<Cluster>,
+    /// The node's scheduler.
+    pub scheduler: Arc<Scheduler>,
     /// Deployed functions.
     pub functions: Arc<Functions>,
     /// The bound gateway listener.
@@ -205,7 +214,9 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     .await
     .context("starting Raft")?;
     let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone()));
-    let service = NodeService::new(cluster.clone());
+    let scheduler = Scheduler::new(cluster.clone(), state.clone(), config.scheduler.clone());
+    scheduler.start();
+    let service = NodeService::new(cluster.clone(), scheduler.clone());
     let serving = rpc.clone();
     tokio::spawn(async move {
         if let Err(e) = serving.serve(rpc_listener, service).await {
@@ -214,6 +225,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     });
     Ok(Node {
         cluster,
+        scheduler,
         functions,
         http,
     })
@@ -276,10 +288,12 @@ pub async fn catch_up(node: &Node) {
 
 /// Serves the gateway for `node` until Ctrl-C or SIGTERM, then stops Raft.
 pub async fn serve(node: Node) -> anyhow::Result<()> {
-    let metrics = Metrics::new(node.functions.runtime().metrics());
+    let metrics =
+        Metrics::new(node.functions.runtime().metrics()).with_scheduler(node.scheduler.metrics());
     let state = Arc::new(AppState {
         functions: node.functions.clone(),
         cluster: node.cluster.clone(),
+        scheduler: node.scheduler.clone(),
         metrics,
     });
     gateway::serve::serve(
@@ -302,6 +316,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let addr = node.cluster.addr().clone();
     become_member(&node.cluster, &config.membership).await?;
     catch_up(&node).await;
+    start_agent(&node, config.agent.clone()).await?;
     // The first line on stdout is machine-readable: tests and scripts wait for it. It
     // comes once the node is a member and caught up (or, with --wait, at once).
     println!(
@@ -311,6 +326,23 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     println!("  data folder: {}", config.data.display());
     serve(node).await?;
     tracing::info!("wafer server stopped");
+    Ok(())
+}
+
+/// Starts the in-process agent of `wafer server --agent` (and `wafer dev`), registered
+/// through this server, and waits until it is registered.
+pub async fn start_agent(node: &Node, agent: Option<AgentConfig>) -> anyhow::Result<()> {
+    let Some(mut config) = agent else {
+        return Ok(());
+    };
+    config.servers = vec![node.cluster.addr().rpc.clone()];
+    let mut agent = agent::start(config).await?;
+    if node.cluster.is_member().await {
+        agent.registered().await?;
+        tracing::info!(agent = %agent.id, executor = agent.rpc, "in-process agent registered");
+    } else {
+        tracing::info!(agent = %agent.id, "the in-process agent registers once this server is a member");
+    }
     Ok(())
 }
 

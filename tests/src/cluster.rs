@@ -1,6 +1,7 @@
 //! A cluster of real `wafer server` processes on 127.0.0.1, ports chosen at run time:
 //! start, kill -9, restart on the same addresses, add and remove members, and wait on
-//! each node's `GET /v1/cluster` instead of sleeping.
+//! each node's `GET /v1/cluster` instead of sleeping; and `wafer agent` processes
+//! registered with it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -231,13 +232,26 @@ impl Cluster {
 
     /// Node `id`'s `GET /v1/cluster`.
     pub async fn status(&self, id: u64) -> anyhow::Result<Value> {
+        self.get_json(id, "/v1/cluster").await
+    }
+
+    /// Node `id`'s answer to `GET path` (a success, as JSON).
+    pub async fn get_json(&self, id: u64, path: &str) -> anyhow::Result<Value> {
         let response = self
             .http
-            .get(self.server(id).url("/v1/cluster"))
+            .get(self.server(id).url(path))
             .send()
             .await
-            .with_context(|| format!("GET /v1/cluster on node {id}"))?;
-        response.json().await.context("reading the cluster status")
+            .with_context(|| format!("GET {path} on node {id}"))?;
+        let status = response.status();
+        let body: Value = response
+            .json()
+            .await
+            .with_context(|| format!("reading GET {path} on node {id}"))?;
+        if !status.is_success() {
+            bail!("GET {path} on node {id}: {status}: {body}");
+        }
+        Ok(body)
     }
 
     /// Polls until `check` holds for the statuses of `nodes` (all reachable), or fails
@@ -248,12 +262,24 @@ impl Cluster {
         what: &str,
         check: impl Fn(&[Value]) -> bool,
     ) -> anyhow::Result<Vec<Value>> {
+        self.wait_until_at(nodes, "/v1/cluster", what, check).await
+    }
+
+    /// Polls until `check` holds for the answers of `nodes` to `GET path`, or fails
+    /// after [`SETTLE_DEADLINE`] showing the last answers.
+    pub async fn wait_until_at(
+        &self,
+        nodes: &[u64],
+        path: &str,
+        what: &str,
+        check: impl Fn(&[Value]) -> bool,
+    ) -> anyhow::Result<Vec<Value>> {
         let until = Instant::now() + SETTLE_DEADLINE;
         let mut last = Vec::new();
         loop {
             let mut statuses = Vec::new();
             for &id in nodes {
-                match self.status(id).await {
+                match self.get_json(id, path).await {
                     Ok(status) => statuses.push(status),
                     Err(e) => {
                         statuses.clear();
@@ -312,6 +338,55 @@ impl Cluster {
         Ok(())
     }
 
+    /// The `--listen` addresses of the running servers.
+    pub fn rpc_addrs(&self) -> Vec<String> {
+        self.servers
+            .values()
+            .filter(|s| s.is_up())
+            .map(|s| s.rpc.clone())
+            .collect()
+    }
+
+    /// Starts agent `name` (data in DIR/NAME) registered with every server, with
+    /// `extra` arguments (`--slots 4`, `--attribute zone=b` ...).
+    pub fn start_agent(&self, name: &str, extra: &[&str]) -> anyhow::Result<AgentProc> {
+        let mut agent = AgentProc {
+            id: String::new(),
+            data: self.dir.join(name),
+            rpc: String::new(),
+            servers: self.rpc_addrs(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        agent.restart()?;
+        Ok(agent)
+    }
+
+    /// Waits until `nodes` all list agents `ids` in `state` (`active`, `unreachable`).
+    pub async fn wait_agents(
+        &self,
+        nodes: &[u64],
+        ids: &[&str],
+        state: &str,
+    ) -> anyhow::Result<()> {
+        self.wait_until_at(
+            nodes,
+            "/v1/nodes",
+            &format!("agents {ids:?} are {state}"),
+            |all| {
+                all.iter().all(|answer| {
+                    ids.iter().all(|id| {
+                        answer["agents"].as_array().is_some_and(|agents| {
+                            agents.iter().any(|a| a["id"] == *id && a["state"] == state)
+                        })
+                    })
+                })
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Waits until node `id` has applied at least log index `index`.
     pub async fn wait_applied(&self, id: u64, index: u64) -> anyhow::Result<Value> {
         let statuses = self
@@ -320,5 +395,69 @@ impl Cluster {
             })
             .await?;
         Ok(statuses[0].clone())
+    }
+}
+
+/// One `wafer agent` process (or its settings, while it is down).
+pub struct AgentProc {
+    /// Its id (from its ready line).
+    pub id: String,
+    /// Data folder.
+    pub data: PathBuf,
+    /// Its executor's address.
+    pub rpc: String,
+    servers: Vec<String>,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    /// Kills the agent with SIGKILL.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("killing the agent")?;
+            child.wait().context("waiting for the agent")?;
+        }
+        Ok(())
+    }
+
+    /// (Re)starts the agent from its data folder; waits until it is registered.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("agent {} is running", self.id);
+        }
+        let mut command = Command::new(wafer_bin()?);
+        command
+            .arg("agent")
+            .args([
+                "--servers",
+                &self.servers.join(","),
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(&self.data)
+            .args(&self.extra);
+        // "wafer agent ID: registered; executor rpc ADDR"
+        let (child, (id, rpc)) = spawn_until_ready(command, &self.data, "wafer agent", |line| {
+            let rest = line.strip_prefix("wafer agent ")?;
+            let (id, rest) = rest.split_once(": registered; executor rpc ")?;
+            Some((id.trim().to_string(), rest.trim().to_string()))
+        })?;
+        self.id = id;
+        self.rpc = rpc;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.kill();
     }
 }

@@ -5,6 +5,7 @@ mod api;
 mod cluster;
 mod error;
 mod invoke;
+mod scheduling;
 pub mod serve;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub functions: Arc<Functions>,
     /// This node's cluster handle.
     pub cluster: Arc<Cluster>,
+    /// This node's scheduler.
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
     /// Exported metrics.
     pub metrics: Metrics,
 }
@@ -50,6 +53,8 @@ pub fn app(state: Arc<AppState>) -> Router {
             axum::routing::patch(api::label),
         )
         .route("/v1/cluster", get(cluster::status))
+        .route("/v1/nodes", get(scheduling::nodes))
+        .route("/v1/frameworks", get(scheduling::frameworks))
         .route("/v1/cluster/members", axum::routing::post(cluster::add))
         .route(
             "/v1/cluster/members/{id}",
@@ -91,6 +96,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
         )],
         {
             app.metrics.observe_cluster(&app.cluster.status());
+            app.scheduler.observe_metrics();
             app.metrics.render()
         },
     )

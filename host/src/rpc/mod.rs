@@ -1,7 +1,7 @@
 //! Cap'n Proto RPC: one thread runs every capnp-rpc connection of the node (capnp-rpc
 //! objects are `!Send` and live on a `LocalSet`), reached from the rest of the node
-//! through a `Send` [`RpcHandle`]. It serves the node's `Node` interface (`--listen`)
-//! and keeps one client connection per peer address.
+//! through a `Send` [`RpcHandle`]. It serves the node's `Node` interface (`--listen`;
+//! an agent serves `Executor`) and keeps one client connection per peer address.
 
 mod server;
 
@@ -15,10 +15,13 @@ use std::time::Duration;
 use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
 use futures_util::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
-use wafer_proto::node_capnp::node;
+use wafer_proto::node_capnp::{executor, node};
 use wafer_proto::raft_capnp::raft;
 
-pub use server::{read_failure, read_node_info, write_failure, write_node_info, NodeService};
+pub use server::{
+    read_agent_info, read_failure, read_node_info, write_agent_info, write_failure,
+    write_node_info, AgentInfo, NodeService,
+};
 
 use crate::state::reader_options;
 
@@ -120,6 +123,22 @@ impl RpcHandle {
         listener: std::net::TcpListener,
         service: NodeService,
     ) -> Result<(), RpcError> {
+        self.serve_with(listener, move || {
+            capnp_rpc::new_client::<node::Client, _>(service).client
+        })
+        .await
+    }
+
+    /// Serves the capability `make` returns (called on the RPC thread) as the bootstrap
+    /// capability on `listener` until the process ends.
+    pub async fn serve_with<F>(
+        &self,
+        listener: std::net::TcpListener,
+        make: F,
+    ) -> Result<(), RpcError>
+    where
+        F: FnOnce() -> capnp::capability::Client + Send + 'static,
+    {
         self.run(move |_| async move {
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => l,
@@ -128,7 +147,7 @@ impl RpcHandle {
                     return;
                 }
             };
-            let client: node::Client = capnp_rpc::new_client(service);
+            let client = make();
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
@@ -147,7 +166,7 @@ impl RpcHandle {
                     rpc_twoparty_capnp::Side::Server,
                     reader_options(),
                 );
-                let system = RpcSystem::new(Box::new(network), Some(client.clone().client));
+                let system = RpcSystem::new(Box::new(network), Some(client.clone()));
                 tokio::task::spawn_local(async move {
                     if let Err(e) = system.await {
                         tracing::debug!(%peer, error = %e, "RPC connection ended");
@@ -163,6 +182,7 @@ impl RpcHandle {
 #[derive(Default)]
 pub struct Peers {
     nodes: RefCell<HashMap<String, (node::Client, raft::Client)>>,
+    executors: RefCell<HashMap<String, executor::Client>>,
 }
 
 impl Peers {
@@ -172,26 +192,8 @@ impl Peers {
         if let Some(clients) = self.nodes.borrow().get(addr) {
             return Ok(clients.clone());
         }
-        let unreachable = |message: String| RpcError::Unreachable {
-            addr: addr.to_string(),
-            message,
-        };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| unreachable("connect timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (reader, writer) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
-        let network = Box::new(twoparty::VatNetwork::new(
-            reader,
-            writer,
-            rpc_twoparty_capnp::Side::Client,
-            reader_options(),
-        ));
-        let mut system = RpcSystem::new(network, None);
-        let node: node::Client = system.bootstrap(rpc_twoparty_capnp::Side::Server);
+        let node: node::Client = connect(addr).await?;
         let raft = node.raft_request().send().pipeline.get_raft();
-        tokio::task::spawn_local(system);
         // Another task may have connected meanwhile; keep the first connection.
         let clients = self
             .nodes
@@ -202,9 +204,50 @@ impl Peers {
         Ok(clients)
     }
 
+    /// The `Executor` capability of the agent at `addr`, connecting when there is no
+    /// connection yet.
+    pub async fn executor(&self, addr: &str) -> Result<executor::Client, RpcError> {
+        if let Some(client) = self.executors.borrow().get(addr) {
+            return Ok(client.clone());
+        }
+        let client: executor::Client = connect(addr).await?;
+        Ok(self
+            .executors
+            .borrow_mut()
+            .entry(addr.to_string())
+            .or_insert(client)
+            .clone())
+    }
+
     /// Forgets the connection to `addr` (after it failed), so that the next call
     /// reconnects.
     pub fn forget(&self, addr: &str) {
         self.nodes.borrow_mut().remove(addr);
+        self.executors.borrow_mut().remove(addr);
     }
+}
+
+/// Connects to `addr` and returns its bootstrap capability (the connection runs on
+/// the RPC thread's `LocalSet`).
+async fn connect<C: capnp::capability::FromClientHook>(addr: &str) -> Result<C, RpcError> {
+    let unreachable = |message: String| RpcError::Unreachable {
+        addr: addr.to_string(),
+        message,
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| unreachable("connect timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let (reader, writer) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
+    let network = Box::new(twoparty::VatNetwork::new(
+        reader,
+        writer,
+        rpc_twoparty_capnp::Side::Client,
+        reader_options(),
+    ));
+    let mut system = RpcSystem::new(network, None);
+    let client: C = system.bootstrap(rpc_twoparty_capnp::Side::Server);
+    tokio::task::spawn_local(system);
+    Ok(client)
 }

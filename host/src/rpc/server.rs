@@ -4,23 +4,68 @@
 use std::sync::Arc;
 
 use capnp::capability::Rc;
-use wafer_proto::node_capnp::{failure, node, node_info};
+use wafer_proto::node_capnp::{agent_info, failure, node, node_info};
 use wafer_proto::raft_capnp::raft;
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::consensus::{codec, NodeAddr, NodeId};
-use crate::state::Command;
+use crate::scheduler::Scheduler;
+use crate::state::{read_resources, write_resources, AgentId, Command, Resources};
 
 /// The node's `Node` capability.
 pub struct NodeService {
     cluster: Arc<Cluster>,
+    scheduler: Arc<Scheduler>,
 }
 
 impl NodeService {
-    /// Serves `cluster`.
-    pub fn new(cluster: Arc<Cluster>) -> NodeService {
-        NodeService { cluster }
+    /// Serves `cluster` and its `scheduler`.
+    pub fn new(cluster: Arc<Cluster>, scheduler: Arc<Scheduler>) -> NodeService {
+        NodeService { cluster, scheduler }
     }
+}
+
+/// What an agent registers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Its id.
+    pub id: AgentId,
+    /// Its executor's Cap'n Proto address.
+    pub rpc: String,
+    /// Its capacity.
+    pub resources: Resources,
+    /// Its attributes.
+    pub attributes: std::collections::BTreeMap<String, String>,
+}
+
+/// Writes an `AgentInfo`.
+pub fn write_agent_info(mut b: agent_info::Builder<'_>, agent: &AgentInfo) {
+    b.set_id(agent.id.as_str());
+    b.set_rpc_addr(agent.rpc.as_str());
+    write_resources(b.reborrow().init_resources(), &agent.resources);
+    let mut list = b.init_attributes(agent.attributes.len() as u32);
+    for (i, (key, value)) in agent.attributes.iter().enumerate() {
+        let mut label = list.reborrow().get(i as u32);
+        label.set_key(key.as_str());
+        label.set_value(value.as_str());
+    }
+}
+
+/// Reads an `AgentInfo`.
+pub fn read_agent_info(r: agent_info::Reader<'_>) -> Result<AgentInfo, capnp::Error> {
+    let mut attributes = std::collections::BTreeMap::new();
+    for label in r.get_attributes()? {
+        attributes.insert(
+            label.get_key()?.to_str()?.to_string(),
+            label.get_value()?.to_str()?.to_string(),
+        );
+    }
+    Ok(AgentInfo {
+        id: r.get_id()?.to_str()?.parse().map_err(failed)?,
+        rpc: r.get_rpc_addr()?.to_str()?.to_string(),
+        resources: read_resources(r.get_resources()?),
+        attributes,
+    })
 }
 
 fn failed(e: impl std::fmt::Display) -> capnp::Error {
@@ -159,6 +204,46 @@ impl node::Server for NodeService {
         let id = params.get()?.get_id();
         if let Err(e) = self.cluster.remove_node(id).await {
             write_failure(results.get().init_failure(), &e);
+        }
+        Ok(())
+    }
+
+    async fn register_agent(
+        self: Rc<Self>,
+        params: node::RegisterAgentParams,
+        mut results: node::RegisterAgentResults,
+    ) -> Result<(), capnp::Error> {
+        let agent = read_agent_info(params.get()?.get_agent()?)?;
+        match self
+            .scheduler
+            .register_agent(agent.id, agent.rpc, agent.resources, agent.attributes)
+            .await
+        {
+            Ok(()) => {
+                let interval = self.scheduler.config().heartbeat_interval();
+                results
+                    .get()
+                    .set_heartbeat_ms(interval.as_millis().clamp(1, u32::MAX as u128) as u32);
+            }
+            Err(e) => write_failure(results.get().init_failure(), &e),
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(
+        self: Rc<Self>,
+        params: node::HeartbeatParams,
+        mut results: node::HeartbeatResults,
+    ) -> Result<(), capnp::Error> {
+        let agent: AgentId = params
+            .get()?
+            .get_agent()?
+            .to_str()?
+            .parse()
+            .map_err(failed)?;
+        match self.scheduler.heartbeat(&agent) {
+            Ok(reregister) => results.get().set_reregister(reregister),
+            Err(e) => write_failure(results.get().init_failure(), &e),
         }
         Ok(())
     }

@@ -5,7 +5,11 @@
 
 pub mod allocator;
 pub mod constraint;
+pub mod leader;
+pub mod metrics;
 pub mod simulation;
 
 pub use allocator::{Allocator, AllocatorConfig, Offer, OfferError, OfferId, Share};
 pub use constraint::{Constraint, InvalidConstraint};
+pub use leader::{now_ms, AgentView, Scheduler, SchedulerConfig};
+pub use metrics::SchedulerMetrics;

@@ -1,5 +1,6 @@
 //! wafer's end-to-end tests: one binary, real `wafer` processes, real HTTP.
 
+mod agents;
 mod cli;
 mod cluster;
 mod deploy;

@@ -1,0 +1,304 @@
+//! `wafer agent`: a worker node. It registers its resources (slots, memory,
+//! accelerators, attributes) with the cluster through any server, heartbeats to the
+//! leader (following it across leader changes), registers again when the leader no
+//! longer knows it as active, and serves `Executor` for the work placed on it.
+//! `wafer server --agent` and `wafer dev` run one in the same process.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::Rng;
+use wafer_proto::node_capnp::executor;
+
+use crate::cluster::ClusterError;
+use crate::rpc::{read_failure, write_agent_info, AgentInfo, RpcError, RpcHandle};
+use crate::state::{AgentId, Resources};
+
+const AGENT_FILE: &str = "agent.json";
+/// Pause between registration attempts while no server answers.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// Settings of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Its id; `None` uses the one in the data folder, or makes one up on first start.
+    pub id: Option<AgentId>,
+    /// Data folder (its id; later, cached modules and task output).
+    pub data: PathBuf,
+    /// Address of its `Executor` (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Servers' `--listen` addresses (any one suffices; the others are tried in turn).
+    pub servers: Vec<String>,
+    /// What it offers.
+    pub resources: Resources,
+    /// Attributes for placement constraints.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Where an agent's registration stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Registration {
+    /// Not (or no longer) registered: registering.
+    Pending,
+    /// Registered and heartbeating.
+    Registered,
+    /// The cluster refused the registration (bad attributes, say): the agent stops.
+    Refused(String),
+}
+
+/// A running agent.
+pub struct Agent {
+    /// Its id.
+    pub id: AgentId,
+    /// Its executor's address.
+    pub rpc: String,
+    registration: tokio::sync::watch::Receiver<Registration>,
+}
+
+impl Agent {
+    /// Waits until the cluster has committed the agent's registration; fails if the
+    /// cluster refused it.
+    pub async fn registered(&mut self) -> anyhow::Result<()> {
+        let state = self
+            .registration
+            .wait_for(|r| *r != Registration::Pending)
+            .await
+            .map(|r| r.clone())
+            .map_err(|_| anyhow::anyhow!("the agent stopped before it registered"))?;
+        match state {
+            Registration::Refused(why) => {
+                anyhow::bail!("the cluster refused agent {}: {why}", self.id)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads the agent's id from its data folder, or stores `wanted` (or a new id) there.
+fn claim_id(data: &Path, wanted: Option<&AgentId>) -> anyhow::Result<AgentId> {
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("creating data folder {}", data.display()))?;
+    let file = data.join(AGENT_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            let stored: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is corrupt", file.display()))?;
+            let id: AgentId = stored
+                .get("id")
+                .and_then(|v| v.as_str())
+                .context("no id")
+                .and_then(|s| Ok(s.parse()?))
+                .with_context(|| format!("{} is corrupt", file.display()))?;
+            if let Some(wanted) = wanted {
+                if *wanted != id {
+                    anyhow::bail!(
+                        "data folder {} belongs to agent {id}, not {wanted}",
+                        data.display()
+                    );
+                }
+            }
+            Ok(id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = match wanted {
+                Some(id) => id.clone(),
+                None => format!("agent-{:08x}", rand::rng().random::<u32>()).parse()?,
+            };
+            std::fs::write(&file, serde_json::json!({ "id": id }).to_string())
+                .with_context(|| format!("writing {}", file.display()))?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", file.display())),
+    }
+}
+
+/// Starts an agent: serves its executor and keeps it registered in the background.
+pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
+    if config.servers.is_empty() {
+        anyhow::bail!("an agent needs at least one server address (--servers)");
+    }
+    let id = claim_id(&config.data, config.id.as_ref())?;
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("binding the executor address {}", config.listen))?;
+    listener.set_nonblocking(true)?;
+    let rpc_addr = listener.local_addr()?.to_string();
+    let info = AgentInfo {
+        id: id.clone(),
+        rpc: rpc_addr.clone(),
+        resources: config.resources,
+        attributes: config.attributes.clone(),
+    };
+    let rpc = RpcHandle::start().context("starting the RPC thread")?;
+    let service = ExecutorService { info: info.clone() };
+    let serving = rpc.clone();
+    tokio::spawn(async move {
+        let served = serving
+            .serve_with(listener, move || {
+                capnp_rpc::new_client::<executor::Client, _>(service).client
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the executor RPC server stopped");
+        }
+    });
+    let (registration_tx, registration) = tokio::sync::watch::channel(Registration::Pending);
+    tokio::spawn(keep_registered(rpc, info, config.servers, registration_tx));
+    Ok(Agent {
+        id,
+        rpc: rpc_addr,
+        registration,
+    })
+}
+
+/// `wafer agent`: starts, waits to be registered, prints its ready line, runs until
+/// SIGINT or SIGTERM.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let data = config.data.clone();
+    let servers = config.servers.join(", ");
+    let mut agent = start(config).await?;
+    tracing::info!(agent = %agent.id, servers, "registering with the cluster");
+    agent.registered().await?;
+    // The first line on stdout is machine-readable: tests and scripts wait for it.
+    println!(
+        "wafer agent {}: registered; executor rpc {}",
+        agent.id, agent.rpc
+    );
+    println!("  data folder: {}", data.display());
+    crate::server::shutdown_signal().await;
+    tracing::info!("wafer agent stopped");
+    Ok(())
+}
+
+/// Registers through any server, then heartbeats to the leader until told to
+/// register again. Runs until the process ends.
+async fn keep_registered(
+    rpc: RpcHandle,
+    info: AgentInfo,
+    servers: Vec<String>,
+    registration: tokio::sync::watch::Sender<Registration>,
+) {
+    let mut next = 0usize;
+    let server = |i: usize| servers[i % servers.len()].clone();
+    loop {
+        // Register through whichever server answers.
+        let mut warned = false;
+        let interval = loop {
+            let via = server(next);
+            match register(&rpc, &via, &info).await {
+                Ok(interval) => {
+                    tracing::info!(agent = %info.id, via, "registered");
+                    break interval;
+                }
+                Err(ClusterError::Rejected(why)) => {
+                    tracing::error!(agent = %info.id, error = why, "the cluster refused this agent");
+                    registration.send_replace(Registration::Refused(why));
+                    return;
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(agent = %info.id, via, error = %e, "registering; retrying");
+                        warned = true;
+                    }
+                    next += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        };
+        registration.send_replace(Registration::Registered);
+        // Heartbeat to the leader, starting with the server that took the registration.
+        let mut target = server(next);
+        let mut warned = false;
+        loop {
+            match heartbeat(&rpc, &target, &info.id).await {
+                Ok(false) => {
+                    warned = false;
+                    tokio::time::sleep(interval).await;
+                }
+                Ok(true) => {
+                    tracing::info!(agent = %info.id, "the leader asks this agent to register again");
+                    registration.send_replace(Registration::Pending);
+                    break;
+                }
+                Err(ClusterError::NotLeader {
+                    leader: Some((_, leader)),
+                }) if leader.rpc != target => {
+                    target = leader.rpc;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(agent = %info.id, server = target, error = %e, "heartbeat failed; trying another server");
+                        warned = true;
+                    }
+                    next += 1;
+                    target = server(next);
+                    tokio::time::sleep(interval / 2).await;
+                }
+            }
+        }
+    }
+}
+
+/// Registers `info` through the server at `addr`; returns the heartbeat interval.
+async fn register(rpc: &RpcHandle, addr: &str, info: &AgentInfo) -> Result<Duration, ClusterError> {
+    let (addr, info) = (addr.to_string(), info.clone());
+    rpc.run(move |peers| async move {
+        let (node, _) = peers.get(&addr).await?;
+        let transport = |e: capnp::Error| ClusterError::from(RpcError::from_capnp(&addr, e));
+        let mut request = node.register_agent_request();
+        write_agent_info(request.get().init_agent(), &info);
+        let reply = request.send().promise.await.map_err(|e| {
+            peers.forget(&addr);
+            transport(e)
+        })?;
+        let r = reply.get().map_err(transport)?;
+        if r.has_failure() {
+            return Err(read_failure(r.get_failure().map_err(transport)?).map_err(transport)?);
+        }
+        Ok(Duration::from_millis(u64::from(
+            r.get_heartbeat_ms().max(10),
+        )))
+    })
+    .await?
+}
+
+/// Heartbeats to the server at `addr`; answers whether to register again.
+async fn heartbeat(rpc: &RpcHandle, addr: &str, agent: &AgentId) -> Result<bool, ClusterError> {
+    let (addr, agent) = (addr.to_string(), agent.clone());
+    rpc.run(move |peers| async move {
+        let (node, _) = peers.get(&addr).await?;
+        let transport = |e: capnp::Error| ClusterError::from(RpcError::from_capnp(&addr, e));
+        let mut request = node.heartbeat_request();
+        request.get().set_agent(agent.as_str());
+        let reply = request.send().promise.await.map_err(|e| {
+            peers.forget(&addr);
+            transport(e)
+        })?;
+        let r = reply.get().map_err(transport)?;
+        if r.has_failure() {
+            return Err(read_failure(r.get_failure().map_err(transport)?).map_err(transport)?);
+        }
+        Ok(r.get_reregister())
+    })
+    .await?
+}
+
+/// The agent's `Executor` capability.
+struct ExecutorService {
+    info: AgentInfo,
+}
+
+impl executor::Server for ExecutorService {
+    async fn info(
+        self: Rc<Self>,
+        _: executor::InfoParams,
+        mut results: executor::InfoResults,
+    ) -> Result<(), capnp::Error> {
+        write_agent_info(results.get().init_agent(), &self.info);
+        Ok(())
+    }
+}

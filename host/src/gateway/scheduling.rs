@@ -1,0 +1,69 @@
+//! The REST API for scheduling: agents (`/v1/nodes`) and frameworks.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::Json;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::AppState;
+
+/// Query of reads that may ask for a linearizable answer.
+#[derive(Debug, Default, Deserialize)]
+pub struct ReadQuery {
+    /// Wait until this node has applied everything committed before the request.
+    #[serde(default)]
+    pub consistent: bool,
+}
+
+/// `GET /v1/nodes`: the agents, their capacity, what is allocated and free, their
+/// attributes and state (`active` or `unreachable`).
+pub async fn nodes(
+    State(app): State<Arc<AppState>>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if query.consistent {
+        app.cluster.read_index().await?;
+    }
+    let agents = app.scheduler.agents()?;
+    Ok(Json(serde_json::json!({ "agents": agents })))
+}
+
+/// `GET /v1/frameworks`: registered frameworks, with their shares when this node
+/// leads (shares live in the leader's allocator).
+pub async fn frameworks(
+    State(app): State<Arc<AppState>>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if query.consistent {
+        app.cluster.read_index().await?;
+    }
+    let view = app
+        .scheduler
+        .view()
+        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    let shares = app.scheduler.shares();
+    let frameworks: Vec<serde_json::Value> = view
+        .frameworks
+        .values()
+        .map(|f| {
+            let share = shares.iter().find(|s| s.framework == f.id);
+            let role = view.role(&f.role);
+            serde_json::json!({
+                "id": f.id,
+                "name": f.name,
+                "role": f.role,
+                "weight": role.weight,
+                "quota": role.quota,
+                "registered_at_ms": f.registered_at_ms,
+                "held": share.map(|s| s.held),
+                "dominant_share": share.map(|s| s.dominant_share),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "frameworks": frameworks,
+        "leader": app.cluster.leading_term().is_some(),
+    })))
+}
