@@ -42,6 +42,8 @@ struct Command {
     registerAgent :group {
       agent @9 :AgentInfo;
       atMs @10 :UInt64;
+      # The job attempts it runs now: the others placed on it are reconciled.
+      running @42 :List(TaskRef);
     }
     # The leader stopped hearing from agent `agent`: its allocations return to the pool.
     agentUnreachable :group {
@@ -73,7 +75,76 @@ struct Command {
     release :group {
       allocation @24 :UInt64;
     }
+    # Submits a job: function `function` runs once on `input` (stdin -> stdout).
+    submitJob :group {
+      function @25 :Text;
+      input @26 :Data;
+      # Placement constraints, `key=value` or `key!=value`.
+      constraints @27 :List(Text);
+      maxAttempts @28 :UInt32;
+      atMs @29 :UInt64;
+    }
+    # Framework `framework` places job `job` on agent `agent` (an accepted offer): a
+    # new attempt, with the job's resources allocated; rejected if they are not free,
+    # the agent does not match the job's constraints, or the job is not waiting.
+    launchJob :group {
+      job @30 :UInt64;
+      framework @31 :Text;
+      agent @32 :Text;
+      atMs @33 :UInt64;
+    }
+    # An agent reports on an attempt (ignored unless it is the job's current attempt).
+    updateJob :group {
+      task @34 :TaskRef;
+      update @35 :TaskUpdate;
+      atMs @36 :UInt64;
+    }
+    killJob :group {
+      job @37 :UInt64;
+      atMs @38 :UInt64;
+    }
+    # Why a staging job waits (set by the scheduler; empty: no reason).
+    setJobReason :group {
+      job @39 :UInt64;
+      reason @40 :Text;
+      hasReason @41 :Bool;
+    }
   }
+}
+
+# One attempt of a job.
+struct TaskRef {
+  job @0 :UInt64;
+  attempt @1 :UInt32;
+}
+
+# What an agent reports about an attempt.
+struct TaskUpdate {
+  union {
+    running @0 :Void;
+    finished :group {
+      exitCode @1 :Int32;
+      output @2 :Data;
+    }
+    failed :group {
+      reason @3 :Text;
+      exitCode @4 :Int32;
+      hasExitCode @5 :Bool;
+    }
+  }
+}
+
+# What an agent needs to run an attempt (its input and module are fetched by digest).
+struct TaskLaunch {
+  task @0 :TaskRef;
+  function @1 :Text;
+  # Digest (`sha256:<hex>`) of the module.
+  module @2 :Text;
+  # The function's limits, JSON.
+  limits @3 :Text;
+  env @4 :List(Label);
+  # Digest of the input.
+  input @5 :Text;
 }
 
 # Amounts of resources (see `Resources` in host/src/state/resources.rs).
@@ -122,7 +193,8 @@ interface Node {
   # Commits `command` through the leader; answers once it is applied on the leader with
   # its log index. `rejection` is the state machine's refusal as JSON (empty when the
   # command was applied); `failure` is null when the command was committed.
-  propose @2 (command :Command) -> (logIndex :UInt64, rejection :Text, failure :Failure);
+  # `created`: the id the command created (a submitted job's), 0 if none.
+  propose @2 (command :Command) -> (logIndex :UInt64, rejection :Text, failure :Failure, created :UInt64);
   # The leader's commit index, confirmed by a quorum (a linearizable read point).
   readIndex @3 () -> (index :UInt64, failure :Failure);
   # Adds `node` as a learner, then (with `voter`) promotes it to voter.
@@ -133,11 +205,20 @@ interface Node {
   # An agent registers (or registers again after it was unreachable or restarted); any
   # server takes it and answers once it is committed. The agent then heartbeats every
   # `heartbeatMs` to the leader.
-  registerAgent @6 (agent :AgentInfo) -> (heartbeatMs :UInt32, failure :Failure);
+  # `running`: the job attempts it runs now (reconciled with what the state expects).
+  registerAgent @6 (agent :AgentInfo, running :List(TaskRef)) -> (heartbeatMs :UInt32, failure :Failure);
   # Agent `agent` is alive. Only the leader takes heartbeats (others answer `notLeader`
   # with the leader). `reregister`: the leader does not know the agent as active (it
   # was marked unreachable, or the registration is not applied yet): register again.
-  heartbeat @7 (agent :Text) -> (reregister :Bool, failure :Failure);
+  # `assigned`: the attempts placed on this agent; it runs those it does not run yet and
+  # stops the others.
+  heartbeat @7 (agent :Text) -> (reregister :Bool, failure :Failure, assigned :List(TaskLaunch));
+  # An agent reports on a job attempt; committed through the leader. `accepted` is false
+  # when the report was stale (not the current attempt, or the job already ended): the
+  # agent stops that attempt.
+  taskUpdate @8 (agent :Text, task :TaskRef, update :TaskUpdate) -> (accepted :Bool, failure :Failure);
+  # A module or job input/output by digest (`sha256:<hex>`).
+  fetch @9 (digest :Text) -> (data :Data, found :Bool);
 }
 
 # An agent's interface (the bootstrap capability of its `--listen` port): servers and
@@ -145,6 +226,10 @@ interface Node {
 interface Executor {
   # The agent's identity and capacity.
   info @0 () -> (agent :AgentInfo);
+  # Runs an attempt (the leader pushes it once placed; heartbeats repeat the list).
+  launch @1 (task :TaskLaunch) -> ();
+  # Stops an attempt.
+  kill @2 (task :TaskRef) -> ();
 }
 
 # One item of a state snapshot. A snapshot file is a stream of single-segment messages:

@@ -196,6 +196,17 @@ enum Command {
         #[command(flatten)]
         agent: AgentArgs,
     },
+    /// Submit durable jobs and follow them.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// List the attempts of the newest jobs: job, attempt, agent, state.
+    Tasks {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the agents: capacity, allocated, free, attributes, state.
     Nodes {
         /// Print JSON instead of a table.
@@ -275,6 +286,60 @@ enum Command {
     Rm {
         /// Function name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Submit a job: FUNCTION runs once on the input (stdin -> stdout). Prints its id.
+    Submit {
+        /// Function name.
+        function: String,
+        /// Input: text, `@FILE`, or `-` for stdin [default: empty].
+        #[arg(long, short)]
+        data: Option<String>,
+        /// Placement constraint `KEY=VALUE` or `KEY!=VALUE` on agent attributes
+        /// (repeatable).
+        #[arg(long = "constraint", value_name = "KEY=VALUE")]
+        constraints: Vec<String>,
+        /// Attempts allowed to fail before the job fails.
+        #[arg(long, default_value_t = 3)]
+        max_attempts: u32,
+        /// Wait until it ends and print its output.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a job: state, reason, attempts, output digest.
+    Status {
+        /// Job id.
+        id: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until a job ends; print its output if it finished (exit 1 otherwise).
+    Wait {
+        /// Job id.
+        id: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Print a finished job's output.
+    Output {
+        /// Job id.
+        id: u64,
+    },
+    /// Kill a job.
+    Kill {
+        /// Job id.
+        id: u64,
+    },
+    /// List the newest jobs.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -454,6 +519,35 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await?;
         }
+        Command::Jobs { command } => return jobs_command(&client, command).await,
+        Command::Tasks { json } => {
+            let tasks = client.tasks().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tasks)?);
+            } else if tasks.is_empty() {
+                println!("no tasks");
+            } else {
+                let mut table = comfy_table::Table::new();
+                table.load_preset(comfy_table::presets::NOTHING);
+                table.set_header(["JOB", "ATTEMPT", "FUNCTION", "AGENT", "STATE", "REASON"]);
+                let text = |v: &serde_json::Value| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                for t in &tasks {
+                    table.add_row([
+                        text(&t["job"]),
+                        text(&t["attempt"]),
+                        text(&t["function"]),
+                        text(&t["agent"]),
+                        text(&t["state"]),
+                        text(&t["reason"]),
+                    ]);
+                }
+                println!("{table}");
+            }
+        }
         Command::Nodes { json } => {
             let agents = client.nodes().await?;
             if json {
@@ -549,17 +643,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let body = match data.as_deref() {
                 None => Vec::new(),
-                Some("-") => {
-                    let mut buf = Vec::new();
-                    std::io::stdin()
-                        .read_to_end(&mut buf)
-                        .context("reading stdin")?;
-                    buf
-                }
-                Some(d) if d.starts_with('@') => {
-                    std::fs::read(&d[1..]).with_context(|| format!("reading {}", &d[1..]))?
-                }
-                Some(d) => d.as_bytes().to_vec(),
+                Some(d) => read_data(d)?,
             };
             let method = match method {
                 Some(m) => reqwest::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
@@ -770,5 +854,179 @@ fn human_bytes(n: u64) -> String {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
         n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
         n => format!("{n} B"),
+    }
+}
+
+/// A `--data` argument's bytes: text, `@FILE`, or `-` for stdin.
+fn read_data(data: &str) -> anyhow::Result<Vec<u8>> {
+    Ok(match data {
+        "-" => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading stdin")?;
+            buf
+        }
+        d if d.starts_with('@') => {
+            std::fs::read(&d[1..]).with_context(|| format!("reading {}", &d[1..]))?
+        }
+        d => d.as_bytes().to_vec(),
+    })
+}
+
+/// `wafer jobs ...`.
+async fn jobs_command(client: &Client, command: JobsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        JobsCommand::Submit {
+            function,
+            data,
+            constraints,
+            max_attempts,
+            wait,
+        } => {
+            let input = match data {
+                Some(data) => read_data(&data)?,
+                None => Vec::new(),
+            };
+            let mut request = serde_json::json!({
+                "function": function,
+                "constraints": constraints,
+                "max_attempts": max_attempts,
+            });
+            match String::from_utf8(input) {
+                Ok(text) => request["input"] = text.into(),
+                Err(bytes) => {
+                    use base64::Engine;
+                    request["input_base64"] = base64::engine::general_purpose::STANDARD
+                        .encode(bytes.into_bytes())
+                        .into();
+                }
+            }
+            let job = client.submit_job(&request).await?;
+            if wait {
+                eprintln!("job {} submitted; waiting", job.id);
+                return wait_job(client, job.id.0, std::time::Duration::from_secs(600)).await;
+            }
+            println!("{}", job.id);
+        }
+        JobsCommand::Status { id, json } => {
+            let job = client.job(id, None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                print_job(&job);
+            }
+        }
+        JobsCommand::Wait { id, timeout } => {
+            return wait_job(client, id, std::time::Duration::from_secs(timeout)).await;
+        }
+        JobsCommand::Output { id } => {
+            let output = client.job_output(id).await?;
+            std::io::stdout().write_all(&output)?;
+        }
+        JobsCommand::Kill { id } => {
+            let job = client.kill_job(id).await?;
+            println!("job {} {}", job.id, job.state);
+        }
+        JobsCommand::List { json } => {
+            let jobs = client.jobs().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else if jobs.is_empty() {
+                println!("no jobs");
+            } else {
+                let mut table = comfy_table::Table::new();
+                table.load_preset(comfy_table::presets::NOTHING);
+                table.set_header(["JOB", "FUNCTION", "STATE", "ATTEMPTS", "REASON"]);
+                for job in jobs {
+                    table.add_row([
+                        job.id.to_string(),
+                        job.function.to_string(),
+                        job.state.to_string(),
+                        job.attempts.len().to_string(),
+                        job.reason.clone().unwrap_or_default(),
+                    ]);
+                }
+                println!("{table}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for job `id` to end (showing progress on stderr), prints its output if it
+/// finished; exit 1 if it did not.
+async fn wait_job(
+    client: &Client,
+    id: u64,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let until = std::time::Instant::now() + timeout;
+    let job = loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let job = client
+            .job(id, Some(left.min(std::time::Duration::from_secs(10))))
+            .await?;
+        spinner.set_message(format!(
+            "job {id}: {}{}",
+            job.state,
+            job.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ));
+        if job.state.is_terminal() || std::time::Instant::now() >= until {
+            break job;
+        }
+    };
+    spinner.finish_and_clear();
+    if job.state == crate::state::TaskState::Finished {
+        let output = client.job_output(id).await?;
+        std::io::stdout().write_all(&output)?;
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "job {id} is {}{}",
+            job.state,
+            job.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn print_job(job: &crate::state::JobRecord) {
+    println!("job {}: {} ({})", job.id, job.state, job.function);
+    if let Some(reason) = &job.reason {
+        println!("  reason: {reason}");
+    }
+    if !job.constraints.is_empty() {
+        let c: Vec<String> = job.constraints.iter().map(|c| c.to_string()).collect();
+        println!("  constraints: {}", c.join(", "));
+    }
+    for a in &job.attempts {
+        println!(
+            "  attempt {} on {}: {}{}",
+            a.number,
+            a.agent,
+            a.state,
+            a.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(output) = &job.output {
+        println!(
+            "  output: {} bytes, {} (attempt {})",
+            output.size,
+            output.digest.short(),
+            output.attempt
+        );
     }
 }

@@ -174,6 +174,75 @@ impl Client {
         response.json().await.map_err(ClientError::Response)
     }
 
+    /// Submits a job (`POST /v1/jobs`).
+    pub async fn submit_job(
+        &self,
+        request: &serde_json::Value,
+    ) -> Result<crate::state::JobRecord, ClientError> {
+        let response = self
+            .checked(self.http.post(self.url("/v1/jobs")).json(request))
+            .await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// Job `id` (linearizable); with `wait`, once it ended or `wait` passed.
+    pub async fn job(
+        &self,
+        id: u64,
+        wait: Option<std::time::Duration>,
+    ) -> Result<crate::state::JobRecord, ClientError> {
+        let mut url = self.url(&format!("/v1/jobs/{id}?consistent=true"));
+        if let Some(wait) = wait {
+            url.push_str(&format!("&wait={}", wait.as_secs_f64()));
+        }
+        let response = self.checked(self.http.get(url)).await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// The newest jobs (linearizable).
+    pub async fn jobs(&self) -> Result<Vec<crate::state::JobRecord>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Jobs {
+            jobs: Vec<crate::state::JobRecord>,
+        }
+        let response = self
+            .checked(
+                self.http
+                    .get(self.url("/v1/jobs?consistent=true&limit=100")),
+            )
+            .await?;
+        let jobs: Jobs = response.json().await.map_err(ClientError::Response)?;
+        Ok(jobs.jobs)
+    }
+
+    /// A finished job's output.
+    pub async fn job_output(&self, id: u64) -> Result<bytes::Bytes, ClientError> {
+        let response = self
+            .checked(
+                self.http
+                    .get(self.url(&format!("/v1/jobs/{id}/output?consistent=true"))),
+            )
+            .await?;
+        response.bytes().await.map_err(ClientError::Response)
+    }
+
+    /// Kills job `id`.
+    pub async fn kill_job(&self, id: u64) -> Result<crate::state::JobRecord, ClientError> {
+        let response = self
+            .checked(self.http.post(self.url(&format!("/v1/jobs/{id}/kill"))))
+            .await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// Every attempt of the newest jobs (`GET /v1/tasks`, linearizable), as JSON.
+    pub async fn tasks(&self) -> Result<Vec<serde_json::Value>, ClientError> {
+        let response = self
+            .checked(self.http.get(self.url("/v1/tasks?consistent=true")))
+            .await?;
+        let body: serde_json::Value = response.json().await.map_err(ClientError::Response)?;
+        Ok(body["tasks"].as_array().cloned().unwrap_or_default())
+    }
+
     /// The agents (`GET /v1/nodes`, linearizable).
     pub async fn nodes(&self) -> Result<Vec<crate::scheduler::AgentView>, ClientError> {
         #[derive(serde::Deserialize)]

@@ -133,12 +133,18 @@ pub struct Committed {
     pub index: u64,
     /// Why the state machine refused the command, if it did.
     pub rejection: Option<Rejection>,
+    /// The id the command created (a submitted job's).
+    pub created: Option<u64>,
 }
 
 impl Committed {
     fn new(index: u64, response: CommandResponse) -> Committed {
         Committed {
             index,
+            created: match &response {
+                CommandResponse::JobSubmitted(job) => Some(job.0),
+                _ => None,
+            },
             rejection: match response {
                 CommandResponse::Rejected(why) => Some(why),
                 _ => None,
@@ -276,6 +282,11 @@ impl Cluster {
     /// This node's addresses.
     pub fn addr(&self) -> &NodeAddr {
         &self.addr
+    }
+
+    /// The RPC thread's handle.
+    pub fn rpc(&self) -> &RpcHandle {
+        &self.rpc
     }
 
     /// The local Raft.
@@ -663,6 +674,7 @@ async fn call_remote(
             Ok(LeaderAnswer::Proposed(Committed {
                 index: r.get_log_index(),
                 rejection,
+                created: Some(r.get_created()).filter(|c| *c != 0),
             }))
         }
         LeaderOp::ReadIndex => {

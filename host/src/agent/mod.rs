@@ -1,13 +1,17 @@
 //! `wafer agent`: a worker node. It registers its resources (slots, memory,
-//! accelerators, attributes) with the cluster through any server, heartbeats to the
-//! leader (following it across leader changes), registers again when the leader no
-//! longer knows it as active, and serves `Executor` for the work placed on it.
-//! `wafer server --agent` and `wafer dev` run one in the same process.
+//! accelerators, attributes) and the attempts it runs with the cluster through any
+//! server, heartbeats to the leader (following it across leader changes; the answers
+//! list the attempts placed on it), registers again when the leader no longer knows it
+//! as active, and serves `Executor` (launch, kill) for the work placed on it
+//! (`worker.rs`). `wafer server --agent` and `wafer dev` run one in the same process.
+
+mod worker;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,8 +19,11 @@ use rand::Rng;
 use wafer_proto::node_capnp::executor;
 
 use crate::cluster::ClusterError;
-use crate::rpc::{read_failure, write_agent_info, AgentInfo, RpcError, RpcHandle};
-use crate::state::{AgentId, Resources};
+use crate::rpc::{read_failure, read_launch, write_agent_info, AgentInfo, RpcError, RpcHandle};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::scheduler::LaunchSpec;
+use crate::state::{read_task_ref, write_task_ref, AgentId, Resources, TaskRef};
+use worker::Worker;
 
 const AGENT_FILE: &str = "agent.json";
 /// Pause between registration attempts while no server answers.
@@ -133,7 +140,26 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         attributes: config.attributes.clone(),
     };
     let rpc = RpcHandle::start().context("starting the RPC thread")?;
-    let service = ExecutorService { info: info.clone() };
+    let cache = config.data.join("cache");
+    let runtime = tokio::task::spawn_blocking(move || {
+        Runtime::new(&RuntimeConfig {
+            // Jobs are not latency-bound: instances are allocated on demand.
+            pooling: false,
+            cache_dir: Some(cache),
+            ..RuntimeConfig::default()
+        })
+    })
+    .await??;
+    let worker = Worker::new(
+        id.clone(),
+        rpc.clone(),
+        config.servers.clone(),
+        Arc::new(runtime),
+    );
+    let service = ExecutorService {
+        info: info.clone(),
+        worker: worker.clone(),
+    };
     let serving = rpc.clone();
     tokio::spawn(async move {
         let served = serving
@@ -146,7 +172,13 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         }
     });
     let (registration_tx, registration) = tokio::sync::watch::channel(Registration::Pending);
-    tokio::spawn(keep_registered(rpc, info, config.servers, registration_tx));
+    tokio::spawn(keep_registered(
+        rpc,
+        info,
+        config.servers,
+        worker,
+        registration_tx,
+    ));
     Ok(Agent {
         id,
         rpc: rpc_addr,
@@ -179,6 +211,7 @@ async fn keep_registered(
     rpc: RpcHandle,
     info: AgentInfo,
     servers: Vec<String>,
+    worker: Arc<Worker>,
     registration: tokio::sync::watch::Sender<Registration>,
 ) {
     let mut next = 0usize;
@@ -188,7 +221,7 @@ async fn keep_registered(
         let mut warned = false;
         let interval = loop {
             let via = server(next);
-            match register(&rpc, &via, &info).await {
+            match register(&rpc, &via, &info, worker.running()).await {
                 Ok(interval) => {
                     tracing::info!(agent = %info.id, via, "registered");
                     break interval;
@@ -214,11 +247,14 @@ async fn keep_registered(
         let mut warned = false;
         loop {
             match heartbeat(&rpc, &target, &info.id).await {
-                Ok(false) => {
+                Ok((false, assigned)) => {
                     warned = false;
+                    // Attempts younger than two heartbeats may not be in the leader's
+                    // answer yet: they are not stopped.
+                    worker.reconcile(assigned, interval * 2);
                     tokio::time::sleep(interval).await;
                 }
-                Ok(true) => {
+                Ok((true, _)) => {
                     tracing::info!(agent = %info.id, "the leader asks this agent to register again");
                     registration.send_replace(Registration::Pending);
                     break;
@@ -243,14 +279,24 @@ async fn keep_registered(
     }
 }
 
-/// Registers `info` through the server at `addr`; returns the heartbeat interval.
-async fn register(rpc: &RpcHandle, addr: &str, info: &AgentInfo) -> Result<Duration, ClusterError> {
+/// Registers `info` (running `running`) through the server at `addr`; returns the
+/// heartbeat interval.
+async fn register(
+    rpc: &RpcHandle,
+    addr: &str,
+    info: &AgentInfo,
+    running: Vec<TaskRef>,
+) -> Result<Duration, ClusterError> {
     let (addr, info) = (addr.to_string(), info.clone());
     rpc.run(move |peers| async move {
         let (node, _) = peers.get(&addr).await?;
         let transport = |e: capnp::Error| ClusterError::from(RpcError::from_capnp(&addr, e));
         let mut request = node.register_agent_request();
         write_agent_info(request.get().init_agent(), &info);
+        let mut list = request.get().init_running(running.len() as u32);
+        for (i, task) in running.iter().enumerate() {
+            write_task_ref(list.reborrow().get(i as u32), task);
+        }
         let reply = request.send().promise.await.map_err(|e| {
             peers.forget(&addr);
             transport(e)
@@ -266,8 +312,13 @@ async fn register(rpc: &RpcHandle, addr: &str, info: &AgentInfo) -> Result<Durat
     .await?
 }
 
-/// Heartbeats to the server at `addr`; answers whether to register again.
-async fn heartbeat(rpc: &RpcHandle, addr: &str, agent: &AgentId) -> Result<bool, ClusterError> {
+/// Heartbeats to the server at `addr`; answers whether to register again, and the
+/// attempts placed on this agent.
+async fn heartbeat(
+    rpc: &RpcHandle,
+    addr: &str,
+    agent: &AgentId,
+) -> Result<(bool, Vec<LaunchSpec>), ClusterError> {
     let (addr, agent) = (addr.to_string(), agent.clone());
     rpc.run(move |peers| async move {
         let (node, _) = peers.get(&addr).await?;
@@ -282,7 +333,13 @@ async fn heartbeat(rpc: &RpcHandle, addr: &str, agent: &AgentId) -> Result<bool,
         if r.has_failure() {
             return Err(read_failure(r.get_failure().map_err(transport)?).map_err(transport)?);
         }
-        Ok(r.get_reregister())
+        let mut assigned = Vec::new();
+        if r.has_assigned() {
+            for launch in r.get_assigned().map_err(transport)? {
+                assigned.push(read_launch(launch).map_err(transport)?);
+            }
+        }
+        Ok((r.get_reregister(), assigned))
     })
     .await?
 }
@@ -290,6 +347,7 @@ async fn heartbeat(rpc: &RpcHandle, addr: &str, agent: &AgentId) -> Result<bool,
 /// The agent's `Executor` capability.
 struct ExecutorService {
     info: AgentInfo,
+    worker: Arc<Worker>,
 }
 
 impl executor::Server for ExecutorService {
@@ -299,6 +357,25 @@ impl executor::Server for ExecutorService {
         mut results: executor::InfoResults,
     ) -> Result<(), capnp::Error> {
         write_agent_info(results.get().init_agent(), &self.info);
+        Ok(())
+    }
+
+    async fn launch(
+        self: Rc<Self>,
+        params: executor::LaunchParams,
+        _: executor::LaunchResults,
+    ) -> Result<(), capnp::Error> {
+        let spec = read_launch(params.get()?.get_task()?)?;
+        self.worker.launch(spec);
+        Ok(())
+    }
+
+    async fn kill(
+        self: Rc<Self>,
+        params: executor::KillParams,
+        _: executor::KillResults,
+    ) -> Result<(), capnp::Error> {
+        self.worker.kill(&read_task_ref(params.get()?.get_task()?));
         Ok(())
     }
 }

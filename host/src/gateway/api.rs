@@ -200,9 +200,10 @@ pub async fn label(
 
 /// Commits `command` through the cluster and waits until this node serves its effect,
 /// so that the caller's next request to this node sees it.
-async fn commit(app: &AppState, command: Command) -> Result<(), ApiError> {
-    let Committed { index, rejection } = app.cluster.propose(command).await?;
-    if let Some(why) = rejection {
+pub(super) async fn commit(app: &AppState, command: Command) -> Result<Committed, ApiError> {
+    let committed = app.cluster.propose(command).await?;
+    let index = committed.index;
+    if let Some(why) = committed.rejection.clone() {
         return Err(why.into());
     }
     if !app.functions.wait_synced(index, SYNC_TIMEOUT).await {
@@ -212,7 +213,7 @@ async fn commit(app: &AppState, command: Command) -> Result<(), ApiError> {
             format!("committed at log index {index}, but this node has not applied it yet; retry the read"),
         ));
     }
-    Ok(())
+    Ok(committed)
 }
 
 /// The record of `name` as this node now serves it (after [`commit`]).
@@ -228,7 +229,7 @@ fn current_record(app: &AppState, name: &FunctionName) -> Result<FunctionRecord,
 }
 
 /// With `?consistent=true`, waits for a linearizable read point before reading.
-async fn read_point(app: &AppState, query: Option<&str>) -> Result<(), ApiError> {
+pub(super) async fn read_point(app: &AppState, query: Option<&str>) -> Result<(), ApiError> {
     let consistent = form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .any(|(k, v)| k == "consistent" && (v == "true" || v == "1" || v.is_empty()));
     if consistent {

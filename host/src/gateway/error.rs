@@ -129,7 +129,16 @@ impl From<Rejection> for ApiError {
             }
             Rejection::UnknownAgent(_)
             | Rejection::UnknownFramework(_)
-            | Rejection::UnknownAllocation(_) => (StatusCode::NOT_FOUND, "not_found"),
+            | Rejection::UnknownAllocation(_)
+            | Rejection::UnknownJob(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Rejection::JobInputTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            Rejection::InvalidJob(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            Rejection::JobNotPlaceable { .. }
+            | Rejection::JobEnded { .. }
+            | Rejection::ConstraintMismatch { .. }
+            | Rejection::StaleUpdate { .. } => (StatusCode::CONFLICT, "rejected"),
             Rejection::NothingToAllocate => (StatusCode::BAD_REQUEST, "invalid"),
             Rejection::AgentUnreachable(_)
             | Rejection::InsufficientResources { .. }

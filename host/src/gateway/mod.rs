@@ -5,6 +5,7 @@ mod api;
 mod cluster;
 mod error;
 mod invoke;
+mod jobs;
 mod scheduling;
 pub mod serve;
 
@@ -54,6 +55,12 @@ pub fn app(state: Arc<AppState>) -> Router {
         )
         .route("/v1/cluster", get(cluster::status))
         .route("/v1/nodes", get(scheduling::nodes))
+        .route("/v1/jobs", get(jobs::list).post(jobs::submit))
+        .route("/v1/jobs/{id}", get(jobs::show))
+        .route("/v1/jobs/{id}/output", get(jobs::output))
+        .route("/v1/jobs/{id}/kill", axum::routing::post(jobs::kill))
+        .route("/v1/tasks", get(jobs::tasks))
+        .route("/v1/offers", get(jobs::offers))
         .route("/v1/frameworks", get(scheduling::frameworks))
         .route("/v1/cluster/members", axum::routing::post(cluster::add))
         .route(

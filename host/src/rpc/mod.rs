@@ -19,8 +19,8 @@ use wafer_proto::node_capnp::{executor, node};
 use wafer_proto::raft_capnp::raft;
 
 pub use server::{
-    read_agent_info, read_failure, read_node_info, write_agent_info, write_failure,
-    write_node_info, AgentInfo, NodeService,
+    read_agent_info, read_failure, read_launch, read_node_info, write_agent_info, write_failure,
+    write_launch, write_node_info, AgentInfo, NodeService,
 };
 
 use crate::state::reader_options;

@@ -4,13 +4,16 @@
 use std::sync::Arc;
 
 use capnp::capability::Rc;
-use wafer_proto::node_capnp::{agent_info, failure, node, node_info};
+use wafer_proto::node_capnp::{agent_info, failure, node, node_info, task_launch};
 use wafer_proto::raft_capnp::raft;
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::consensus::{codec, NodeAddr, NodeId};
-use crate::scheduler::Scheduler;
-use crate::state::{read_resources, write_resources, AgentId, Command, Resources};
+use crate::scheduler::{LaunchSpec, Scheduler};
+use crate::state::{
+    read_resources, read_task_ref, read_task_update, write_resources, write_task_ref, AgentId,
+    Command, Resources,
+};
 
 /// The node's `Node` capability.
 pub struct NodeService {
@@ -49,6 +52,45 @@ pub fn write_agent_info(mut b: agent_info::Builder<'_>, agent: &AgentInfo) {
         label.set_key(key.as_str());
         label.set_value(value.as_str());
     }
+}
+
+/// Writes a `TaskLaunch`.
+pub fn write_launch(mut b: task_launch::Builder<'_>, spec: &LaunchSpec) {
+    write_task_ref(b.reborrow().init_task(), &spec.task);
+    b.set_function(spec.function.as_str());
+    b.set_module(spec.module.to_string().as_str());
+    // Limits are plain numbers: they always serialize.
+    b.set_limits(
+        serde_json::to_string(&spec.limits)
+            .unwrap_or_default()
+            .as_str(),
+    );
+    b.set_input(spec.input.to_string().as_str());
+    let mut env = b.init_env(spec.env.len() as u32);
+    for (i, (key, value)) in spec.env.iter().enumerate() {
+        let mut label = env.reborrow().get(i as u32);
+        label.set_key(key.as_str());
+        label.set_value(value.as_str());
+    }
+}
+
+/// Reads a `TaskLaunch`.
+pub fn read_launch(r: task_launch::Reader<'_>) -> Result<LaunchSpec, capnp::Error> {
+    let mut env = std::collections::BTreeMap::new();
+    for label in r.get_env()? {
+        env.insert(
+            label.get_key()?.to_str()?.to_string(),
+            label.get_value()?.to_str()?.to_string(),
+        );
+    }
+    Ok(LaunchSpec {
+        task: read_task_ref(r.get_task()?),
+        function: r.get_function()?.to_str()?.parse().map_err(failed)?,
+        module: r.get_module()?.to_str()?.parse().map_err(failed)?,
+        limits: serde_json::from_str(r.get_limits()?.to_str()?).map_err(failed)?,
+        env,
+        input: r.get_input()?.to_str()?.parse().map_err(failed)?,
+    })
 }
 
 /// Reads an `AgentInfo`.
@@ -161,6 +203,7 @@ impl node::Server for NodeService {
             Ok(committed) => {
                 let mut r = results.get();
                 r.set_log_index(committed.index);
+                r.set_created(committed.created.unwrap_or(0));
                 if let Some(why) = &committed.rejection {
                     r.set_rejection(serde_json::to_string(why).map_err(failed)?.as_str());
                 }
@@ -213,10 +256,22 @@ impl node::Server for NodeService {
         params: node::RegisterAgentParams,
         mut results: node::RegisterAgentResults,
     ) -> Result<(), capnp::Error> {
-        let agent = read_agent_info(params.get()?.get_agent()?)?;
+        let params = params.get()?;
+        let agent = read_agent_info(params.get_agent()?)?;
+        let running = if params.has_running() {
+            params.get_running()?.iter().map(read_task_ref).collect()
+        } else {
+            Vec::new()
+        };
         match self
             .scheduler
-            .register_agent(agent.id, agent.rpc, agent.resources, agent.attributes)
+            .register_agent(
+                agent.id,
+                agent.rpc,
+                agent.resources,
+                agent.attributes,
+                running,
+            )
             .await
         {
             Ok(()) => {
@@ -242,8 +297,49 @@ impl node::Server for NodeService {
             .parse()
             .map_err(failed)?;
         match self.scheduler.heartbeat(&agent) {
-            Ok(reregister) => results.get().set_reregister(reregister),
+            Ok(answer) => {
+                let mut r = results.get();
+                r.set_reregister(answer.reregister);
+                let mut list = r.init_assigned(answer.assigned.len() as u32);
+                for (i, spec) in answer.assigned.iter().enumerate() {
+                    write_launch(list.reborrow().get(i as u32), spec);
+                }
+            }
             Err(e) => write_failure(results.get().init_failure(), &e),
+        }
+        Ok(())
+    }
+
+    async fn task_update(
+        self: Rc<Self>,
+        params: node::TaskUpdateParams,
+        mut results: node::TaskUpdateResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let task = read_task_ref(params.get_task()?);
+        let update = read_task_update(params.get_update()?).map_err(failed)?;
+        match self.scheduler.task_update(task, update).await {
+            Ok(accepted) => results.get().set_accepted(accepted),
+            Err(e) => write_failure(results.get().init_failure(), &e),
+        }
+        Ok(())
+    }
+
+    async fn fetch(
+        self: Rc<Self>,
+        params: node::FetchParams,
+        mut results: node::FetchResults,
+    ) -> Result<(), capnp::Error> {
+        let digest: crate::digest::Digest = params
+            .get()?
+            .get_digest()?
+            .to_str()?
+            .parse()
+            .map_err(failed)?;
+        if let Some(data) = self.scheduler.fetch(&digest).map_err(failed)? {
+            let mut r = results.get();
+            r.set_found(true);
+            r.set_data(&data);
         }
         Ok(())
     }

@@ -289,13 +289,14 @@ impl Allocator {
     }
 
     /// Whether `framework` is sent offers (a framework with nothing to run suppresses
-    /// them; a registered framework that is not connected gets none).
+    /// them; a registered framework that is not connected gets none). Asking again
+    /// after suppressing (reviving) clears its decline filters.
     pub fn set_wants_offers(&mut self, framework: &FrameworkId, wants: bool) {
         if let Some(entry) = self.frameworks.get_mut(framework) {
-            entry.wants_offers = wants;
-            if wants {
+            if wants && !entry.wants_offers {
                 entry.filters.clear();
             }
+            entry.wants_offers = wants;
         }
     }
 

@@ -4,12 +4,13 @@
 //! or declines it.
 
 pub mod allocator;
-pub mod constraint;
+pub mod jobs;
 pub mod leader;
 pub mod metrics;
 pub mod simulation;
 
+pub use crate::state::{Constraint, InvalidConstraint};
 pub use allocator::{Allocator, AllocatorConfig, Offer, OfferError, OfferId, Share};
-pub use constraint::{Constraint, InvalidConstraint};
+pub use jobs::LaunchSpec;
 pub use leader::{now_ms, AgentView, Scheduler, SchedulerConfig};
 pub use metrics::SchedulerMetrics;

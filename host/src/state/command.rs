@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use wafer_proto::node_capnp::{command, resources};
+use wafer_proto::node_capnp::{command, resources, task_ref, task_update};
 
 use super::{
-    AgentId, Allocation, AllocationId, FrameworkId, FunctionName, FunctionRecord, FunctionSpec,
-    InvalidId, Resources, RoleName,
+    AgentId, Allocation, AllocationId, Constraint, FrameworkId, FunctionName, FunctionRecord,
+    FunctionSpec, InvalidId, JobId, Resources, RoleName, TaskRef, TaskState, TaskUpdate,
 };
 
 /// Largest module a deploy command may carry, bytes. Every replica applies the same
@@ -56,6 +56,8 @@ pub enum Command {
         resources: Resources,
         /// Attributes for placement constraints.
         attributes: BTreeMap<String, String>,
+        /// The job attempts it runs now (the others placed on it are reconciled).
+        running: Vec<TaskRef>,
         /// When, ms since the Unix epoch (chosen by the proposer).
         at_ms: u64,
     },
@@ -103,6 +105,53 @@ pub enum Command {
         /// The allocation.
         allocation: AllocationId,
     },
+    /// Submits a job: `function` runs once on `input`.
+    SubmitJob {
+        /// The function.
+        function: FunctionName,
+        /// Its stdin.
+        input: Bytes,
+        /// Placement constraints.
+        constraints: Vec<Constraint>,
+        /// Attempts allowed to fail.
+        max_attempts: u32,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
+    /// `framework` places `job` on `agent` (a new attempt, its resources allocated).
+    LaunchJob {
+        /// The job.
+        job: JobId,
+        /// The framework placing it.
+        framework: FrameworkId,
+        /// The agent.
+        agent: AgentId,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
+    /// An agent reports on an attempt.
+    UpdateJob {
+        /// The attempt.
+        task: TaskRef,
+        /// What happened.
+        update: TaskUpdate,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
+    /// Kills a job.
+    KillJob {
+        /// The job.
+        job: JobId,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
+    /// Why a staging job waits.
+    SetJobReason {
+        /// The job.
+        job: JobId,
+        /// The reason (none: cleared).
+        reason: Option<String>,
+    },
 }
 
 /// What applying a command did.
@@ -135,6 +184,22 @@ pub enum CommandResponse {
     Allocated(Allocation),
     /// The allocation was released.
     Released(AllocationId),
+    /// The job was submitted.
+    JobSubmitted(JobId),
+    /// The job was placed: this attempt holds this allocation.
+    JobLaunched {
+        /// The attempt.
+        task: TaskRef,
+        /// Its allocation.
+        allocation: AllocationId,
+    },
+    /// The job changed (or, for a reason, may have): its state now.
+    JobUpdated {
+        /// The job.
+        job: JobId,
+        /// Its state.
+        state: TaskState,
+    },
 }
 
 impl CommandResponse {
@@ -218,6 +283,52 @@ pub enum Rejection {
         /// What it would hold.
         would_hold: Resources,
     },
+    /// No job has this id.
+    #[error("no job {0}")]
+    UnknownJob(JobId),
+    /// The job is not waiting to be placed.
+    #[error("job {job} is {state}, not waiting to be placed")]
+    JobNotPlaceable {
+        /// The job.
+        job: JobId,
+        /// Its state.
+        state: TaskState,
+    },
+    /// The job has ended.
+    #[error("job {job} has already ended ({state})")]
+    JobEnded {
+        /// The job.
+        job: JobId,
+        /// Its state.
+        state: TaskState,
+    },
+    /// The agent does not satisfy a constraint of the job.
+    #[error("agent `{agent}` does not satisfy constraint {constraint}")]
+    ConstraintMismatch {
+        /// The agent.
+        agent: AgentId,
+        /// The constraint.
+        constraint: String,
+    },
+    /// A report on an attempt that is not current, or of a job that ended: dropped.
+    #[error("report on attempt {task} dropped: {why}")]
+    StaleUpdate {
+        /// The attempt.
+        task: TaskRef,
+        /// Why.
+        why: String,
+    },
+    /// The job's input is too large.
+    #[error("job input of {size} bytes exceeds the limit of {limit} bytes")]
+    JobInputTooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A job's settings are invalid.
+    #[error("{0}")]
+    InvalidJob(String),
     /// An agent registered with less capacity than it has allocated.
     #[error("agent `{agent}` cannot shrink to {capacity}: {allocated} is allocated")]
     CapacityBelowAllocated {
@@ -315,11 +426,12 @@ impl Command {
                 rpc,
                 resources,
                 attributes,
+                running,
                 at_ms,
             } => {
                 let mut register = builder.init_register_agent();
                 register.set_at_ms(*at_ms);
-                let mut info = register.init_agent();
+                let mut info = register.reborrow().init_agent();
                 info.set_id(agent.as_str());
                 info.set_rpc_addr(rpc.as_str());
                 write_resources(info.reborrow().init_resources(), resources);
@@ -328,6 +440,10 @@ impl Command {
                     let mut label = list.reborrow().get(i as u32);
                     label.set_key(key.as_str());
                     label.set_value(value.as_str());
+                }
+                let mut list = register.init_running(running.len() as u32);
+                for (i, task) in running.iter().enumerate() {
+                    write_task_ref(list.reborrow().get(i as u32), task);
                 }
             }
             Command::AgentUnreachable { agent, at_ms } => {
@@ -374,6 +490,56 @@ impl Command {
             Command::Release { allocation } => {
                 builder.init_release().set_allocation(allocation.0);
             }
+            Command::SubmitJob {
+                function,
+                input,
+                constraints,
+                max_attempts,
+                at_ms,
+            } => {
+                let mut submit = builder.init_submit_job();
+                submit.set_function(function.as_str());
+                submit.set_input(input);
+                submit.set_max_attempts(*max_attempts);
+                submit.set_at_ms(*at_ms);
+                let mut list = submit.init_constraints(constraints.len() as u32);
+                for (i, c) in constraints.iter().enumerate() {
+                    list.set(i as u32, c.to_string().as_str());
+                }
+            }
+            Command::LaunchJob {
+                job,
+                framework,
+                agent,
+                at_ms,
+            } => {
+                let mut launch = builder.init_launch_job();
+                launch.set_job(job.0);
+                launch.set_framework(framework.as_str());
+                launch.set_agent(agent.as_str());
+                launch.set_at_ms(*at_ms);
+            }
+            Command::UpdateJob {
+                task,
+                update,
+                at_ms,
+            } => {
+                let mut u = builder.init_update_job();
+                u.set_at_ms(*at_ms);
+                write_task_ref(u.reborrow().init_task(), task);
+                write_task_update(u.init_update(), update);
+            }
+            Command::KillJob { job, at_ms } => {
+                let mut kill = builder.init_kill_job();
+                kill.set_job(job.0);
+                kill.set_at_ms(*at_ms);
+            }
+            Command::SetJobReason { job, reason } => {
+                let mut set = builder.init_set_job_reason();
+                set.set_job(job.0);
+                set.set_has_reason(reason.is_some());
+                set.set_reason(reason.as_deref().unwrap_or_default());
+            }
         }
     }
 
@@ -402,6 +568,15 @@ impl Command {
                         .sum::<usize>()
             }
             Command::RegisterFramework { name, .. } => 128 + name.len(),
+            Command::SubmitJob { input, .. } => 256 + input.len(),
+            Command::UpdateJob {
+                update: TaskUpdate::Finished { output, .. },
+                ..
+            } => 128 + output.len(),
+            Command::LaunchJob { .. }
+            | Command::UpdateJob { .. }
+            | Command::KillJob { .. }
+            | Command::SetJobReason { .. } => 128,
             Command::AgentUnreachable { .. }
             | Command::SetRole { .. }
             | Command::Accept { .. }
@@ -460,11 +635,17 @@ impl Command {
                         label.get_value()?.to_str()?.to_string(),
                     );
                 }
+                let running = if register.has_running() {
+                    register.get_running()?.iter().map(read_task_ref).collect()
+                } else {
+                    Vec::new()
+                };
                 Command::RegisterAgent {
                     agent: info.get_id()?.to_str()?.parse()?,
                     rpc: info.get_rpc_addr()?.to_str()?.to_string(),
                     resources: read_resources(info.get_resources()?),
                     attributes,
+                    running,
                     at_ms: register.get_at_ms(),
                 }
             }
@@ -496,6 +677,48 @@ impl Command {
             command::Release(release) => Command::Release {
                 allocation: AllocationId(release.get_allocation()),
             },
+            command::SubmitJob(submit) => {
+                let mut constraints = Vec::new();
+                for c in submit.get_constraints()? {
+                    constraints.push(
+                        c?.to_str()?
+                            .parse()
+                            .map_err(|e: super::InvalidConstraint| {
+                                MalformedCommand(e.to_string())
+                            })?,
+                    );
+                }
+                Command::SubmitJob {
+                    function: name(submit.get_function()?)?,
+                    input: Bytes::copy_from_slice(submit.get_input()?),
+                    constraints,
+                    max_attempts: submit.get_max_attempts(),
+                    at_ms: submit.get_at_ms(),
+                }
+            }
+            command::LaunchJob(launch) => Command::LaunchJob {
+                job: JobId(launch.get_job()),
+                framework: launch.get_framework()?.to_str()?.parse()?,
+                agent: launch.get_agent()?.to_str()?.parse()?,
+                at_ms: launch.get_at_ms(),
+            },
+            command::UpdateJob(u) => Command::UpdateJob {
+                task: read_task_ref(u.get_task()?),
+                update: read_task_update(u.get_update()?)?,
+                at_ms: u.get_at_ms(),
+            },
+            command::KillJob(kill) => Command::KillJob {
+                job: JobId(kill.get_job()),
+                at_ms: kill.get_at_ms(),
+            },
+            command::SetJobReason(set) => Command::SetJobReason {
+                job: JobId(set.get_job()),
+                reason: if set.get_has_reason() {
+                    Some(set.get_reason()?.to_str()?.to_string())
+                } else {
+                    None
+                },
+            },
         })
     }
 
@@ -511,6 +734,53 @@ impl Command {
         let message = capnp::serialize::read_message_from_flat_slice(&mut bytes, reader_options())?;
         Command::read(message.get_root()?)
     }
+}
+
+/// Writes a capnp `TaskRef`.
+pub fn write_task_ref(mut b: task_ref::Builder<'_>, task: &TaskRef) {
+    b.set_job(task.job.0);
+    b.set_attempt(task.attempt);
+}
+
+/// Reads a capnp `TaskRef`.
+pub fn read_task_ref(r: task_ref::Reader<'_>) -> TaskRef {
+    TaskRef {
+        job: JobId(r.get_job()),
+        attempt: r.get_attempt(),
+    }
+}
+
+/// Writes a capnp `TaskUpdate`.
+pub fn write_task_update(mut b: task_update::Builder<'_>, update: &TaskUpdate) {
+    match update {
+        TaskUpdate::Running => b.set_running(()),
+        TaskUpdate::Finished { exit_code, output } => {
+            let mut f = b.init_finished();
+            f.set_exit_code(*exit_code);
+            f.set_output(output);
+        }
+        TaskUpdate::Failed { reason, exit_code } => {
+            let mut f = b.init_failed();
+            f.set_reason(reason.as_str());
+            f.set_has_exit_code(exit_code.is_some());
+            f.set_exit_code(exit_code.unwrap_or_default());
+        }
+    }
+}
+
+/// Reads a capnp `TaskUpdate`.
+pub fn read_task_update(r: task_update::Reader<'_>) -> Result<TaskUpdate, MalformedCommand> {
+    Ok(match r.which()? {
+        task_update::Running(()) => TaskUpdate::Running,
+        task_update::Finished(f) => TaskUpdate::Finished {
+            exit_code: f.get_exit_code(),
+            output: Bytes::copy_from_slice(f.get_output()?),
+        },
+        task_update::Failed(f) => TaskUpdate::Failed {
+            reason: f.get_reason()?.to_str()?.to_string(),
+            exit_code: f.get_has_exit_code().then(|| f.get_exit_code()),
+        },
+    })
 }
 
 /// Writes `resources` into a capnp `Resources`.
@@ -568,6 +838,10 @@ mod tests {
                     accelerators: 1,
                 },
                 attributes: BTreeMap::from([("zone".into(), "b".into())]),
+                running: vec![TaskRef {
+                    job: JobId(4),
+                    attempt: 2,
+                }],
                 at_ms: 5,
             },
             Command::AgentUnreachable {
@@ -598,6 +872,51 @@ mod tests {
             },
             Command::Release {
                 allocation: AllocationId(3),
+            },
+            Command::SubmitJob {
+                function: name("f")?,
+                input: Bytes::from_static(b"in"),
+                constraints: vec!["zone=b".parse().map_err(
+                    |e: super::super::InvalidConstraint| MalformedCommand(e.to_string()),
+                )?],
+                max_attempts: 3,
+                at_ms: 9,
+            },
+            Command::LaunchJob {
+                job: JobId(1),
+                framework: "jobs".parse()?,
+                agent: "a-1".parse()?,
+                at_ms: 10,
+            },
+            Command::UpdateJob {
+                task: TaskRef {
+                    job: JobId(1),
+                    attempt: 1,
+                },
+                update: TaskUpdate::Finished {
+                    exit_code: 0,
+                    output: Bytes::from_static(b"out"),
+                },
+                at_ms: 11,
+            },
+            Command::UpdateJob {
+                task: TaskRef {
+                    job: JobId(1),
+                    attempt: 2,
+                },
+                update: TaskUpdate::Failed {
+                    reason: "trap".into(),
+                    exit_code: None,
+                },
+                at_ms: 12,
+            },
+            Command::KillJob {
+                job: JobId(2),
+                at_ms: 13,
+            },
+            Command::SetJobReason {
+                job: JobId(2),
+                reason: Some("no agent matches".into()),
             },
         ];
         for command in commands {

@@ -86,4 +86,7 @@ pub struct Allocation {
     pub resources: Resources,
     /// When it was accepted, ms since the Unix epoch.
     pub allocated_at_ms: u64,
+    /// The job attempt it runs, if it was placed for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<super::TaskRef>,
 }

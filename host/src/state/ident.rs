@@ -15,6 +15,12 @@ macro_rules! ident {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+
+            /// An id written in the code (it must be valid).
+            pub fn from_static(s: &'static str) -> $name {
+                debug_assert!($crate::state::ident::valid(s), "invalid id {s:?}");
+                $name(s.to_string())
+            }
         }
 
         impl std::str::FromStr for $name {

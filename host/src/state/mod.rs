@@ -8,9 +8,12 @@
 
 mod agent;
 mod command;
+mod constraint;
 mod framework;
 mod function;
 pub(crate) mod ident;
+mod job;
+mod jobs;
 mod resources;
 mod scheduling;
 
@@ -26,9 +29,11 @@ use wafer_proto::node_capnp::snapshot_item;
 use crate::digest::Digest;
 pub use agent::{AgentId, AgentRecord, AgentState};
 pub use command::{
-    read_resources, reader_options, write_resources, Command, CommandResponse, MalformedCommand,
-    Rejection, MAX_MODULE_BYTES,
+    read_resources, read_task_ref, read_task_update, reader_options, write_resources,
+    write_task_ref, write_task_update, Command, CommandResponse, MalformedCommand, Rejection,
+    MAX_MODULE_BYTES,
 };
+pub use constraint::{Constraint, InvalidConstraint};
 pub use framework::{
     Allocation, AllocationId, FrameworkId, FrameworkRecord, RoleName, RoleRecord, MAX_WEIGHT,
 };
@@ -37,6 +42,10 @@ pub use function::{
     MAX_LABELS, MAX_NAME_LEN,
 };
 pub use ident::InvalidId;
+pub use job::{
+    Attempt, JobId, JobOutput, JobRecord, TaskRef, TaskState, TaskUpdate, MAX_ATTEMPTS,
+    MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES,
+};
 pub use resources::Resources;
 pub use scheduling::SchedulingView;
 
@@ -150,6 +159,24 @@ impl State {
         scheduling::read_view(&txn)
     }
 
+    /// Job `job`.
+    pub fn get_job(&self, job: JobId) -> Result<Option<JobRecord>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        jobs::read_job(&txn, job)
+    }
+
+    /// The newest `limit` jobs, newest first.
+    pub fn list_jobs(&self, limit: usize) -> Result<Vec<JobRecord>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        jobs::read_all(&txn, limit)
+    }
+
+    /// A job's input or output bytes.
+    pub fn job_data(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        jobs::read_data(&txn, digest)
+    }
+
     /// The module with `digest`.
     pub fn get_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StateError> {
         let txn = self.db.begin_read().map_err(storage)?;
@@ -165,6 +192,9 @@ impl State {
 /// [`CommandResponse::Rejected`] and changes nothing; an `Err` is a storage failure.
 pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandResponse, StateError> {
     if let Some(answer) = scheduling::apply(txn, command)? {
+        return Ok(answer);
+    }
+    if let Some(answer) = jobs::apply(txn, command)? {
         return Ok(answer);
     }
     let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
@@ -261,7 +291,12 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
         | Command::RegisterFramework { .. }
         | Command::SetRole { .. }
         | Command::Accept { .. }
-        | Command::Release { .. } => Err(StateError::Snapshot(
+        | Command::Release { .. }
+        | Command::SubmitJob { .. }
+        | Command::LaunchJob { .. }
+        | Command::UpdateJob { .. }
+        | Command::KillJob { .. }
+        | Command::SetJobReason { .. } => Err(StateError::Snapshot(
             "a scheduling command reached the function tables".into(),
         )),
     }
@@ -417,6 +452,19 @@ pub fn restore(txn: &WriteTransaction, input: &mut impl BufRead) -> Result<(), S
         }
     }
     Ok(())
+}
+
+/// The record of function `name`, read inside a write transaction.
+pub(crate) fn function_record(
+    txn: &WriteTransaction,
+    name: &FunctionName,
+) -> Result<Option<FunctionRecord>, StateError> {
+    let functions = txn.open_table(FUNCTIONS).map_err(storage)?;
+    let record = match functions.get(name.as_str()).map_err(storage)? {
+        Some(bytes) => Some(decode(name.as_str(), bytes.value())?),
+        None => None,
+    };
+    Ok(record)
 }
 
 /// Deletes blob `digest` unless a function still refers to it.

@@ -14,8 +14,9 @@ use wafer_proto::node_capnp::snapshot_item;
 use super::{
     check_label_key, check_label_value, storage, AgentId, AgentRecord, AgentState, Allocation,
     AllocationId, Command, CommandResponse, FrameworkId, FrameworkRecord, Rejection, Resources,
-    RoleName, RoleRecord, StateError, MAX_LABELS, MAX_WEIGHT,
+    RoleName, RoleRecord, StateError, TaskRef, MAX_LABELS, MAX_WEIGHT,
 };
+use super::{jobs, JobId, JobRecord};
 
 /// Agent id -> JSON [`AgentRecord`].
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
@@ -37,7 +38,35 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StateError> {
     txn.open_table(ROLES).map_err(storage)?;
     txn.open_table(ALLOCATIONS).map_err(storage)?;
     txn.open_table(COUNTERS).map_err(storage)?;
-    Ok(())
+    jobs::create_tables(txn)
+}
+
+/// The next value of counter `name` (1 first), counted.
+pub(super) fn next_counter(txn: &WriteTransaction, name: &str) -> Result<u64, StateError> {
+    let mut counters = txn.open_table(COUNTERS).map_err(storage)?;
+    let id = counters
+        .get(name)
+        .map_err(storage)?
+        .map_or(1, |v| v.value());
+    counters.insert(name, id + 1).map_err(storage)?;
+    Ok(id)
+}
+
+/// The allocations on `agent`.
+pub(super) fn allocations_of(
+    txn: &WriteTransaction,
+    agent: &AgentId,
+) -> Result<Vec<Allocation>, StateError> {
+    let allocations = txn.open_table(ALLOCATIONS).map_err(storage)?;
+    let mut out = Vec::new();
+    for entry in allocations.iter().map_err(storage)? {
+        let (key, value) = entry.map_err(storage)?;
+        let allocation: Allocation = decode(&key.value().to_string(), value.value())?;
+        if allocation.agent == *agent {
+            out.push(allocation);
+        }
+    }
+    Ok(out)
 }
 
 /// Everything the scheduler reads: one consistent view of the scheduling tables.
@@ -51,6 +80,8 @@ pub struct SchedulingView {
     pub roles: BTreeMap<RoleName, RoleRecord>,
     /// Allocations by id.
     pub allocations: BTreeMap<AllocationId, Allocation>,
+    /// Jobs not in a terminal state.
+    pub jobs: BTreeMap<JobId, JobRecord>,
 }
 
 impl SchedulingView {
@@ -123,6 +154,7 @@ pub(super) fn read_view(txn: &ReadTransaction) -> Result<SchedulingView, StateEr
         let record: Allocation = decode(&key.value().to_string(), value.value())?;
         view.allocations.insert(record.id, record);
     }
+    view.jobs = jobs::read_active(txn)?;
     Ok(view)
 }
 
@@ -137,8 +169,9 @@ pub(super) fn apply(
             rpc,
             resources,
             attributes,
+            running,
             at_ms,
-        } => register_agent(txn, agent, rpc, resources, attributes, *at_ms)?,
+        } => register_agent(txn, agent, rpc, resources, attributes, running, *at_ms)?,
         Command::AgentUnreachable { agent, at_ms } => agent_unreachable(txn, agent, *at_ms)?,
         Command::RegisterFramework {
             id,
@@ -193,36 +226,10 @@ pub(super) fn apply(
             resources,
             at_ms,
         } => accept(txn, framework, agent, resources, *at_ms)?,
-        Command::Release { allocation } => {
-            let mut allocations = txn.open_table(ALLOCATIONS).map_err(storage)?;
-            let removed: Allocation = match allocations.remove(allocation.0).map_err(storage)? {
-                Some(bytes) => decode(&allocation.to_string(), bytes.value())?,
-                None => {
-                    return Ok(Some(CommandResponse::Rejected(
-                        Rejection::UnknownAllocation(*allocation),
-                    )))
-                }
-            };
-            drop(allocations);
-            let mut agents = txn.open_table(AGENTS).map_err(storage)?;
-            let record = match agents.get(removed.agent.as_str()).map_err(storage)? {
-                Some(bytes) => Some(decode::<AgentRecord>(
-                    removed.agent.as_str(),
-                    bytes.value(),
-                )?),
-                None => None,
-            };
-            if let Some(mut record) = record {
-                record.allocated = record.allocated.minus(&removed.resources);
-                agents
-                    .insert(
-                        removed.agent.as_str(),
-                        encode(removed.agent.as_str(), &record)?.as_slice(),
-                    )
-                    .map_err(storage)?;
-            }
-            CommandResponse::Released(*allocation)
-        }
+        Command::Release { allocation } => match release(txn, *allocation)? {
+            Some(_) => CommandResponse::Released(*allocation),
+            None => CommandResponse::Rejected(Rejection::UnknownAllocation(*allocation)),
+        },
         _ => return Ok(None),
     };
     Ok(Some(answer))
@@ -234,6 +241,7 @@ fn register_agent(
     rpc: &str,
     resources: &Resources,
     attributes: &BTreeMap<String, String>,
+    running: &[TaskRef],
     at_ms: u64,
 ) -> Result<CommandResponse, StateError> {
     if attributes.len() > MAX_LABELS {
@@ -277,6 +285,8 @@ fn register_agent(
     agents
         .insert(id.as_str(), encode(id.as_str(), &record)?.as_slice())
         .map_err(storage)?;
+    drop(agents);
+    jobs::reconcile(txn, id, running, at_ms)?;
     Ok(CommandResponse::AgentRegistered(id.clone()))
 }
 
@@ -300,12 +310,13 @@ fn agent_unreachable(
         let (key, value) = entry.map_err(storage)?;
         let allocation: Allocation = decode(&key.value().to_string(), value.value())?;
         if allocation.agent == *id {
-            released.push(allocation.id);
+            released.push(allocation);
         }
     }
     for allocation in &released {
-        allocations.remove(allocation.0).map_err(storage)?;
+        allocations.remove(allocation.id.0).map_err(storage)?;
     }
+    drop(allocations);
     if record.state != AgentState::Unreachable {
         record.changed_at_ms = at_ms;
     }
@@ -314,9 +325,11 @@ fn agent_unreachable(
     agents
         .insert(id.as_str(), encode(id.as_str(), &record)?.as_slice())
         .map_err(storage)?;
+    drop(agents);
+    jobs::agent_lost(txn, id, &released)?;
     Ok(CommandResponse::AgentLost {
         agent: id.clone(),
-        released,
+        released: released.iter().map(|a| a.id).collect(),
     })
 }
 
@@ -327,7 +340,25 @@ fn accept(
     resources: &Resources,
     at_ms: u64,
 ) -> Result<CommandResponse, StateError> {
-    let reject = |why| Ok(CommandResponse::Rejected(why));
+    Ok(
+        match allocate(txn, framework, agent, resources, at_ms, None)? {
+            Ok(allocation) => CommandResponse::Allocated(allocation),
+            Err(why) => CommandResponse::Rejected(why),
+        },
+    )
+}
+
+/// Allocates `resources` of `agent` to `framework` (for `task`, if any): the checks of
+/// an accept, then a new allocation. `Ok(Err(why))`: refused, nothing changed.
+pub(super) fn allocate(
+    txn: &WriteTransaction,
+    framework: &FrameworkId,
+    agent: &AgentId,
+    resources: &Resources,
+    at_ms: u64,
+    task: Option<TaskRef>,
+) -> Result<Result<Allocation, Rejection>, StateError> {
+    let reject = |why| Ok(Err(why));
     if resources.is_zero() {
         return reject(Rejection::NothingToAllocate);
     }
@@ -385,12 +416,7 @@ fn accept(
             });
         }
     }
-    let mut counters = txn.open_table(COUNTERS).map_err(storage)?;
-    let id = counters
-        .get(NEXT_ALLOCATION)
-        .map_err(storage)?
-        .map_or(1, |v| v.value());
-    counters.insert(NEXT_ALLOCATION, id + 1).map_err(storage)?;
+    let id = next_counter(txn, NEXT_ALLOCATION)?;
     let allocation = Allocation {
         id: AllocationId(id),
         framework: framework.clone(),
@@ -398,6 +424,7 @@ fn accept(
         agent: agent.clone(),
         resources: *resources,
         allocated_at_ms: at_ms,
+        task,
     };
     allocations
         .insert(id, encode(&id.to_string(), &allocation)?.as_slice())
@@ -406,7 +433,52 @@ fn accept(
     agents
         .insert(agent.as_str(), encode(agent.as_str(), &record)?.as_slice())
         .map_err(storage)?;
-    Ok(CommandResponse::Allocated(allocation))
+    Ok(Ok(allocation))
+}
+
+/// Removes allocation `id` and returns its resources to its agent; `None` if there is
+/// no such allocation.
+pub(super) fn release(
+    txn: &WriteTransaction,
+    id: AllocationId,
+) -> Result<Option<Allocation>, StateError> {
+    let mut allocations = txn.open_table(ALLOCATIONS).map_err(storage)?;
+    let removed: Allocation = match allocations.remove(id.0).map_err(storage)? {
+        Some(bytes) => decode(&id.to_string(), bytes.value())?,
+        None => return Ok(None),
+    };
+    drop(allocations);
+    let mut agents = txn.open_table(AGENTS).map_err(storage)?;
+    let record = match agents.get(removed.agent.as_str()).map_err(storage)? {
+        Some(bytes) => Some(decode::<AgentRecord>(
+            removed.agent.as_str(),
+            bytes.value(),
+        )?),
+        None => None,
+    };
+    if let Some(mut record) = record {
+        record.allocated = record.allocated.minus(&removed.resources);
+        agents
+            .insert(
+                removed.agent.as_str(),
+                encode(removed.agent.as_str(), &record)?.as_slice(),
+            )
+            .map_err(storage)?;
+    }
+    Ok(Some(removed))
+}
+
+/// The record of `agent`.
+pub(super) fn get_agent(
+    txn: &WriteTransaction,
+    agent: &AgentId,
+) -> Result<Option<AgentRecord>, StateError> {
+    let agents = txn.open_table(AGENTS).map_err(storage)?;
+    let record = match agents.get(agent.as_str()).map_err(storage)? {
+        Some(bytes) => Some(decode(agent.as_str(), bytes.value())?),
+        None => None,
+    };
+    Ok(record)
 }
 
 /// Writes every row of the scheduling tables to `out`, one [`snapshot_item`] each.
@@ -453,7 +525,7 @@ pub(super) fn dump(txn: &ReadTransaction, out: &mut impl Write) -> Result<(), St
             &value.value().to_be_bytes(),
         )?;
     }
-    Ok(())
+    jobs::dump(txn, out)
 }
 
 /// Empties the scheduling tables (before a snapshot's rows are restored).
@@ -463,6 +535,7 @@ pub(super) fn clear(txn: &WriteTransaction) -> Result<(), StateError> {
     txn.delete_table(ROLES).map_err(storage)?;
     txn.delete_table(ALLOCATIONS).map_err(storage)?;
     txn.delete_table(COUNTERS).map_err(storage)?;
+    jobs::clear(txn)?;
     create_tables(txn)
 }
 
@@ -516,9 +589,11 @@ pub(super) fn restore_row(
                 .map_err(storage)?;
         }
         other => {
-            return Err(StateError::Snapshot(format!(
-                "unknown table {other:?} in the snapshot"
-            )))
+            if !jobs::restore_row(txn, other, key, value)? {
+                return Err(StateError::Snapshot(format!(
+                    "unknown table {other:?} in the snapshot"
+                )));
+            }
         }
     }
     Ok(())
@@ -567,6 +642,7 @@ mod tests {
             rpc: "127.0.0.1:9".into(),
             resources: Resources::new(slots, 1024),
             attributes: BTreeMap::from([("zone".into(), "a".into())]),
+            running: Vec::new(),
             at_ms: 1,
         }
     }

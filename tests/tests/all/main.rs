@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod deploy;
 mod invoke;
+mod jobs;
 mod restart;
 mod sdk;
 

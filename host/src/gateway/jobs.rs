@@ -1,0 +1,282 @@
+//! The REST API for durable jobs (`/v1/jobs`), their attempts (`/v1/tasks`) and the
+//! leader's open offers (`/v1/offers`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::Deserialize;
+
+use super::api::{commit, read_point};
+use super::error::ApiError;
+use super::AppState;
+use crate::scheduler::now_ms;
+use crate::state::{Command, Constraint, FunctionName, JobId, JobRecord, TaskState};
+
+/// Longest a `?wait=` read waits.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Attempts a job makes unless it says otherwise.
+const DEFAULT_ATTEMPTS: u32 = 3;
+
+/// Body of `POST /v1/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// The function to run.
+    pub function: String,
+    /// Its stdin, as text.
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Its stdin, base64 (for binary input).
+    #[serde(default)]
+    pub input_base64: Option<String>,
+    /// Placement constraints, `key=value` or `key!=value`.
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    /// Attempts allowed to fail (default 3).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+fn job_id(text: &str) -> Result<JobId, ApiError> {
+    text.parse()
+        .map(JobId)
+        .map_err(|_| ApiError::bad_request(format!("a job id is a number, got {text:?}")))
+}
+
+fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// `POST /v1/jobs`: submits a job; answered once committed (201 with the record).
+pub async fn submit(
+    State(app): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let request: JobRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "expected {{\"function\": NAME, \"input\": TEXT, \"constraints\": [\"k=v\"], \
+             \"max_attempts\": N}}: {e}"
+        ))
+    })?;
+    let function: FunctionName = request.function.parse()?;
+    let input = match (request.input, request.input_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give `input` or `input_base64`, not both",
+            ))
+        }
+        (Some(text), None) => bytes::Bytes::from(text),
+        (None, Some(b64)) => bytes::Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| ApiError::bad_request(format!("input_base64: {e}")))?,
+        ),
+        (None, None) => bytes::Bytes::new(),
+    };
+    let constraints = request
+        .constraints
+        .iter()
+        .map(|c| c.parse::<Constraint>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()))?;
+    let committed = commit(
+        &app,
+        Command::SubmitJob {
+            function,
+            input,
+            constraints,
+            max_attempts: request.max_attempts.unwrap_or(DEFAULT_ATTEMPTS),
+            at_ms: now_ms(),
+        },
+    )
+    .await?;
+    let id = committed.created.map(JobId).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the cluster did not say which job it created",
+        )
+    })?;
+    let record = read_job(&app, id)?;
+    Ok((StatusCode::CREATED, Json(record)).into_response())
+}
+
+fn read_job(app: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
+    app.scheduler
+        .job(id)
+        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}")))
+}
+
+/// `GET /v1/jobs/{id}[?consistent=true][&wait=SECONDS]`: the job; with `wait`, once it
+/// has ended or the wait is over.
+pub async fn show(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let id = job_id(&id)?;
+    read_point(&app, query.as_deref()).await?;
+    let wait = match query_value(query.as_deref(), "wait") {
+        Some(secs) => Duration::from_secs_f64(
+            secs.parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| ApiError::bad_request(format!("wait is seconds, got {secs:?}")))?,
+        )
+        .min(MAX_WAIT),
+        None => Duration::ZERO,
+    };
+    let until = Instant::now() + wait;
+    loop {
+        let record = read_job(&app, id)?;
+        if record.state.is_terminal() || Instant::now() >= until {
+            return Ok(Json(record).into_response());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /v1/jobs/{id}/output`: a finished job's stdout, as it was first reported.
+pub async fn output(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let id = job_id(&id)?;
+    read_point(&app, query.as_deref()).await?;
+    let record = read_job(&app, id)?;
+    let Some(output) = record.output else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_output",
+            format!("job {id} is {} and has no output", record.state),
+        ));
+    };
+    let bytes = app
+        .scheduler
+        .fetch(&output.digest)
+        .map_err(ApiError::from)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("the output of job {id} is gone"),
+            )
+        })?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::HeaderName::from_static("x-wafer-attempt"),
+                output.attempt.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `POST /v1/jobs/{id}/kill`.
+pub async fn kill(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = job_id(&id)?;
+    commit(
+        &app,
+        Command::KillJob {
+            job: id,
+            at_ms: now_ms(),
+        },
+    )
+    .await?;
+    Ok(Json(read_job(&app, id)?).into_response())
+}
+
+/// `GET /v1/jobs[?state=RUNNING][&limit=N][&consistent=true]`: jobs, newest first.
+pub async fn list(
+    State(app): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    read_point(&app, query.as_deref()).await?;
+    let limit = match query_value(query.as_deref(), "limit") {
+        Some(n) => n
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request(format!("limit is a number, got {n:?}")))?,
+        None => 1000,
+    };
+    let state = match query_value(query.as_deref(), "state") {
+        Some(s) => Some(
+            serde_json::from_value::<TaskState>(serde_json::Value::String(s.to_uppercase()))
+                .map_err(|_| ApiError::bad_request(format!("unknown state {s:?}")))?,
+        ),
+        None => None,
+    };
+    let jobs = app
+        .scheduler
+        .jobs(limit, state)
+        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    Ok(Json(serde_json::json!({ "jobs": jobs })).into_response())
+}
+
+/// `GET /v1/tasks`: every attempt of the newest jobs, newest first.
+pub async fn tasks(
+    State(app): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    read_point(&app, query.as_deref()).await?;
+    let jobs = app
+        .scheduler
+        .jobs(1000, None)
+        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    let tasks: Vec<serde_json::Value> = jobs
+        .iter()
+        .flat_map(|job| {
+            job.attempts.iter().rev().map(move |a| {
+                serde_json::json!({
+                    "job": job.id,
+                    "attempt": a.number,
+                    "function": job.function,
+                    "agent": a.agent,
+                    "framework": a.framework,
+                    "state": a.state,
+                    "reason": a.reason,
+                    "started_at_ms": a.started_at_ms,
+                    "ended_at_ms": a.ended_at_ms,
+                })
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "tasks": tasks })).into_response())
+}
+
+/// `GET /v1/offers`: the leader's open offers (elsewhere: none, and `leader: false`).
+pub async fn offers(State(app): State<Arc<AppState>>) -> Response {
+    let offers: Vec<serde_json::Value> = app
+        .scheduler
+        .open_offers()
+        .into_iter()
+        .map(|o| {
+            serde_json::json!({
+                "id": o.id,
+                "framework": o.framework,
+                "agent": o.agent,
+                "resources": o.resources,
+                "age_ms": o.made_at.elapsed().as_millis() as u64,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "leader": app.cluster.leading_term().is_some(),
+        "offers": offers,
+    }))
+    .into_response()
+}
