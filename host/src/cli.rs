@@ -207,6 +207,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the roles' weights and quotas, or set one (`wafer roles set ROLE ...`).
+    Roles {
+        #[command(subcommand)]
+        command: Option<RolesCommand>,
+    },
     /// List the agents: capacity, allocated, free, attributes, state.
     Nodes {
         /// Print JSON instead of a table.
@@ -286,6 +291,24 @@ enum Command {
     Rm {
         /// Function name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolesCommand {
+    /// Set a role's weight (its share relative to other roles') and optional quota.
+    Set {
+        /// The role.
+        role: String,
+        /// Weight (above 0).
+        #[arg(long, default_value_t = 1.0)]
+        weight: f64,
+        /// Quota: most slots its frameworks may hold together.
+        #[arg(long)]
+        quota_slots: Option<u64>,
+        /// Quota: most memory, MiB (with --quota-slots).
+        #[arg(long, requires = "quota_slots")]
+        quota_memory: Option<u64>,
     },
 }
 
@@ -520,6 +543,42 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
         }
         Command::Jobs { command } => return jobs_command(&client, command).await,
+        Command::Roles { command: None } => {
+            let roles = client.roles().await?;
+            let list = roles["roles"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no roles configured (every role has weight 1 and no quota)");
+            }
+            for role in list {
+                println!(
+                    "{}: weight {}, quota {}",
+                    role["name"].as_str().unwrap_or("?"),
+                    role["weight"],
+                    if role["quota"].is_null() {
+                        "none".to_string()
+                    } else {
+                        role["quota"].to_string()
+                    }
+                );
+            }
+        }
+        Command::Roles {
+            command:
+                Some(RolesCommand::Set {
+                    role,
+                    weight,
+                    quota_slots,
+                    quota_memory,
+                }),
+        } => {
+            let quota = quota_slots.map(|slots| Resources {
+                slots,
+                memory_mb: quota_memory.unwrap_or(u64::MAX),
+                accelerators: u64::MAX,
+            });
+            let stored = client.set_role(&role, weight, quota).await?;
+            println!("{stored}");
+        }
         Command::Tasks { json } => {
             let tasks = client.tasks().await?;
             if json {

@@ -243,6 +243,31 @@ impl Client {
         Ok(body["tasks"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Sets a role's weight and quota; returns the role as stored.
+    pub async fn set_role(
+        &self,
+        role: &str,
+        weight: f64,
+        quota: Option<crate::state::Resources>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let response = self
+            .checked(
+                self.http
+                    .put(self.url(&format!("/v1/roles/{role}")))
+                    .json(&serde_json::json!({ "weight": weight, "quota": quota })),
+            )
+            .await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// The configured roles, as JSON.
+    pub async fn roles(&self) -> Result<serde_json::Value, ClientError> {
+        let response = self
+            .checked(self.http.get(self.url("/v1/roles?consistent=true")))
+            .await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
     /// The agents (`GET /v1/nodes`, linearizable).
     pub async fn nodes(&self) -> Result<Vec<crate::scheduler::AgentView>, ClientError> {
         #[derive(serde::Deserialize)]

@@ -62,6 +62,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/tasks", get(jobs::tasks))
         .route("/v1/offers", get(jobs::offers))
         .route("/v1/frameworks", get(scheduling::frameworks))
+        .route("/v1/roles", get(scheduling::roles))
+        .route("/v1/roles/{role}", axum::routing::put(scheduling::set_role))
         .route("/v1/cluster/members", axum::routing::post(cluster::add))
         .route(
             "/v1/cluster/members/{id}",

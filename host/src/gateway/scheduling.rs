@@ -67,3 +67,63 @@ pub async fn frameworks(
         "leader": app.cluster.leading_term().is_some(),
     })))
 }
+
+/// Body of `PUT /v1/roles/{role}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleRequest {
+    /// The role's weight (default 1).
+    #[serde(default)]
+    pub weight: Option<f64>,
+    /// The most its frameworks may hold together (absent or null: no limit).
+    #[serde(default)]
+    pub quota: Option<crate::state::Resources>,
+}
+
+/// `PUT /v1/roles/{role}`: sets a role's weight and quota.
+pub async fn set_role(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Path(role): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let role: crate::state::RoleName = role
+        .parse()
+        .map_err(|e: crate::state::InvalidId| ApiError::bad_request(e.to_string()))?;
+    let request: RoleRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "expected {{\"weight\": W, \"quota\": {{\"slots\": N, \"memory_mb\": M}}}}: {e}"
+        ))
+    })?;
+    super::api::commit(
+        &app,
+        crate::state::Command::SetRole {
+            role: role.clone(),
+            weight: request.weight.unwrap_or(1.0),
+            quota: request.quota,
+        },
+    )
+    .await?;
+    let view = app
+        .scheduler
+        .view()
+        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    Ok(Json(
+        serde_json::to_value(view.role(&role)).unwrap_or_default(),
+    ))
+}
+
+/// `GET /v1/roles`: the configured roles (others have weight 1 and no quota).
+pub async fn roles(
+    State(app): State<Arc<AppState>>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if query.consistent {
+        app.cluster.read_index().await?;
+    }
+    let view = app
+        .scheduler
+        .view()
+        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    let roles: Vec<_> = view.roles.values().collect();
+    Ok(Json(serde_json::json!({ "roles": roles })))
+}

@@ -7,7 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::state::{AgentState, SchedulingView};
+use crate::state::{AgentState, SchedulingView, TaskState};
 
 /// Labels of the agent count.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -42,6 +42,7 @@ pub struct SchedulerMetrics {
     pub offers_rescinded: Counter,
     agents: Family<StateLabels, Gauge>,
     allocated: Family<RoleLabels, Gauge>,
+    jobs: Family<StateLabels, Gauge>,
 }
 
 impl SchedulerMetrics {
@@ -83,6 +84,12 @@ impl SchedulerMetrics {
             self.agents.clone(),
         );
         registry.register(
+            "jobs",
+            "Jobs by state (active ones now; ended ones since the cluster began), as this \
+             node's state has them",
+            self.jobs.clone(),
+        );
+        registry.register(
             "allocated",
             "Resources allocated per role, as this node's state has them",
             self.allocated.clone(),
@@ -98,6 +105,31 @@ impl SchedulerMetrics {
                     state: format!("{state:?}").to_lowercase(),
                 })
                 .set(count as i64);
+        }
+        for state in [
+            TaskState::Staging,
+            TaskState::Starting,
+            TaskState::Running,
+            TaskState::Unreachable,
+        ] {
+            let count = view.jobs.values().filter(|j| j.state == state).count();
+            self.jobs
+                .get_or_create(&StateLabels {
+                    state: state.to_string(),
+                })
+                .set(count as i64);
+        }
+        for state in [TaskState::Finished, TaskState::Failed, TaskState::Killed] {
+            let count = view
+                .ended_jobs
+                .get(&state.to_string())
+                .copied()
+                .unwrap_or(0);
+            self.jobs
+                .get_or_create(&StateLabels {
+                    state: state.to_string(),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
         self.allocated.clear();
         for allocation in view.allocations.values() {

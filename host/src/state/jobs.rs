@@ -70,7 +70,10 @@ fn put(txn: &WriteTransaction, record: &JobRecord) -> Result<(), StateError> {
         .map_err(storage)?;
     let mut active = txn.open_table(ACTIVE_JOBS).map_err(storage)?;
     if record.state.is_terminal() {
-        active.remove(record.id.0).map_err(storage)?;
+        if active.remove(record.id.0).map_err(storage)?.is_some() {
+            drop(active);
+            next_counter(txn, &format!("jobs_{}", record.state))?;
+        }
     } else {
         active.insert(record.id.0, ()).map_err(storage)?;
     }

@@ -82,6 +82,8 @@ pub struct SchedulingView {
     pub allocations: BTreeMap<AllocationId, Allocation>,
     /// Jobs not in a terminal state.
     pub jobs: BTreeMap<JobId, JobRecord>,
+    /// How many jobs ended in each terminal state (`FINISHED`, `FAILED`, `KILLED`).
+    pub ended_jobs: BTreeMap<String, u64>,
 }
 
 impl SchedulingView {
@@ -155,6 +157,19 @@ pub(super) fn read_view(txn: &ReadTransaction) -> Result<SchedulingView, StateEr
         view.allocations.insert(record.id, record);
     }
     view.jobs = jobs::read_active(txn)?;
+    for entry in txn
+        .open_table(COUNTERS)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        if let Some(state) = key.value().strip_prefix("jobs_") {
+            // A counter holds the next value: the count is one less.
+            view.ended_jobs
+                .insert(state.to_string(), value.value().saturating_sub(1));
+        }
+    }
     Ok(view)
 }
 
