@@ -109,6 +109,15 @@ struct Command {
       reason @40 :Text;
       hasReason @41 :Bool;
     }
+    # Framework `framework` runs a task on agent `agent` (an accepted offer): a job it
+    # owns, placed at once (one attempt; what happens next is the framework's call).
+    placeTask :group {
+      framework @43 :Text;
+      agent @44 :Text;
+      function @45 :Text;
+      input @46 :Data;
+      atMs @47 :UInt64;
+    }
   }
 }
 
@@ -219,6 +228,62 @@ interface Node {
   taskUpdate @8 (agent :Text, task :TaskRef, update :TaskUpdate) -> (accepted :Bool, failure :Failure);
   # A module or job input/output by digest (`sha256:<hex>`).
   fetch @9 (digest :Text) -> (data :Data, found :Bool);
+  # The scheduler API for external frameworks (served by the leader).
+  scheduler @10 () -> (scheduler :Scheduler);
+}
+
+# Free resources of one agent offered to one framework.
+struct Offer {
+  id @0 :UInt64;
+  agent @1 :Text;
+  resources @2 :Resources;
+  attributes @3 :List(Label);
+}
+
+# A task an external framework runs: function `function` once on `input` (one slot and
+# the function's memory).
+struct TaskInfo {
+  function @0 :Text;
+  input @1 :Data;
+}
+
+# A task's state, as its framework is told.
+struct TaskStatus {
+  job @0 :UInt64;
+  attempt @1 :UInt32;
+  # STAGING, STARTING, RUNNING, FINISHED, FAILED, KILLED, UNREACHABLE or GONE.
+  state @2 :Text;
+  reason @3 :Text;
+  agent @4 :Text;
+  # With FINISHED: the output's digest (fetch it with `Node.fetch`).
+  output @5 :Text;
+}
+
+# Served by an external framework; the leader calls it.
+interface FrameworkCallback {
+  # New offers for this framework.
+  offers @0 (offers :List(Offer)) -> ();
+  # Offers withdrawn (timed out, or their agent was lost).
+  rescind @1 (offers :List(UInt64)) -> ();
+  # A task of this framework changed state.
+  status @2 (status :TaskStatus) -> ();
+}
+
+# Mesos's scheduler API, on the leader (others answer `notLeader`).
+interface Scheduler {
+  # Registers framework `id` (again) in `role` and sends its offers and task updates to
+  # `callback` until it disconnects or this node stops leading.
+  subscribe @0 (id :Text, name :Text, role :Text, callback :FrameworkCallback) -> (failure :Failure);
+  # Whether `framework` is subscribed here (a framework checks, and subscribes again).
+  subscribed @1 (framework :Text) -> (yes :Bool, failure :Failure);
+  # Accepts offer `offer` with `tasks` (they must fit in it); answers the tasks' job ids.
+  accept @2 (framework :Text, offer :UInt64, tasks :List(TaskInfo)) -> (jobs :List(UInt64), failure :Failure);
+  # Declines an offer; its agent is not offered to this framework for `refuseSeconds`.
+  decline @3 (framework :Text, offer :UInt64, refuseSeconds :Float64) -> (failure :Failure);
+  # Stops (false) or resumes (true) offers to this framework.
+  wantOffers @4 (framework :Text, want :Bool) -> (failure :Failure);
+  # Kills a task (job) of this framework.
+  kill @5 (framework :Text, job :UInt64) -> (failure :Failure);
 }
 
 # An agent's interface (the bootstrap capability of its `--listen` port): servers and

@@ -143,6 +143,7 @@ impl Committed {
             index,
             created: match &response {
                 CommandResponse::JobSubmitted(job) => Some(job.0),
+                CommandResponse::JobLaunched { task, .. } => Some(task.job.0),
                 _ => None,
             },
             rejection: match response {

@@ -30,8 +30,10 @@ pub async fn nodes(
     Ok(Json(serde_json::json!({ "agents": agents })))
 }
 
-/// `GET /v1/frameworks`: registered frameworks, with their shares when this node
-/// leads (shares live in the leader's allocator).
+/// `GET /v1/frameworks`: registered frameworks: their role's weight and quota, what
+/// their committed allocations hold (`allocated`, `allocated_share`, from this node's
+/// state) and, on the leader, what the allocator counts them holding with outstanding
+/// offers (`held`, `dominant_share`).
 pub async fn frameworks(
     State(app): State<Arc<AppState>>,
     Query(query): Query<ReadQuery>,
@@ -44,12 +46,26 @@ pub async fn frameworks(
         .view()
         .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
     let shares = app.scheduler.shares();
+    let total = view
+        .agents
+        .values()
+        .filter(|a| a.state == crate::state::AgentState::Active)
+        .fold(crate::state::Resources::ZERO, |sum, a| {
+            sum.plus(&a.resources)
+        });
     let frameworks: Vec<serde_json::Value> = view
         .frameworks
         .values()
         .map(|f| {
             let share = shares.iter().find(|s| s.framework == f.id);
             let role = view.role(&f.role);
+            let allocated = view
+                .allocations
+                .values()
+                .filter(|a| a.framework == f.id)
+                .fold(crate::state::Resources::ZERO, |sum, a| {
+                    sum.plus(&a.resources)
+                });
             serde_json::json!({
                 "id": f.id,
                 "name": f.name,
@@ -57,6 +73,8 @@ pub async fn frameworks(
                 "weight": role.weight,
                 "quota": role.quota,
                 "registered_at_ms": f.registered_at_ms,
+                "allocated": allocated,
+                "allocated_share": allocated.dominant_share(&total),
                 "held": share.map(|s| s.held),
                 "dominant_share": share.map(|s| s.dominant_share),
             })

@@ -3,6 +3,7 @@
 //! through a `Send` [`RpcHandle`]. It serves the node's `Node` interface (`--listen`;
 //! an agent serves `Executor`) and keeps one client connection per peer address.
 
+pub mod framework;
 mod server;
 
 use std::cell::RefCell;

@@ -110,7 +110,7 @@ pub fn read_agent_info(r: agent_info::Reader<'_>) -> Result<AgentInfo, capnp::Er
     })
 }
 
-fn failed(e: impl std::fmt::Display) -> capnp::Error {
+pub(super) fn failed(e: impl std::fmt::Display) -> capnp::Error {
     capnp::Error::failed(e.to_string())
 }
 
@@ -322,6 +322,18 @@ impl node::Server for NodeService {
             Ok(accepted) => results.get().set_accepted(accepted),
             Err(e) => write_failure(results.get().init_failure(), &e),
         }
+        Ok(())
+    }
+
+    async fn scheduler(
+        self: Rc<Self>,
+        _: node::SchedulerParams,
+        mut results: node::SchedulerResults,
+    ) -> Result<(), capnp::Error> {
+        let service: wafer_proto::node_capnp::scheduler::Client = capnp_rpc::new_client(
+            super::framework::SchedulerService::new(self.scheduler.clone()),
+        );
+        results.get().set_scheduler(service);
         Ok(())
     }
 

@@ -448,6 +448,19 @@ impl Allocator {
             .collect()
     }
 
+    /// Withdraws the open offers made to `framework` (it went away).
+    pub fn rescind_framework(&mut self, framework: &FrameworkId) -> Vec<Offer> {
+        let ids: Vec<OfferId> = self
+            .offers
+            .iter()
+            .filter(|(_, (offer, state))| {
+                *state == OfferState::Open && offer.framework == *framework
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.close(id)).collect()
+    }
+
     /// Rescinds the open offers of `agent` (it was lost).
     pub fn rescind_agent(&mut self, agent: &AgentId) -> Vec<Offer> {
         let ids: Vec<OfferId> = self
@@ -503,15 +516,33 @@ impl Allocator {
         Ok(accepted)
     }
 
-    /// The accept of offer `id` was committed (`allocated`) or refused: either way the
-    /// offer is done. A committed allocation stays held (the next [`Self::sync`] reads
-    /// it from the state; a simulation calls [`Self::release`] when it ends).
-    pub fn settle(&mut self, id: OfferId, allocated: bool) {
+    /// The accept of offer `id` was decided (committed and applied here, or refused):
+    /// the offer is done and no longer held. What it allocated is in the replicated
+    /// state, which the next [`Self::sync`] reads before any new offer is made (a
+    /// simulation calls [`Self::allocate`] instead).
+    pub fn settle(&mut self, id: OfferId) {
         if let Some((offer, _)) = self.offers.remove(&id) {
-            if !allocated {
-                self.unhold(&offer.framework, &offer.agent, &offer.resources);
-            }
+            self.unhold(&offer.framework, &offer.agent, &offer.resources);
         }
+    }
+
+    /// Part of accepted offer `id` was decided (one task's commit was applied here, or
+    /// refused): that part is no longer held by the offer (the state has it now).
+    pub fn settle_part(&mut self, id: OfferId, part: &Resources) {
+        let Some((offer, OfferState::Accepted)) = self.offers.get_mut(&id) else {
+            return;
+        };
+        let part = part.min(&offer.resources);
+        offer.resources = offer.resources.minus(&part);
+        let (framework, agent, empty) = (
+            offer.framework.clone(),
+            offer.agent.clone(),
+            offer.resources.is_zero(),
+        );
+        if empty {
+            self.offers.remove(&id);
+        }
+        self.unhold(&framework, &agent, &part);
     }
 
     /// `framework` declines offer `id`: its agent is not offered to it again for
@@ -649,7 +680,8 @@ mod tests {
             allocator.accept(offers[1].id, &f, Resources::new(5, 1)),
             Err(OfferError::MoreThanOffered { .. })
         ));
-        allocator.settle(offers[0].id, true);
+        allocator.settle(offers[0].id);
+        allocator.allocate(&f, &offers[0].agent, &Resources::new(1, 100));
         // The unused rest of the first agent is offered again.
         let again = allocator.make_offers(now);
         assert_eq!(again.len(), 1);

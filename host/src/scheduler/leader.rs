@@ -16,10 +16,11 @@ use super::jobs::{self, JobsFramework, LaunchSpec};
 use super::{Allocator, AllocatorConfig, SchedulerMetrics, Share};
 use crate::cluster::{Cluster, ClusterError};
 use crate::digest::Digest;
+use crate::rpc::framework::{self as callbacks, TaskStatusInfo};
 use crate::rpc::{write_launch, RpcError};
 use crate::state::{
-    AgentId, AgentRecord, AgentState, Command, JobId, Rejection, Resources, SchedulingView, State,
-    TaskRef, TaskUpdate,
+    AgentId, AgentRecord, AgentState, Command, FrameworkId, FunctionName, JobId, JobRecord,
+    Rejection, Resources, RoleName, SchedulingView, State, TaskRef, TaskState, TaskUpdate,
 };
 
 /// Settings of the scheduler.
@@ -81,6 +82,12 @@ struct Inner {
     synced: Option<u64>,
     view: Arc<SchedulingView>,
     jobs: JobsFramework,
+    /// External frameworks subscribed here, and whether each wants offers.
+    subscribed: HashMap<FrameworkId, bool>,
+    /// The last state each external framework was told of its tasks.
+    reported: HashMap<JobId, (u32, TaskState)>,
+    /// Offers rescinded when the state changed, to tell their frameworks.
+    rescinded: Vec<super::Offer>,
 }
 
 /// The leader's answer to a heartbeat.
@@ -118,6 +125,9 @@ impl Scheduler {
                 synced: None,
                 view: Arc::new(SchedulingView::default()),
                 jobs: JobsFramework::default(),
+                subscribed: HashMap::new(),
+                reported: HashMap::new(),
+                rescinded: Vec::new(),
             }),
         })
     }
@@ -321,6 +331,12 @@ impl Scheduler {
             let mut inner = self.lock();
             if inner.term.take().is_some() {
                 inner.heartbeats.clear();
+                inner.subscribed.clear();
+                inner.reported.clear();
+                let rpc = self.cluster.rpc().clone();
+                tokio::spawn(async move {
+                    let _ = rpc.run(|_| async { callbacks::forget_callbacks() }).await;
+                });
                 tracing::info!("no longer the leader: scheduling stops here");
             }
             return;
@@ -343,6 +359,8 @@ impl Scheduler {
             .map(|a| a.id.clone())
             .collect();
         self.run_jobs(&mut inner, now);
+        let updates = self.task_updates(&mut inner);
+        self.send_statuses(updates);
         for agent in silent {
             inner.marking.insert(agent.clone());
             inner.heartbeats.remove(&agent);
@@ -367,24 +385,59 @@ impl Scheduler {
         }
     }
 
-    /// Expires offers, makes new ones, and lets the jobs framework place jobs in them.
+    /// Expires offers, makes new ones, lets the jobs framework place jobs in its own,
+    /// and sends the others (and task updates) to their external frameworks.
     fn run_jobs(self: &Arc<Scheduler>, inner: &mut Inner, now: Instant) {
         let Inner {
             allocator,
             jobs,
             view,
+            subscribed,
+            rescinded,
             ..
         } = inner;
-        let rescinded = allocator.expire(now);
+        let mut rescinded = std::mem::take(rescinded);
+        rescinded.extend(allocator.expire(now));
         self.metrics.offers_rescinded.inc_by(rescinded.len() as u64);
-        allocator.set_wants_offers(&jobs::framework_id(), jobs.wants_offers(view));
-        let offers = allocator.make_offers(now);
-        self.metrics.offers_made.inc_by(offers.len() as u64);
-        let made = offers.len();
-        let plan = jobs.plan(view, offers, allocator, now, now_ms());
+        let jobs_id = jobs::framework_id();
+        allocator.set_wants_offers(&jobs_id, jobs.wants_offers(view));
+        for (framework, wants) in subscribed.iter() {
+            allocator.set_wants_offers(framework, *wants);
+        }
+        let (mine, theirs): (Vec<super::Offer>, Vec<super::Offer>) = allocator
+            .make_offers(now)
+            .into_iter()
+            .partition(|o| o.framework == jobs_id);
+        self.metrics
+            .offers_made
+            .inc_by((mine.len() + theirs.len()) as u64);
+        let made = mine.len();
+        let plan = jobs.plan(view, mine, allocator, now, now_ms());
         self.metrics
             .offers_declined
             .inc_by(made.saturating_sub(plan.launches.len()) as u64);
+        let mut by_framework: HashMap<FrameworkId, Vec<super::Offer>> = HashMap::new();
+        for offer in theirs {
+            by_framework
+                .entry(offer.framework.clone())
+                .or_default()
+                .push(offer);
+        }
+        for (framework, offers) in by_framework {
+            self.send_offers(framework, offers);
+        }
+        let mut withdrawn: HashMap<FrameworkId, Vec<u64>> = HashMap::new();
+        for offer in rescinded {
+            if offer.framework != jobs_id && subscribed.contains_key(&offer.framework) {
+                withdrawn
+                    .entry(offer.framework.clone())
+                    .or_default()
+                    .push(offer.id.0);
+            }
+        }
+        for (framework, ids) in withdrawn {
+            self.send_rescinds(framework, ids);
+        }
         if let Some(register) = plan.register {
             let cluster = self.cluster.clone();
             tokio::spawn(async move {
@@ -417,13 +470,22 @@ impl Scheduler {
         rpc_addr: Option<String>,
         placed: Vec<JobId>,
     ) {
+        let view = self.lock().view.clone();
+        let this = &self;
         let proposals = placed.iter().map(|job| {
-            self.cluster.propose(Command::LaunchJob {
+            let part = view.jobs.get(job).map(|j| j.resources).unwrap_or_default();
+            let launched = this.cluster.propose(Command::LaunchJob {
                 job: *job,
                 framework: jobs::framework_id(),
                 agent: agent.clone(),
                 at_ms: now_ms(),
-            })
+            });
+            async move {
+                let result = launched.await;
+                // Applied here (or refused): the state holds it now, not the offer.
+                this.lock().allocator.settle_part(offer, &part);
+                result
+            }
         });
         let results = futures_util::future::join_all(proposals).await;
         let mut launches = Vec::new();
@@ -446,7 +508,7 @@ impl Scheduler {
         }
         {
             let mut inner = self.lock();
-            inner.allocator.settle(offer, any);
+            inner.allocator.settle(offer);
             for job in &placed {
                 inner.jobs.launched(*job);
             }
@@ -454,6 +516,17 @@ impl Scheduler {
         if any {
             self.metrics.offers_accepted.inc();
         }
+        self.push_launches(&agent, rpc_addr, launches).await;
+    }
+
+    /// Tells `agent` (at `rpc_addr`) to run `launches`; its heartbeats repeat them if
+    /// this fails.
+    async fn push_launches(
+        &self,
+        agent: &AgentId,
+        rpc_addr: Option<String>,
+        launches: Vec<LaunchSpec>,
+    ) {
         let Some(addr) = rpc_addr else {
             return;
         };
@@ -479,6 +552,327 @@ impl Scheduler {
         }
     }
 
+    /// Registers external framework `id` in `role` and subscribes it here (the leader);
+    /// its callback is kept on the RPC thread by the caller.
+    pub async fn subscribe(
+        &self,
+        id: FrameworkId,
+        name: String,
+        role: RoleName,
+    ) -> Result<(), ClusterError> {
+        self.leading()?;
+        if id == jobs::framework_id() {
+            return Err(ClusterError::Rejected(format!(
+                "framework id `{id}` is the built-in jobs framework's"
+            )));
+        }
+        let committed = self
+            .cluster
+            .propose(Command::RegisterFramework {
+                id: id.clone(),
+                name,
+                role: role.clone(),
+                at_ms: now_ms(),
+            })
+            .await?;
+        if let Some(why) = committed.rejection {
+            return Err(ClusterError::Rejected(why.to_string()));
+        }
+        self.leading()?;
+        let mut inner = self.lock();
+        inner.subscribed.insert(id.clone(), true);
+        // Tell it of its tasks afresh.
+        inner.reported.clear();
+        tracing::info!(framework = %id, %role, "framework subscribed");
+        Ok(())
+    }
+
+    /// Whether `framework` is subscribed here.
+    pub fn is_subscribed(&self, framework: &FrameworkId) -> Result<bool, ClusterError> {
+        self.leading()?;
+        Ok(self.lock().subscribed.contains_key(framework))
+    }
+
+    /// `framework` accepts `offer` with `tasks` (function, input): each becomes a task
+    /// placed on the offer's agent. Answers the ids of the tasks placed (a task the
+    /// state refuses, e.g. for a deleted function, is left out).
+    pub async fn accept(
+        self: &Arc<Scheduler>,
+        framework: FrameworkId,
+        offer: super::OfferId,
+        tasks: Vec<(FunctionName, bytes::Bytes)>,
+    ) -> Result<Vec<JobId>, ClusterError> {
+        self.leading()?;
+        let mut used = Resources::ZERO;
+        let mut parts = Vec::with_capacity(tasks.len());
+        for (function, _) in &tasks {
+            let record = self
+                .state
+                .get_function(function)
+                .map_err(|e| ClusterError::Unavailable(e.to_string()))?
+                .ok_or_else(|| ClusterError::Rejected(format!("no function named `{function}`")))?;
+            let part = Resources::new(1, record.spec.limits.memory_mb);
+            used = used.plus(&part);
+            parts.push(part);
+        }
+        let (agent, rpc_addr) = {
+            let mut inner = self.lock();
+            let accepted = inner
+                .allocator
+                .accept(offer, &framework, used)
+                .map_err(|e| ClusterError::Rejected(e.to_string()))?;
+            let rpc_addr = inner
+                .view
+                .agents
+                .get(&accepted.agent)
+                .map(|a| a.rpc.clone());
+            (accepted.agent, rpc_addr)
+        };
+        let proposals = tasks
+            .into_iter()
+            .zip(parts)
+            .map(|((function, input), part)| {
+                let placed = self.cluster.propose(Command::PlaceTask {
+                    framework: framework.clone(),
+                    agent: agent.clone(),
+                    function,
+                    input,
+                    at_ms: now_ms(),
+                });
+                async move {
+                    let result = placed.await;
+                    // Applied here (or refused): the state holds it now, not the offer.
+                    self.lock().allocator.settle_part(offer, &part);
+                    result
+                }
+            });
+        let results = futures_util::future::join_all(proposals).await;
+        let mut placed = Vec::new();
+        let mut launches = Vec::new();
+        for result in results {
+            match result {
+                Ok(committed) => match (committed.rejection, committed.created) {
+                    (None, Some(job)) => {
+                        placed.push(JobId(job));
+                        if let Ok(Some(record)) = self.state.get_job(JobId(job)) {
+                            launches.extend(LaunchSpec::of(&record));
+                        }
+                    }
+                    (why, _) => {
+                        tracing::info!(%framework, %agent, rejection = ?why, "task refused")
+                    }
+                },
+                Err(e) => tracing::warn!(%framework, %agent, error = %e, "placing a task"),
+            }
+        }
+        {
+            let mut inner = self.lock();
+            inner.allocator.settle(offer);
+            // Remembered as placed, so that the framework hears of them even if they
+            // end before the next round looks at the active jobs.
+            for job in &placed {
+                inner
+                    .reported
+                    .entry(*job)
+                    .or_insert((0, TaskState::Staging));
+            }
+        }
+        if !placed.is_empty() {
+            self.metrics.offers_accepted.inc();
+        }
+        self.push_launches(&agent, rpc_addr, launches).await;
+        Ok(placed)
+    }
+
+    /// `framework` declines `offer`; its agent is not offered to it for `refuse_for`.
+    pub fn decline(
+        &self,
+        framework: &FrameworkId,
+        offer: super::OfferId,
+        refuse_for: Duration,
+    ) -> Result<(), ClusterError> {
+        self.leading()?;
+        self.lock()
+            .allocator
+            .decline(offer, framework, refuse_for, Instant::now())
+            .map_err(|e| ClusterError::Rejected(e.to_string()))?;
+        self.metrics.offers_declined.inc();
+        Ok(())
+    }
+
+    /// Whether `framework` gets offers (suppress / revive).
+    pub fn want_offers(&self, framework: &FrameworkId, want: bool) -> Result<(), ClusterError> {
+        self.leading()?;
+        let mut inner = self.lock();
+        match inner.subscribed.get_mut(framework) {
+            Some(wants) => {
+                *wants = want;
+                Ok(())
+            }
+            None => Err(ClusterError::Rejected(format!(
+                "framework `{framework}` is not subscribed here"
+            ))),
+        }
+    }
+
+    /// `framework` kills its task `job`.
+    pub async fn kill_task(&self, framework: &FrameworkId, job: JobId) -> Result<(), ClusterError> {
+        let record = self
+            .state
+            .get_job(job)
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?
+            .ok_or_else(|| ClusterError::Rejected(format!("no task {job}")))?;
+        if record.owner.as_ref() != Some(framework) {
+            return Err(ClusterError::Rejected(format!(
+                "task {job} is not framework `{framework}`'s"
+            )));
+        }
+        let committed = self
+            .cluster
+            .propose(Command::KillJob {
+                job,
+                at_ms: now_ms(),
+            })
+            .await?;
+        match committed.rejection {
+            Some(why) => Err(ClusterError::Rejected(why.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    fn leading(&self) -> Result<u64, ClusterError> {
+        self.cluster
+            .leading_term()
+            .ok_or_else(|| ClusterError::NotLeader {
+                leader: self.cluster.leader(),
+            })
+    }
+
+    /// Sends `offers` to external framework `framework`; unsubscribes it if it cannot
+    /// be reached (its offers are rescinded).
+    fn send_offers(self: &Arc<Scheduler>, framework: FrameworkId, offers: Vec<super::Offer>) {
+        let scheduler = self.clone();
+        tokio::spawn(async move {
+            let target = framework.clone();
+            let sent = scheduler
+                .cluster
+                .rpc()
+                .run(move |_| async move {
+                    let callback = callbacks::callback(&target).ok_or(())?;
+                    let mut request = callback.offers_request();
+                    let mut list = request.get().init_offers(offers.len() as u32);
+                    for (i, offer) in offers.iter().enumerate() {
+                        callbacks::write_offer(list.reborrow().get(i as u32), offer);
+                    }
+                    request.send().promise.await.map(|_| ()).map_err(|_| ())
+                })
+                .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                scheduler.unsubscribe(&framework).await;
+            }
+        });
+    }
+
+    fn send_rescinds(self: &Arc<Scheduler>, framework: FrameworkId, ids: Vec<u64>) {
+        let rpc = self.cluster.rpc().clone();
+        tokio::spawn(async move {
+            let _ = rpc
+                .run(move |_| async move {
+                    let Some(callback) = callbacks::callback(&framework) else {
+                        return;
+                    };
+                    let mut request = callback.rescind_request();
+                    let mut list = request.get().init_offers(ids.len() as u32);
+                    for (i, id) in ids.iter().enumerate() {
+                        list.set(i as u32, *id);
+                    }
+                    let _ = request.send().promise.await;
+                })
+                .await;
+        });
+    }
+
+    /// Sends task updates to their external frameworks, in order.
+    fn send_statuses(self: &Arc<Scheduler>, updates: Vec<(FrameworkId, TaskStatusInfo)>) {
+        if updates.is_empty() {
+            return;
+        }
+        let scheduler = self.clone();
+        tokio::spawn(async move {
+            for (framework, status) in updates {
+                let target = framework.clone();
+                let sent = scheduler
+                    .cluster
+                    .rpc()
+                    .run(move |_| async move {
+                        let callback = callbacks::callback(&target).ok_or(())?;
+                        let mut request = callback.status_request();
+                        callbacks::write_status(request.get().init_status(), &status);
+                        request.send().promise.await.map(|_| ()).map_err(|_| ())
+                    })
+                    .await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    scheduler.unsubscribe(&framework).await;
+                }
+            }
+        });
+    }
+
+    /// Forgets external framework `framework` here (it disconnected): no more offers;
+    /// its open offers are withdrawn. Its tasks keep running.
+    async fn unsubscribe(&self, framework: &FrameworkId) {
+        let was = {
+            let mut inner = self.lock();
+            let was = inner.subscribed.remove(framework).is_some();
+            inner.allocator.set_wants_offers(framework, false);
+            inner.allocator.rescind_framework(framework);
+            was
+        };
+        let target = framework.clone();
+        let _ = self
+            .cluster
+            .rpc()
+            .run(move |_| async move { callbacks::forget_callback(&target) })
+            .await;
+        if was {
+            tracing::info!(%framework, "framework unreachable: unsubscribed");
+        }
+    }
+
+    /// What external frameworks have not been told about their tasks yet.
+    fn task_updates(&self, inner: &mut Inner) -> Vec<(FrameworkId, TaskStatusInfo)> {
+        let mut updates = Vec::new();
+        let view = inner.view.clone();
+        for job in view.jobs.values() {
+            let Some(owner) = &job.owner else {
+                continue;
+            };
+            if !inner.subscribed.contains_key(owner) {
+                continue;
+            }
+            let key = (job.attempts.len() as u32, job.state);
+            if inner.reported.get(&job.id) != Some(&key) {
+                inner.reported.insert(job.id, key);
+                updates.push((owner.clone(), status_of(job)));
+            }
+        }
+        let ended: Vec<JobId> = inner
+            .reported
+            .keys()
+            .filter(|id| !view.jobs.contains_key(id))
+            .copied()
+            .collect();
+        for id in ended {
+            inner.reported.remove(&id);
+            if let Ok(Some(job)) = self.state.get_job(id) {
+                if let Some(owner) = &job.owner {
+                    updates.push((owner.clone(), status_of(&job)));
+                }
+            }
+        }
+        updates
+    }
+
     /// Starts afresh when this node became the leader in a new term; re-reads the
     /// scheduling state when more has been applied; gives every active agent not yet
     /// heard from a full timeout from now.
@@ -489,13 +883,17 @@ impl Scheduler {
             inner.heartbeats.clear();
             inner.allocator = Allocator::new(self.config.allocator.clone());
             inner.jobs = JobsFramework::default();
+            inner.subscribed.clear();
+            inner.reported.clear();
+            inner.rescinded.clear();
             inner.synced = None;
         }
         let applied = self.cluster.applied_index();
         if applied != inner.synced || inner.synced.is_none() {
             match self.state.scheduling() {
                 Ok(view) => {
-                    inner.allocator.sync(&view);
+                    let rescinded = inner.allocator.sync(&view);
+                    inner.rescinded.extend(rescinded);
                     inner.view = Arc::new(view);
                     inner.synced = applied;
                 }
@@ -509,5 +907,26 @@ impl Scheduler {
                 inner.heartbeats.entry(agent.id.clone()).or_insert(now);
             }
         }
+    }
+}
+
+/// A task's status as its framework is told.
+fn status_of(job: &JobRecord) -> TaskStatusInfo {
+    let attempt = job.current();
+    TaskStatusInfo {
+        job: job.id,
+        attempt: attempt.map_or(0, |a| a.number),
+        state: job.state.to_string(),
+        reason: job
+            .reason
+            .clone()
+            .or_else(|| attempt.and_then(|a| a.reason.clone()))
+            .unwrap_or_default(),
+        agent: attempt.map(|a| a.agent.to_string()).unwrap_or_default(),
+        output: job
+            .output
+            .as_ref()
+            .map(|o| o.digest.to_string())
+            .unwrap_or_default(),
     }
 }

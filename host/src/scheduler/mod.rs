@@ -4,6 +4,7 @@
 //! or declines it.
 
 pub mod allocator;
+pub mod driver;
 pub mod jobs;
 pub mod leader;
 pub mod metrics;

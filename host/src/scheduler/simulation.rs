@@ -112,7 +112,8 @@ pub fn run(config: &SimConfig) -> SimReport {
             let tasks = offer.resources.count_of(&config.task);
             let used = config.task.times(tasks);
             if let Ok(accept) = allocator.accept(offer.id, &offer.framework, used) {
-                allocator.settle(accept.id, true);
+                allocator.settle(accept.id);
+                allocator.allocate(&accept.framework, &accept.agent, &accept.resources);
                 report.placements += tasks;
                 report.offers += 1;
                 accepted.push(accept);

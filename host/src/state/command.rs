@@ -145,6 +145,19 @@ pub enum Command {
         /// When, ms since the Unix epoch.
         at_ms: u64,
     },
+    /// An external framework runs a task on an agent: a job it owns, placed at once.
+    PlaceTask {
+        /// The framework.
+        framework: FrameworkId,
+        /// The agent.
+        agent: AgentId,
+        /// The function.
+        function: FunctionName,
+        /// Its stdin.
+        input: Bytes,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
     /// Why a staging job waits.
     SetJobReason {
         /// The job.
@@ -534,6 +547,20 @@ impl Command {
                 kill.set_job(job.0);
                 kill.set_at_ms(*at_ms);
             }
+            Command::PlaceTask {
+                framework,
+                agent,
+                function,
+                input,
+                at_ms,
+            } => {
+                let mut place = builder.init_place_task();
+                place.set_framework(framework.as_str());
+                place.set_agent(agent.as_str());
+                place.set_function(function.as_str());
+                place.set_input(input);
+                place.set_at_ms(*at_ms);
+            }
             Command::SetJobReason { job, reason } => {
                 let mut set = builder.init_set_job_reason();
                 set.set_job(job.0);
@@ -568,7 +595,9 @@ impl Command {
                         .sum::<usize>()
             }
             Command::RegisterFramework { name, .. } => 128 + name.len(),
-            Command::SubmitJob { input, .. } => 256 + input.len(),
+            Command::SubmitJob { input, .. } | Command::PlaceTask { input, .. } => {
+                256 + input.len()
+            }
             Command::UpdateJob {
                 update: TaskUpdate::Finished { output, .. },
                 ..
@@ -710,6 +739,13 @@ impl Command {
             command::KillJob(kill) => Command::KillJob {
                 job: JobId(kill.get_job()),
                 at_ms: kill.get_at_ms(),
+            },
+            command::PlaceTask(place) => Command::PlaceTask {
+                framework: place.get_framework()?.to_str()?.parse()?,
+                agent: place.get_agent()?.to_str()?.parse()?,
+                function: name(place.get_function()?)?,
+                input: Bytes::copy_from_slice(place.get_input()?),
+                at_ms: place.get_at_ms(),
             },
             command::SetJobReason(set) => Command::SetJobReason {
                 job: JobId(set.get_job()),
@@ -917,6 +953,13 @@ mod tests {
             Command::SetJobReason {
                 job: JobId(2),
                 reason: Some("no agent matches".into()),
+            },
+            Command::PlaceTask {
+                framework: "batch".parse()?,
+                agent: "a-1".parse()?,
+                function: name("f")?,
+                input: Bytes::from_static(b"task"),
+                at_ms: 14,
             },
         ];
         for command in commands {

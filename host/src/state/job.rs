@@ -160,6 +160,10 @@ pub struct JobRecord {
     /// When it reached a terminal state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
+    /// The external framework that placed it as its task (none: a job of the built-in
+    /// jobs framework, retried by the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<super::FrameworkId>,
 }
 
 impl JobRecord {
@@ -176,11 +180,19 @@ impl JobRecord {
             .count() as u32
     }
 
-    /// Whether the scheduler should place it: staging, or its current attempt is on an
-    /// unreachable agent (it is placed again; the first result wins).
+    /// Whether the jobs framework should place it: one of its jobs, staging, or its
+    /// current attempt is on an unreachable agent (it is placed again; the first result
+    /// wins). An external framework's task is its framework's to place.
     pub fn wants_placement(&self) -> bool {
-        matches!(self.state, TaskState::Staging | TaskState::Unreachable)
+        self.owner.is_none()
+            && matches!(self.state, TaskState::Staging | TaskState::Unreachable)
             && self.attempts.len() < ATTEMPT_CAP
+    }
+
+    /// Whether nothing more happens to it: a terminal state, or an external framework's
+    /// task that is `GONE` (the framework decides what to do next).
+    pub fn ended(&self) -> bool {
+        self.state.is_terminal() || (self.owner.is_some() && self.state == TaskState::Gone)
     }
 }
 

@@ -69,7 +69,7 @@ fn put(txn: &WriteTransaction, record: &JobRecord) -> Result<(), StateError> {
         .insert(record.id.0, encoded.as_slice())
         .map_err(storage)?;
     let mut active = txn.open_table(ACTIVE_JOBS).map_err(storage)?;
-    if record.state.is_terminal() {
+    if record.ended() {
         if active.remove(record.id.0).map_err(storage)?.is_some() {
             drop(active);
             next_counter(txn, &format!("jobs_{}", record.state))?;
@@ -122,6 +122,13 @@ pub(super) fn apply(
             at_ms,
         } => update(txn, *task, change, *at_ms)?,
         Command::KillJob { job, at_ms } => kill(txn, *job, *at_ms)?,
+        Command::PlaceTask {
+            framework,
+            agent,
+            function,
+            input,
+            at_ms,
+        } => place_task(txn, framework, agent, function, input, *at_ms)?,
         Command::SetJobReason { job, reason } => {
             let Some(mut record) = get(txn, *job)? else {
                 return Ok(Some(CommandResponse::Rejected(Rejection::UnknownJob(*job))));
@@ -184,9 +191,90 @@ fn submit(
         output: None,
         submitted_at_ms: at_ms,
         finished_at_ms: None,
+        owner: None,
     };
     put(txn, &record)?;
     Ok(CommandResponse::JobSubmitted(id))
+}
+
+/// An external framework's task: a job it owns, placed on `agent` at once.
+fn place_task(
+    txn: &WriteTransaction,
+    framework: &FrameworkId,
+    agent: &AgentId,
+    function: &FunctionName,
+    input: &[u8],
+    at_ms: u64,
+) -> Result<CommandResponse, StateError> {
+    let reject = |why| Ok(CommandResponse::Rejected(why));
+    let Some(spec) = function_record(txn, function)? else {
+        return reject(Rejection::NotFound(function.clone()));
+    };
+    let size = input.len() as u64;
+    if size > MAX_JOB_INPUT_BYTES {
+        return reject(Rejection::JobInputTooLarge {
+            size,
+            limit: MAX_JOB_INPUT_BYTES,
+        });
+    }
+    let resources = Resources::new(1, spec.spec.limits.memory_mb);
+    // Check the allocation before the job takes an id: a refusal changes nothing.
+    let Some(agent_record) = get_agent(txn, agent)? else {
+        return reject(Rejection::UnknownAgent(agent.clone()));
+    };
+    let free = agent_record.resources.minus(&agent_record.allocated);
+    if !resources.fits_in(&free) {
+        return reject(Rejection::InsufficientResources {
+            agent: agent.clone(),
+            requested: resources,
+            free,
+        });
+    }
+    let id = JobId(next_counter(txn, NEXT_JOB)?);
+    let task = TaskRef {
+        job: id,
+        attempt: 1,
+    };
+    let allocation = match allocate(txn, framework, agent, &resources, at_ms, Some(task))? {
+        Ok(allocation) => allocation,
+        Err(why) => {
+            // The job id stays used; nothing else was written.
+            return reject(why);
+        }
+    };
+    let record = JobRecord {
+        id,
+        function: function.clone(),
+        input: store_data(txn, input)?,
+        input_size: size,
+        constraints: Vec::new(),
+        max_attempts: 1,
+        resources,
+        state: TaskState::Starting,
+        reason: None,
+        attempts: vec![Attempt {
+            number: 1,
+            agent: agent.clone(),
+            framework: framework.clone(),
+            allocation: allocation.id,
+            module: spec.digest,
+            limits: spec.spec.limits,
+            env: spec.spec.env.clone(),
+            state: TaskState::Starting,
+            reason: None,
+            started_at_ms: at_ms,
+            ended_at_ms: None,
+        }],
+        output: None,
+        submitted_at_ms: at_ms,
+        finished_at_ms: None,
+        owner: Some(framework.clone()),
+    };
+    put(txn, &record)?;
+    Ok(CommandResponse::JobLaunched {
+        task,
+        allocation: allocation.id,
+    })
 }
 
 fn launch(
@@ -270,7 +358,7 @@ fn update(
         return reject(Rejection::UnknownJob(task.job));
     };
     let current = record.attempts.len() as u32;
-    if record.state.is_terminal() {
+    if record.ended() {
         return reject(Rejection::StaleUpdate {
             task,
             why: format!("the job is already {}", record.state),
@@ -380,7 +468,7 @@ fn kill(txn: &WriteTransaction, job: JobId, at_ms: u64) -> Result<CommandRespons
     let Some(mut record) = get(txn, job)? else {
         return Ok(CommandResponse::Rejected(Rejection::UnknownJob(job)));
     };
-    if record.state.is_terminal() {
+    if record.ended() {
         return Ok(CommandResponse::Rejected(Rejection::JobEnded {
             job,
             state: record.state,
@@ -441,7 +529,7 @@ pub(super) fn agent_lost(
         }
         attempt.state = TaskState::Unreachable;
         attempt.reason = Some(format!("agent `{agent}` is unreachable"));
-        if task.attempt == current && !record.state.is_terminal() {
+        if task.attempt == current && !record.ended() {
             record.state = TaskState::Unreachable;
             record.reason = Some(format!(
                 "agent `{agent}` is unreachable; the task may still run there"
@@ -513,7 +601,7 @@ pub(super) fn reconcile(
         }
         if !running.contains(&task) {
             gone(&mut record, task, agent, at_ms);
-        } else if attempt == current && !record.state.is_terminal() {
+        } else if attempt == current && !record.ended() {
             let framework = record.attempts[index].framework.clone();
             match allocate(txn, &framework, agent, &record.resources, at_ms, Some(task))? {
                 Ok(allocation) => {
@@ -558,8 +646,13 @@ fn gone(record: &mut JobRecord, task: TaskRef, agent: &AgentId, at_ms: u64) {
     attempt.state = TaskState::Gone;
     attempt.reason = Some(format!("agent `{agent}` no longer runs it"));
     attempt.ended_at_ms = Some(at_ms);
-    if task.attempt == current && !record.state.is_terminal() {
-        if record.attempts.len() >= ATTEMPT_CAP {
+    if task.attempt == current && !record.ended() {
+        if record.owner.is_some() {
+            // An external framework decides what to do about its lost task.
+            record.state = TaskState::Gone;
+            record.reason = Some(format!("agent `{agent}` no longer runs it"));
+            record.finished_at_ms = Some(at_ms);
+        } else if record.attempts.len() >= ATTEMPT_CAP {
             record.state = TaskState::Failed;
             record.reason = Some(format!("gave up after {ATTEMPT_CAP} attempts"));
             record.finished_at_ms = Some(at_ms);

@@ -296,6 +296,7 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
         | Command::LaunchJob { .. }
         | Command::UpdateJob { .. }
         | Command::KillJob { .. }
+        | Command::PlaceTask { .. }
         | Command::SetJobReason { .. } => Err(StateError::Snapshot(
             "a scheduling command reached the function tables".into(),
         )),

@@ -4,6 +4,7 @@ mod agents;
 mod cli;
 mod cluster;
 mod deploy;
+mod frameworks;
 mod invoke;
 mod jobs;
 mod restart;
