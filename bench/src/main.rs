@@ -5,6 +5,8 @@
 //!   process-per-request (`wafer run` per call), all driven by the same load generator;
 //! - `instantiate`: in-process instantiate + run latency of `hello`, with and without the
 //!   pooling allocator;
+//! - `jobs`: durable jobs end to end on 3 servers + 2 agents, against invocations of the
+//!   same function through the gateways;
 //! - `allocator`: the allocator alone with 1,000 and 10,000 simulated agents:
 //!   placements/s and allocation-round latency;
 //! - `commit`: Raft commits of small metadata commands on 1- and 3-node wafer clusters
@@ -14,6 +16,7 @@
 
 mod allocator;
 mod commit;
+mod jobs;
 mod load;
 
 // The same allocator as the `wafer` binary, so in-process numbers match the server's.
@@ -45,6 +48,8 @@ enum Cmd {
     Commit(commit::CommitArgs),
     /// The allocator alone, with simulated agents.
     Allocator(allocator::AllocatorArgs),
+    /// Durable jobs end to end on 3 servers + 2 agents.
+    Jobs(jobs::JobsArgs),
     /// Sets labels on function `meta` through the node at ADDR (its --listen address)
     /// from N clients (for profiling a server by hand).
     CommitLoad {
@@ -67,6 +72,8 @@ enum Cmd {
         commit: commit::CommitArgs,
         #[command(flatten)]
         allocator: allocator::AllocatorArgs,
+        #[command(flatten)]
+        jobs: jobs::JobsArgs,
     },
     /// (internal) a plain axum hello-world server; prints its address.
     PlainServer,
@@ -164,17 +171,23 @@ fn main() -> anyhow::Result<()> {
             print_header();
             allocator::run(&a)
         }
+        Cmd::Jobs(j) => {
+            print_header();
+            jobs::run(&j)
+        }
         Cmd::All {
             gateway: g,
             instantiate: i,
             commit: c,
             allocator: a,
+            jobs: j,
         } => {
             print_header();
             gateway(&g)?;
             instantiate(&i)?;
             commit::run(&c)?;
-            allocator::run(&a)
+            allocator::run(&a)?;
+            jobs::run(&j)
         }
     }
 }
