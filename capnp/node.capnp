@@ -295,6 +295,28 @@ interface Executor {
   launch @1 (task :TaskLaunch) -> ();
   # Stops an attempt.
   kill @2 (task :TaskRef) -> ();
+  # Runs a function once for an invocation under a serverless lease: the module by
+  # digest (fetched from the servers and compiled once), its limits (JSON), argv, env
+  # and stdin. `error` is set when it could not run (busy, module gone); otherwise
+  # `outcome` says how it ended.
+  run @3 (module :Text, limits :Text, args :List(Text), env :List(Label), stdin :Data)
+      -> (outcome :Outcome, error :Text, busy :Bool);
+}
+
+# How a run ended, and what it wrote.
+struct Outcome {
+  exit :union {
+    code @0 :Int32;
+    timeout @1 :Void;
+    memoryLimit @2 :Void;
+    responseTooLarge @3 :Void;
+    trap @4 :Text;
+  }
+  stdout @5 :Data;
+  log @6 :Data;
+  logDropped @7 :UInt64;
+  memoryRefused @8 :Bool;
+  durationNs @9 :UInt64;
 }
 
 # One item of a state snapshot. A snapshot file is a stream of single-segment messages:

@@ -169,6 +169,11 @@ enum Command {
         /// heartbeat five times as often).
         #[arg(long, default_value_t = 5000)]
         agent_timeout_ms: u64,
+        /// Invocation slots the serverless framework leases on each agent; gateways
+        /// route invocations to agents under these leases (0: invocations run on the
+        /// servers).
+        #[arg(long, default_value_t = 4)]
+        lease_slots: u64,
         /// Also run an agent in this process (data in DATA/agent).
         #[arg(long)]
         agent: bool,
@@ -480,6 +485,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             keep_logs,
             heartbeat_ms,
             agent_timeout_ms,
+            lease_slots,
             agent,
             agent_listen,
             agent_args,
@@ -519,6 +525,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 scheduler: SchedulerConfig {
                     agent_timeout: std::time::Duration::from_millis(agent_timeout_ms.max(50)),
+                    lease_slots,
                     ..SchedulerConfig::default()
                 },
                 agent,

@@ -93,6 +93,8 @@ pub struct Node {
     pub cluster: Arc<Cluster>,
     /// The node's scheduler.
     pub scheduler: Arc<Scheduler>,
+    /// Whether it runs an agent in-process (then it runs invocations itself).
+    pub local_agent: bool,
     /// Deployed functions.
     pub functions: Arc<Functions>,
     /// The bound gateway listener.
@@ -226,6 +228,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     Ok(Node {
         cluster,
         scheduler,
+        local_agent: config.agent.is_some(),
         functions,
         http,
     })
@@ -294,6 +297,8 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
         functions: node.functions.clone(),
         cluster: node.cluster.clone(),
         scheduler: node.scheduler.clone(),
+        local_agent: node.local_agent,
+        next_target: std::sync::atomic::AtomicUsize::new(0),
         metrics,
     });
     gateway::serve::serve(

@@ -378,4 +378,24 @@ impl executor::Server for ExecutorService {
         self.worker.kill(&read_task_ref(params.get()?.get_task()?));
         Ok(())
     }
+
+    async fn run(
+        self: Rc<Self>,
+        params: executor::RunParams,
+        mut results: executor::RunResults,
+    ) -> Result<(), capnp::Error> {
+        let (module, limits, invocation) = crate::rpc::remote::read_run(params.get()?)?;
+        match self.worker.invoke(module, limits, invocation).await {
+            Ok(outcome) => {
+                crate::rpc::remote::write_outcome(results.get().init_outcome(), &outcome)
+            }
+            Err(worker::RunError::Busy(why)) => {
+                let mut r = results.get();
+                r.set_busy(true);
+                r.set_error(why.as_str());
+            }
+            Err(worker::RunError::Failed(why)) => results.get().set_error(why.as_str()),
+        }
+        Ok(())
+    }
 }

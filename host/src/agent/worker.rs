@@ -14,9 +14,18 @@ use bytes::Bytes;
 use crate::cluster::ClusterError;
 use crate::digest::Digest;
 use crate::rpc::{read_failure, RpcError, RpcHandle};
-use crate::runtime::{Exit, Invocation, Prepared, Runtime, Stdio};
+use crate::runtime::{Exit, Invocation, InvokeError, Limits, Outcome, Prepared, Runtime, Stdio};
 use crate::scheduler::LaunchSpec;
 use crate::state::{write_task_ref, write_task_update, AgentId, TaskRef, TaskUpdate};
+
+/// Why an invocation did not run here.
+#[derive(Debug)]
+pub enum RunError {
+    /// No instance slot free.
+    Busy(String),
+    /// The module could not be had, or instantiation failed.
+    Failed(String),
+}
 
 /// Pause between retries of a report or fetch while no server answers.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -203,32 +212,64 @@ impl Worker {
         }
     }
 
+    /// Runs one invocation (under a serverless lease) of the module `module`, on the
+    /// process's main runtime.
+    pub async fn invoke(
+        self: &Arc<Worker>,
+        module: Digest,
+        limits: Limits,
+        invocation: Invocation,
+    ) -> Result<Outcome, RunError> {
+        let worker = self.clone();
+        let run = self.spawner.spawn(async move {
+            let prepared = worker
+                .prepared(module, limits)
+                .await
+                .map_err(RunError::Failed)?;
+            worker
+                .runtime
+                .invoke(&prepared, &limits, invocation)
+                .await
+                .map_err(|e| match e {
+                    InvokeError::Busy(why) => RunError::Busy(why),
+                    other => RunError::Failed(other.to_string()),
+                })
+        });
+        run.await
+            .map_err(|e| RunError::Failed(format!("the run was lost: {e}")))?
+    }
+
     /// The prepared module of `spec`: cached, else fetched and compiled.
     async fn module(&self, spec: &LaunchSpec) -> Result<Prepared, String> {
+        self.prepared(spec.module, spec.limits)
+            .await
+            .map_err(|e| format!("`{}`: {e}", spec.function))
+    }
+
+    /// The prepared module `digest`: cached, else fetched and compiled.
+    async fn prepared(&self, digest: Digest, limits: Limits) -> Result<Prepared, String> {
         if let Some(prepared) = self
             .modules
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&spec.module)
+            .get(&digest)
         {
             return Ok(prepared.clone());
         }
-        let wasm = match self.fetch(&spec.module).await {
+        let wasm = match self.fetch(&digest).await {
             Ok(Some(wasm)) => wasm,
             Ok(None) => {
                 return Err(format!(
-                    "module {} of `{}` is gone (redeployed or deleted)",
-                    spec.module.short(),
-                    spec.function
+                    "module {} is gone (redeployed or deleted)",
+                    digest.short()
                 ))
             }
             Err(e) => return Err(format!("fetching the module: {e}")),
         };
-        if crate::digest::Digest::of(&wasm) != spec.module {
+        if crate::digest::Digest::of(&wasm) != digest {
             return Err("the fetched module does not match its digest".into());
         }
         let runtime = self.runtime.clone();
-        let limits = spec.limits;
         let prepared = tokio::task::spawn_blocking(move || runtime.prepare(&wasm, &limits))
             .await
             .map_err(|e| format!("compiling the module: {e}"))?
@@ -236,7 +277,7 @@ impl Worker {
         self.modules
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(spec.module, prepared.clone());
+            .insert(digest, prepared.clone());
         Ok(prepared)
     }
 

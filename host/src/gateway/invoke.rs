@@ -99,17 +99,13 @@ async fn run(
         env,
         stdio: Stdio::Captured(input),
     };
-    let outcome = app
-        .functions
-        .invoke(function, invocation)
-        .await
-        .map_err(|e| {
-            let kind = match &e {
-                FunctionError::Invoke(InvokeError::Busy(_)) => ErrorKind::Busy,
-                _ => ErrorKind::Instantiate,
-            };
-            (kind, ApiError::from(e))
-        })?;
+    let (outcome, ran_on) = route(app, function, invocation).await.map_err(|e| {
+        let kind = match &e {
+            FunctionError::Invoke(InvokeError::Busy(_)) => ErrorKind::Busy,
+            _ => ErrorKind::Instantiate,
+        };
+        (kind, ApiError::from(e))
+    })?;
     function
         .stats(&app.metrics)
         .duration
@@ -117,7 +113,52 @@ async fn run(
     if !outcome.log.is_empty() {
         tracing::debug!(function = %name, log = %String::from_utf8_lossy(&outcome.log), "guest log");
     }
-    respond(name, function, outcome)
+    let mut response = respond(name, function, outcome)?;
+    if let Some(agent) = ran_on {
+        if let Ok(value) = HeaderValue::from_str(agent.as_str()) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static("x-wafer-agent"), value);
+        }
+    }
+    Ok(response)
+}
+
+/// Where an invocation runs: on this node when it runs an agent itself or no agent
+/// holds a serverless lease (a cluster without agents still serves); otherwise on an
+/// agent under a lease, taken in turn, the next one when an agent cannot be reached or
+/// is busy, and here when none can. Answers the outcome and the agent that ran it.
+async fn route(
+    app: &Arc<AppState>,
+    function: &Arc<Deployed>,
+    invocation: Invocation,
+) -> Result<(Outcome, Option<crate::state::AgentId>), FunctionError> {
+    let targets = app.scheduler.lease_targets();
+    if app.local_agent || targets.is_empty() {
+        return Ok((app.functions.invoke(function, invocation).await?, None));
+    }
+    let first = app
+        .next_target
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..targets.len() {
+        let target = &targets[(first + i) % targets.len()];
+        match crate::rpc::remote::run_remote(
+            app.cluster.rpc(),
+            &target.rpc,
+            function.record.digest,
+            function.record.spec.limits,
+            invocation.clone(),
+        )
+        .await
+        {
+            Ok(outcome) => return Ok((outcome, Some(target.agent.clone()))),
+            Err(e) => {
+                tracing::debug!(agent = %target.agent, error = %e, "invocation not run there; trying the next agent");
+            }
+        }
+    }
+    tracing::warn!(function = %function.record.name, "no leased agent could run the invocation; running it here");
+    Ok((app.functions.invoke(function, invocation).await?, None))
 }
 
 /// The CGI/WAGI environment of one request, after the function's own variables.

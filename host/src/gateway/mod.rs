@@ -35,6 +35,10 @@ pub struct AppState {
     pub cluster: Arc<Cluster>,
     /// This node's scheduler.
     pub scheduler: Arc<crate::scheduler::Scheduler>,
+    /// Whether this node runs an agent itself (then it runs invocations itself).
+    pub local_agent: bool,
+    /// Round-robin position over the leased agents.
+    pub next_target: std::sync::atomic::AtomicUsize,
     /// Exported metrics.
     pub metrics: Metrics,
 }
@@ -61,6 +65,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}/kill", axum::routing::post(jobs::kill))
         .route("/v1/tasks", get(jobs::tasks))
         .route("/v1/offers", get(jobs::offers))
+        .route("/v1/leases", get(scheduling::leases))
         .route("/v1/frameworks", get(scheduling::frameworks))
         .route("/v1/roles", get(scheduling::roles))
         .route("/v1/roles/{role}", axum::routing::put(scheduling::set_role))

@@ -145,3 +145,34 @@ pub async fn roles(
     let roles: Vec<_> = view.roles.values().collect();
     Ok(Json(serde_json::json!({ "roles": roles })))
 }
+
+/// `GET /v1/leases`: the serverless framework's leases (invocation slots on agents),
+/// as this node's state has them.
+pub async fn leases(
+    State(app): State<Arc<AppState>>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if query.consistent {
+        app.cluster.read_index().await?;
+    }
+    let view = app
+        .scheduler
+        .view()
+        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    let id = crate::scheduler::serverless::framework_id();
+    let leases: Vec<serde_json::Value> = view
+        .allocations
+        .values()
+        .filter(|a| a.framework == id)
+        .map(|a| {
+            serde_json::json!({
+                "id": a.id,
+                "agent": a.agent,
+                "resources": a.resources,
+                "allocated_at_ms": a.allocated_at_ms,
+                "rpc": view.agents.get(&a.agent).map(|r| r.rpc.clone()),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "leases": leases })))
+}

@@ -4,6 +4,7 @@
 //! an agent serves `Executor`) and keeps one client connection per peer address.
 
 pub mod framework;
+pub mod remote;
 mod server;
 
 use std::cell::RefCell;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::jobs::{self, JobsFramework, LaunchSpec};
+use super::serverless::{self, ServerlessFramework};
 use super::{Allocator, AllocatorConfig, SchedulerMetrics, Share};
 use crate::cluster::{Cluster, ClusterError};
 use crate::digest::Digest;
@@ -28,8 +29,10 @@ use crate::state::{
 pub struct SchedulerConfig {
     /// An agent not heard from for this long is marked unreachable.
     pub agent_timeout: Duration,
-    /// How often the leader checks agents (and, later, makes offers).
+    /// How often the leader checks agents and makes offers.
     pub tick: Duration,
+    /// Invocation slots the serverless framework leases on each agent (0: none).
+    pub lease_slots: u64,
     /// Settings of the allocator.
     pub allocator: AllocatorConfig,
 }
@@ -39,6 +42,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             agent_timeout: Duration::from_secs(5),
             tick: Duration::from_millis(100),
+            lease_slots: 4,
             allocator: AllocatorConfig::default(),
         }
     }
@@ -82,6 +86,7 @@ struct Inner {
     synced: Option<u64>,
     view: Arc<SchedulingView>,
     jobs: JobsFramework,
+    serverless: ServerlessFramework,
     /// External frameworks subscribed here, and whether each wants offers.
     subscribed: HashMap<FrameworkId, bool>,
     /// The last state each external framework was told of its tasks.
@@ -106,16 +111,32 @@ pub struct Scheduler {
     config: SchedulerConfig,
     metrics: SchedulerMetrics,
     inner: Mutex<Inner>,
+    /// Serverless leases as this node's state has them (for routing invocations), and
+    /// the applied index they were read at.
+    leases: Mutex<(Option<u64>, Arc<Vec<LeaseTarget>>)>,
+}
+
+/// An agent holding a serverless lease: where gateways may send invocations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaseTarget {
+    /// The agent.
+    pub agent: AgentId,
+    /// Its executor's address.
+    pub rpc: String,
+    /// Slots leased there.
+    pub slots: u64,
 }
 
 impl Scheduler {
     /// A scheduler for this server; [`Scheduler::start`] runs it.
     pub fn new(cluster: Arc<Cluster>, state: State, config: SchedulerConfig) -> Arc<Scheduler> {
         let allocator = Allocator::new(config.allocator.clone());
+        let lease_slots = config.lease_slots;
         Arc::new(Scheduler {
             cluster,
             state,
             config,
+            leases: Mutex::new((None, Arc::new(Vec::new()))),
             metrics: SchedulerMetrics::default(),
             inner: Mutex::new(Inner {
                 term: None,
@@ -125,6 +146,7 @@ impl Scheduler {
                 synced: None,
                 view: Arc::new(SchedulingView::default()),
                 jobs: JobsFramework::default(),
+                serverless: ServerlessFramework::new(lease_slots),
                 subscribed: HashMap::new(),
                 reported: HashMap::new(),
                 rescinded: Vec::new(),
@@ -210,7 +232,7 @@ impl Scheduler {
             });
         };
         let mut inner = self.lock();
-        self.refresh(&mut inner, term);
+        self.refresh(&mut inner, term, false);
         let active = inner
             .view
             .agents
@@ -325,8 +347,52 @@ impl Scheduler {
         inner.allocator.shares()
     }
 
-    /// One round of the leader's periodic work.
+    /// The agents holding serverless leases, as this node's state has them (refreshed
+    /// every tick).
+    pub fn lease_targets(&self) -> Arc<Vec<LeaseTarget>> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Re-reads the leases when this node applied more.
+    fn refresh_leases(&self) {
+        let applied = self.cluster.applied_index();
+        {
+            let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            if leases.0 == applied && applied.is_some() {
+                return;
+            }
+        }
+        let Ok(view) = self.state.scheduling() else {
+            return;
+        };
+        let id = serverless::framework_id();
+        let mut targets: Vec<LeaseTarget> = Vec::new();
+        for allocation in view.allocations.values().filter(|a| a.framework == id) {
+            let Some(agent) = view.agents.get(&allocation.agent) else {
+                continue;
+            };
+            if agent.state != AgentState::Active {
+                continue;
+            }
+            match targets.iter_mut().find(|t| t.agent == agent.id) {
+                Some(target) => target.slots += allocation.resources.slots,
+                None => targets.push(LeaseTarget {
+                    agent: agent.id.clone(),
+                    rpc: agent.rpc.clone(),
+                    slots: allocation.resources.slots,
+                }),
+            }
+        }
+        *self.leases.lock().unwrap_or_else(|p| p.into_inner()) = (applied, Arc::new(targets));
+    }
+
+    /// One round of the periodic work (most of it on the leader only).
     fn tick(self: &Arc<Scheduler>) {
+        self.refresh_leases();
         let Some(term) = self.cluster.leading_term() else {
             let mut inner = self.lock();
             if inner.term.take().is_some() {
@@ -342,7 +408,9 @@ impl Scheduler {
             return;
         };
         let mut inner = self.lock();
-        self.refresh(&mut inner, term);
+        // Every round reads the state afresh: the Raft metrics' applied index may lag
+        // the state, and offers must never be made from a stale view.
+        self.refresh(&mut inner, term, true);
         let now = Instant::now();
         let timeout = self.config.agent_timeout;
         let silent: Vec<AgentId> = inner
@@ -391,6 +459,7 @@ impl Scheduler {
         let Inner {
             allocator,
             jobs,
+            serverless: leases,
             view,
             subscribed,
             rescinded,
@@ -400,7 +469,9 @@ impl Scheduler {
         rescinded.extend(allocator.expire(now));
         self.metrics.offers_rescinded.inc_by(rescinded.len() as u64);
         let jobs_id = jobs::framework_id();
+        let serverless_id = serverless::framework_id();
         allocator.set_wants_offers(&jobs_id, jobs.wants_offers(view));
+        allocator.set_wants_offers(&serverless_id, leases.wants_offers(view));
         for (framework, wants) in subscribed.iter() {
             allocator.set_wants_offers(framework, *wants);
         }
@@ -408,9 +479,46 @@ impl Scheduler {
             .make_offers(now)
             .into_iter()
             .partition(|o| o.framework == jobs_id);
+        let (lease_offers, theirs): (Vec<super::Offer>, Vec<super::Offer>) = theirs
+            .into_iter()
+            .partition(|o| o.framework == serverless_id);
         self.metrics
             .offers_made
-            .inc_by((mine.len() + theirs.len()) as u64);
+            .inc_by((mine.len() + theirs.len() + lease_offers.len()) as u64);
+        let lease_plan = leases.plan(view, lease_offers, allocator, now, now_ms());
+        if let Some(register) = lease_plan.register {
+            let cluster = self.cluster.clone();
+            tokio::spawn(async move {
+                if let Err(e) = cluster.propose(register).await {
+                    tracing::warn!(error = %e, "registering the serverless framework");
+                }
+            });
+        }
+        for (offer, agent, lease) in lease_plan.leases {
+            let scheduler = self.clone();
+            tokio::spawn(async move {
+                let committed = scheduler
+                    .cluster
+                    .propose(Command::Accept {
+                        framework: serverless::framework_id(),
+                        agent: agent.clone(),
+                        resources: lease,
+                        at_ms: now_ms(),
+                    })
+                    .await;
+                match committed {
+                    Ok(c) if c.rejection.is_none() => {
+                        scheduler.metrics.offers_accepted.inc();
+                        tracing::info!(%agent, %lease, "serverless lease taken");
+                    }
+                    Ok(c) => tracing::info!(%agent, rejection = ?c.rejection, "lease refused"),
+                    Err(e) => tracing::warn!(%agent, error = %e, "taking a lease"),
+                }
+                let mut inner = scheduler.lock();
+                inner.allocator.settle_part(offer, &lease);
+                inner.serverless.accepted(&agent);
+            });
+        }
         let made = mine.len();
         let plan = jobs.plan(view, mine, allocator, now, now_ms());
         self.metrics
@@ -874,22 +982,23 @@ impl Scheduler {
     }
 
     /// Starts afresh when this node became the leader in a new term; re-reads the
-    /// scheduling state when more has been applied; gives every active agent not yet
-    /// heard from a full timeout from now.
-    fn refresh(&self, inner: &mut Inner, term: u64) {
+    /// scheduling state when more has been applied (or always, with `force`); gives
+    /// every active agent not yet heard from a full timeout from now.
+    fn refresh(&self, inner: &mut Inner, term: u64, force: bool) {
         if inner.term != Some(term) {
             tracing::info!(term, "leading: scheduling starts here");
             inner.term = Some(term);
             inner.heartbeats.clear();
             inner.allocator = Allocator::new(self.config.allocator.clone());
             inner.jobs = JobsFramework::default();
+            inner.serverless = ServerlessFramework::new(self.config.lease_slots);
             inner.subscribed.clear();
             inner.reported.clear();
             inner.rescinded.clear();
             inner.synced = None;
         }
         let applied = self.cluster.applied_index();
-        if applied != inner.synced || inner.synced.is_none() {
+        if force || applied != inner.synced || inner.synced.is_none() {
             match self.state.scheduling() {
                 Ok(view) => {
                     let rescinded = inner.allocator.sync(&view);

@@ -8,6 +8,7 @@ pub mod driver;
 pub mod jobs;
 pub mod leader;
 pub mod metrics;
+pub mod serverless;
 pub mod simulation;
 
 pub use crate::state::{Constraint, InvalidConstraint};

@@ -19,7 +19,12 @@ fn agent<'a>(nodes: &'a Value, id: &str) -> &'a Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_register_follow_the_leader_and_go_unreachable() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::start(dir.path(), 3, &["--agent-timeout-ms", "1000"]).await?;
+    let mut cluster = Cluster::start(
+        dir.path(),
+        3,
+        &["--agent-timeout-ms", "1000", "--lease-slots", "0"],
+    )
+    .await?;
     let a = cluster.start_agent("a", &["--slots", "4", "--attribute", "zone=a"])?;
     let mut b = cluster.start_agent(
         "b",

@@ -56,22 +56,26 @@ async fn greedy(
             let mut finished = HashSet::new();
             while let Some(event) = events.recv().await {
                 match event {
+                    // Each offer is answered at once, concurrently (a slow answer
+                    // would hold the offer's resources idle).
                     FrameworkEvent::Offers(offers) => {
                         for offer in offers {
                             let want = limit.map_or(usize::MAX, |l| l - placed);
                             let fit = (offer.resources.slots as usize)
                                 .min((offer.resources.memory_mb / 128) as usize)
                                 .min(want);
+                            let driver = driver.clone();
                             if fit == 0 {
-                                let _ = driver.decline(offer.id, Duration::from_secs(5)).await;
+                                tokio::spawn(async move {
+                                    let _ = driver.decline(offer.id, Duration::from_secs(5)).await;
+                                });
                                 continue;
                             }
+                            placed += fit;
                             let tasks = (0..fit)
                                 .map(|i| (function.to_string(), format!("{i}").into_bytes()))
                                 .collect();
-                            if let Ok(ids) = driver.accept(offer.id, tasks).await {
-                                placed += ids.len();
-                            }
+                            tokio::spawn(async move { driver.accept(offer.id, tasks).await });
                         }
                     }
                     FrameworkEvent::Status(status) if status.state == "FINISHED" => {
@@ -92,10 +96,15 @@ async fn greedy(
 #[tokio::test(flavor = "multi_thread")]
 async fn frameworks_share_by_weight_and_run_a_batch_of_1000_tasks() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let cluster = Cluster::start(dir.path(), 3, &["--agent-timeout-ms", "2000"]).await?;
+    let cluster = Cluster::start(
+        dir.path(),
+        3,
+        &["--agent-timeout-ms", "2000", "--lease-slots", "0"],
+    )
+    .await?;
     let mut agents = Vec::new();
     for name in ["a", "b", "c"] {
-        agents.push(cluster.start_agent(name, &["--slots", "4"])?);
+        agents.push(cluster.start_agent(name, &["--slots", "8"])?);
     }
     let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
     cluster.wait_agents(&[1, 2, 3], &ids, "active").await?;
@@ -117,7 +126,7 @@ async fn frameworks_share_by_weight_and_run_a_batch_of_1000_tasks() -> anyhow::R
         anyhow::ensure!(response.status().is_success(), "role {role}");
     }
 
-    // Two greedy frameworks, weights 1:2, on 12 slots.
+    // Two greedy frameworks, weights 1:2, on 24 slots.
     let servers = cluster.rpc_addrs();
     let (light, light_run) = greedy(servers.clone(), "light", "light", "sleeper", None).await?;
     let (heavy, heavy_run) = greedy(servers.clone(), "heavy", "heavy", "sleeper", None).await?;
@@ -145,16 +154,21 @@ async fn frameworks_share_by_weight_and_run_a_batch_of_1000_tasks() -> anyhow::R
         )
         .await?;
     let (mut sum_light, mut sum_heavy, mut samples) = (0.0, 0.0, 0);
-    let until = Instant::now() + Duration::from_secs(5);
+    let mut trace = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until {
         let (l, h) = shares(&cluster.get_json(leader, "/v1/frameworks").await?);
+        trace.push(format!("{:.0}:{:.0}", l * 24.0, h * 24.0));
         sum_light += l;
         sum_heavy += h;
         samples += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ratio = sum_heavy / sum_light.max(1e-9);
-    eprintln!("heavy/light dominant shares: {ratio:.2} over {samples} samples");
+    eprintln!(
+        "heavy/light dominant shares: {ratio:.2} over {samples} samples: {}",
+        trace.join(" ")
+    );
     assert!(
         (1.8..=2.2).contains(&ratio),
         "heavy/light dominant shares {ratio:.2} over {samples} samples (light {:.3}, heavy {:.3})",

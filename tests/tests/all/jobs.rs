@@ -131,7 +131,12 @@ async fn check_invariant(cluster: &Cluster, nodes: &[u64]) -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_survive_agent_and_leader_loss_and_honour_constraints() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut cluster = Cluster::start(dir.path(), 3, &["--agent-timeout-ms", "1000"]).await?;
+    let mut cluster = Cluster::start(
+        dir.path(),
+        3,
+        &["--agent-timeout-ms", "1000", "--lease-slots", "0"],
+    )
+    .await?;
     let slots = ["--slots", "2"];
     let a = cluster.start_agent("a", &[&slots[..], &["--attribute", "zone=a"]].concat())?;
     let mut b = cluster.start_agent("b", &[&slots[..], &["--attribute", "zone=b"]].concat())?;

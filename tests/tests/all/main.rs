@@ -7,6 +7,7 @@ mod deploy;
 mod frameworks;
 mod invoke;
 mod jobs;
+mod leases;
 mod restart;
 mod sdk;
 

@@ -1,0 +1,108 @@
+//! Invocations under serverless leases (fast path) on a cluster of real processes:
+//! servers without agents of their own route invocations to agents holding leases, and
+//! invocations keep succeeding when an agent is killed while the leases move.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+use wafer_tests::cluster::Cluster;
+use wafer_tests::example;
+
+/// Invokes `hello` `n` times through every server in turn; returns the agents that ran
+/// them (every invocation must succeed).
+async fn invoke_all(cluster: &Cluster, n: usize) -> anyhow::Result<BTreeSet<String>> {
+    let http = reqwest::Client::new();
+    let servers = cluster.up();
+    let mut ran_on = BTreeSet::new();
+    for i in 0..n {
+        let server = cluster.server(servers[i % servers.len()]);
+        let response = http
+            .get(server.url(&format!("/fn/hello?name=n{i}")))
+            .send()
+            .await?;
+        let status = response.status();
+        let agent = response
+            .headers()
+            .get("x-wafer-agent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = response.text().await?;
+        anyhow::ensure!(status.is_success(), "invocation {i}: {status} {body}");
+        anyhow::ensure!(
+            body.contains(&format!("Hello, n{i}!")),
+            "invocation {i}: {body}"
+        );
+        ran_on.insert(agent.unwrap_or_else(|| "a server".into()));
+    }
+    Ok(ran_on)
+}
+
+fn leased_agents(answer: &Value) -> BTreeSet<String> {
+    answer["leases"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|l| l["agent"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(
+        dir.path(),
+        3,
+        &["--agent-timeout-ms", "1000", "--lease-slots", "2"],
+    )
+    .await?;
+    let mut a = cluster.start_agent("a", &["--slots", "4"])?;
+    let b = cluster.start_agent("b", &["--slots", "4"])?;
+    let both: BTreeSet<String> = [a.id.clone(), b.id.clone()].into();
+    cluster
+        .wait_until_at(
+            &[1, 2, 3],
+            "/v1/leases?consistent=true",
+            "both agents hold leases",
+            |all| all.iter().all(|answer| leased_agents(answer) == both),
+        )
+        .await?;
+    let response = reqwest::Client::new()
+        .put(cluster.server(1).url("/v1/functions/hello"))
+        .body(example("hello")?)
+        .send()
+        .await?;
+    anyhow::ensure!(response.status().is_success(), "deploy");
+
+    // Every server sends invocations to the leased agents, in turn.
+    let ran_on = invoke_all(&cluster, 24).await?;
+    assert_eq!(ran_on, both, "invocations ran on the leased agents");
+
+    // Agent a dies: every invocation still succeeds (the gateways skip it), and once
+    // its lease is gone they all run on b.
+    a.kill()?;
+    invoke_all(&cluster, 24).await?;
+    let only_b: BTreeSet<String> = [b.id.clone()].into();
+    cluster
+        .wait_until_at(
+            &[1, 2, 3],
+            "/v1/leases?consistent=true",
+            "only b holds a lease",
+            |all| all.iter().all(|answer| leased_agents(answer) == only_b),
+        )
+        .await?;
+    assert_eq!(invoke_all(&cluster, 24).await?, only_b);
+
+    // a comes back and gets a lease again.
+    a.restart()?;
+    cluster
+        .wait_until_at(
+            &[1],
+            "/v1/leases?consistent=true",
+            "a holds a lease again",
+            |all| leased_agents(&all[0]) == both,
+        )
+        .await?;
+    Ok(())
+}
