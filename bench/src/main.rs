@@ -7,6 +7,7 @@
 //!   pooling allocator;
 //! - `jobs`: durable jobs end to end on 3 servers + 2 agents, against invocations of the
 //!   same function through the gateways;
+//! - `route`: invocations routed to an agent under a lease vs run in the gateway;
 //! - `allocator`: the allocator alone with 1,000 and 10,000 simulated agents:
 //!   placements/s and allocation-round latency;
 //! - `commit`: Raft commits of small metadata commands on 1- and 3-node wafer clusters
@@ -18,6 +19,7 @@ mod allocator;
 mod commit;
 mod jobs;
 mod load;
+mod route;
 
 // The same allocator as the `wafer` binary, so in-process numbers match the server's.
 #[global_allocator]
@@ -50,6 +52,8 @@ enum Cmd {
     Allocator(allocator::AllocatorArgs),
     /// Durable jobs end to end on 3 servers + 2 agents.
     Jobs(jobs::JobsArgs),
+    /// Invocations routed to an agent vs run in the gateway's process.
+    Route(route::RouteArgs),
     /// Sets labels on function `meta` through the node at ADDR (its --listen address)
     /// from N clients (for profiling a server by hand).
     CommitLoad {
@@ -74,6 +78,8 @@ enum Cmd {
         allocator: allocator::AllocatorArgs,
         #[command(flatten)]
         jobs: jobs::JobsArgs,
+        #[command(flatten)]
+        route: route::RouteArgs,
     },
     /// (internal) a plain axum hello-world server; prints its address.
     PlainServer,
@@ -175,19 +181,25 @@ fn main() -> anyhow::Result<()> {
             print_header();
             jobs::run(&j)
         }
+        Cmd::Route(r) => {
+            print_header();
+            route::run(&r)
+        }
         Cmd::All {
             gateway: g,
             instantiate: i,
             commit: c,
             allocator: a,
             jobs: j,
+            route: r,
         } => {
             print_header();
             gateway(&g)?;
             instantiate(&i)?;
             commit::run(&c)?;
             allocator::run(&a)?;
-            jobs::run(&j)
+            jobs::run(&j)?;
+            route::run(&r)
         }
     }
 }
