@@ -221,7 +221,9 @@ interface Node {
   # was marked unreachable, or the registration is not applied yet): register again.
   # `assigned`: the attempts placed on this agent; it runs those it does not run yet and
   # stops the others.
-  heartbeat @7 (agent :Text) -> (reregister :Bool, failure :Failure, assigned :List(TaskLaunch));
+  # `busySlots`: the most invocations (under serverless leases) it ran at once since its
+  # last heartbeat; the serverless framework grows and shrinks its lease with it.
+  heartbeat @7 (agent :Text, busySlots :UInt32) -> (reregister :Bool, failure :Failure, assigned :List(TaskLaunch));
   # An agent reports on a job attempt; committed through the leader. `accepted` is false
   # when the report was stale (not the current attempt, or the job already ended): the
   # agent stops that attempt.

@@ -246,7 +246,7 @@ async fn keep_registered(
         let mut target = server(next);
         let mut warned = false;
         loop {
-            match heartbeat(&rpc, &target, &info.id).await {
+            match heartbeat(&rpc, &target, &info.id, worker.take_busy_peak()).await {
                 Ok((false, assigned)) => {
                     warned = false;
                     // Attempts younger than two heartbeats may not be in the leader's
@@ -318,6 +318,7 @@ async fn heartbeat(
     rpc: &RpcHandle,
     addr: &str,
     agent: &AgentId,
+    busy: u32,
 ) -> Result<(bool, Vec<LaunchSpec>), ClusterError> {
     let (addr, agent) = (addr.to_string(), agent.clone());
     rpc.run(move |peers| async move {
@@ -325,6 +326,7 @@ async fn heartbeat(
         let transport = |e: capnp::Error| ClusterError::from(RpcError::from_capnp(&addr, e));
         let mut request = node.heartbeat_request();
         request.get().set_agent(agent.as_str());
+        request.get().set_busy_slots(busy);
         let reply = request.send().promise.await.map_err(|e| {
             peers.forget(&addr);
             transport(e)

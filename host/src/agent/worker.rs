@@ -49,6 +49,9 @@ pub struct Worker {
     tasks: Mutex<HashMap<TaskRef, TaskEntry>>,
     /// Which server to try first (the last one that answered).
     preferred: Mutex<usize>,
+    /// Invocations running now, and the most at once since the last heartbeat.
+    busy: std::sync::atomic::AtomicU32,
+    busy_peak: std::sync::atomic::AtomicU32,
 }
 
 impl Worker {
@@ -68,7 +71,16 @@ impl Worker {
             modules: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
             preferred: Mutex::new(0),
+            busy: std::sync::atomic::AtomicU32::new(0),
+            busy_peak: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// The most invocations that ran at once since the last call (for the heartbeat).
+    pub fn take_busy_peak(&self) -> u32 {
+        use std::sync::atomic::Ordering;
+        let now = self.busy.load(Ordering::Relaxed);
+        self.busy_peak.swap(now, Ordering::Relaxed).max(now)
     }
 
     fn tasks(&self) -> MutexGuard<'_, HashMap<TaskRef, TaskEntry>> {
@@ -220,6 +232,9 @@ impl Worker {
         limits: Limits,
         invocation: Invocation,
     ) -> Result<Outcome, RunError> {
+        use std::sync::atomic::Ordering;
+        let running = self.busy.fetch_add(1, Ordering::Relaxed) + 1;
+        self.busy_peak.fetch_max(running, Ordering::Relaxed);
         let worker = self.clone();
         let run = self.spawner.spawn(async move {
             let prepared = worker
@@ -235,8 +250,11 @@ impl Worker {
                     other => RunError::Failed(other.to_string()),
                 })
         });
-        run.await
-            .map_err(|e| RunError::Failed(format!("the run was lost: {e}")))?
+        let result = run
+            .await
+            .map_err(|e| RunError::Failed(format!("the run was lost: {e}")));
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        result?
     }
 
     /// The prepared module of `spec`: cached, else fetched and compiled.

@@ -290,13 +290,12 @@ impl node::Server for NodeService {
         params: node::HeartbeatParams,
         mut results: node::HeartbeatResults,
     ) -> Result<(), capnp::Error> {
-        let agent: AgentId = params
-            .get()?
-            .get_agent()?
-            .to_str()?
-            .parse()
-            .map_err(failed)?;
-        match self.scheduler.heartbeat(&agent) {
+        let params = params.get()?;
+        let agent: AgentId = params.get_agent()?.to_str()?.parse().map_err(failed)?;
+        match self
+            .scheduler
+            .heartbeat(&agent, u64::from(params.get_busy_slots()))
+        {
             Ok(answer) => {
                 let mut r = results.get();
                 r.set_reregister(answer.reregister);

@@ -225,7 +225,7 @@ impl Scheduler {
     /// Agent `agent` is alive. Only the leader takes heartbeats. Answers whether the
     /// agent must register again (the leader does not know it as active), and the
     /// attempts placed on it.
-    pub fn heartbeat(&self, agent: &AgentId) -> Result<HeartbeatAnswer, ClusterError> {
+    pub fn heartbeat(&self, agent: &AgentId, busy: u64) -> Result<HeartbeatAnswer, ClusterError> {
         let Some(term) = self.cluster.leading_term() else {
             return Err(ClusterError::NotLeader {
                 leader: self.cluster.leader(),
@@ -239,7 +239,10 @@ impl Scheduler {
             .get(agent)
             .is_some_and(|a| a.state == AgentState::Active);
         if active && !inner.marking.contains(agent) {
-            inner.heartbeats.insert(agent.clone(), Instant::now());
+            let now = Instant::now();
+            inner.heartbeats.insert(agent.clone(), now);
+            let view = inner.view.clone();
+            inner.serverless.observe(&view, agent, busy, now);
             self.metrics.heartbeats.inc();
             Ok(HeartbeatAnswer {
                 reregister: false,
@@ -491,6 +494,15 @@ impl Scheduler {
             tokio::spawn(async move {
                 if let Err(e) = cluster.propose(register).await {
                     tracing::warn!(error = %e, "registering the serverless framework");
+                }
+            });
+        }
+        for allocation in lease_plan.releases {
+            let cluster = self.cluster.clone();
+            tokio::spawn(async move {
+                match cluster.propose(Command::Release { allocation }).await {
+                    Ok(_) => tracing::info!(%allocation, "serverless lease given back"),
+                    Err(e) => tracing::warn!(%allocation, error = %e, "giving back a lease"),
                 }
             });
         }

@@ -74,6 +74,12 @@ async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Res
         .send()
         .await?;
     anyhow::ensure!(response.status().is_success(), "deploy");
+    // Every server serves it (a linearizable read waits until each has applied it).
+    for id in [1, 2, 3] {
+        cluster
+            .get_json(id, "/v1/functions/hello?consistent=true")
+            .await?;
+    }
 
     // Every server sends invocations to the leased agents, in turn.
     let ran_on = invoke_all(&cluster, 24).await?;
@@ -103,6 +109,101 @@ async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Res
             "a holds a lease again",
             |all| leased_agents(&all[0]) == both,
         )
+        .await?;
+    Ok(())
+}
+
+/// A WASI program that sleeps `ms` (poll_oneoff), then writes "ok".
+fn sleeper(ms: u64) -> Vec<u8> {
+    crate::wat(&format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 512) "ok")
+          (func (export "_start")
+            (i64.store (i32.const 0) (i64.const 0))
+            (i32.store8 (i32.const 8) (i32.const 0))
+            (i32.store (i32.const 16) (i32.const 1))
+            (i64.store (i32.const 24) (i64.const {nanos}))
+            (i64.store (i32.const 32) (i64.const 0))
+            (i32.store16 (i32.const 40) (i32.const 0))
+            (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))
+            (i32.store (i32.const 300) (i32.const 512))
+            (i32.store (i32.const 304) (i32.const 2))
+            (drop (call $write (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 308)))))"#,
+        nanos = ms * 1_000_000
+    ))
+}
+
+fn leased_slots(answer: &Value) -> u64 {
+    answer["leases"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|l| l["resources"]["slots"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_grow_with_load_and_shrink_when_it_goes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 1, &["--lease-slots", "2"]).await?;
+    let agent = cluster.start_agent("a", &["--slots", "16"])?;
+    cluster
+        .wait_until_at(
+            &[1],
+            "/v1/leases",
+            "the agent holds its first lease",
+            |all| leased_slots(&all[0]) == 2,
+        )
+        .await?;
+    let http = reqwest::Client::new();
+    let response = http
+        .put(cluster.server(1).url("/v1/functions/slow"))
+        .body(sleeper(300))
+        .send()
+        .await?;
+    anyhow::ensure!(response.status().is_success(), "deploy");
+
+    // Twelve clients keep it busy: the lease grows past its start.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = cluster.server(1).url("/fn/slow");
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let (http, url, stop) = (http.clone(), url.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut ran_on = BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let response = http.get(&url).send().await?;
+                anyhow::ensure!(response.status().is_success(), "{}", response.status());
+                if let Some(agent) = response.headers().get("x-wafer-agent") {
+                    ran_on.insert(agent.to_str()?.to_string());
+                }
+            }
+            anyhow::Ok(ran_on)
+        }));
+    }
+    let grown = cluster
+        .wait_until_at(&[1], "/v1/leases", "the lease grows with the load", |all| {
+            leased_slots(&all[0]) >= 8
+        })
+        .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ran_on = BTreeSet::new();
+    for client in clients {
+        ran_on.extend(client.await??);
+    }
+    grown?;
+    assert_eq!(ran_on, BTreeSet::from([agent.id.clone()]));
+
+    // Idle: it shrinks back to where it started.
+    cluster
+        .wait_until_at(&[1], "/v1/leases", "the lease shrinks when idle", |all| {
+            leased_slots(&all[0]) == 2
+        })
         .await?;
     Ok(())
 }
