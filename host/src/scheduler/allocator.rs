@@ -611,15 +611,7 @@ mod tests {
     use crate::scheduler::simulation::{self, SimConfig};
     use crate::state::{AgentRecord, FrameworkRecord, RoleRecord};
 
-    fn id<T: std::str::FromStr>(s: &str) -> T
-    where
-        T::Err: std::fmt::Debug,
-    {
-        match s.parse() {
-            Ok(v) => v,
-            Err(e) => panic!("{s}: {e:?}"),
-        }
-    }
+    use crate::state::ident::test_id as id;
 
     fn two_agents() -> Allocator {
         let mut allocator = Allocator::new(AllocatorConfig::default());

@@ -14,6 +14,17 @@ use crate::cluster::ClusterError;
 use crate::rpc::{read_failure, RpcError, RpcHandle};
 use crate::state::{read_resources, Resources};
 
+/// `Ok(Ok(value))`, or `Ok(Err(the call's failure))` when its results carry one.
+macro_rules! answer {
+    ($r:expr, $value:expr) => {
+        Ok(if $r.has_failure() {
+            Err(read_failure($r.get_failure()?)?)
+        } else {
+            Ok($value)
+        })
+    };
+}
+
 /// How often the driver checks that it is still subscribed with the leader.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -174,11 +185,7 @@ impl Driver {
                         request.get().set_framework(framework.as_str());
                         let reply = request.send().promise.await?;
                         let r = reply.get()?;
-                        Ok(if r.has_failure() {
-                            Err(read_failure(r.get_failure()?)?)
-                        } else {
-                            Ok(r.get_yes())
-                        })
+                        answer!(r, r.get_yes())
                     })
                     .await;
                 if !matches!(subscribed, Ok(true)) {
@@ -269,11 +276,7 @@ impl Driver {
                 request.get().set_callback(callback);
                 let reply = request.send().promise.await?;
                 let r = reply.get()?;
-                Ok(if r.has_failure() {
-                    Err(read_failure(r.get_failure()?)?)
-                } else {
-                    Ok(())
-                })
+                answer!(r, ())
             }
         })
         .await?;
@@ -301,11 +304,7 @@ impl Driver {
                 }
                 let reply = request.send().promise.await?;
                 let r = reply.get()?;
-                Ok(if r.has_failure() {
-                    Err(read_failure(r.get_failure()?)?)
-                } else {
-                    Ok(r.get_jobs()?.iter().collect())
-                })
+                answer!(r, r.get_jobs()?.iter().collect())
             }
         })
         .await
@@ -320,11 +319,7 @@ impl Driver {
             request.get().set_refuse_seconds(refuse_for.as_secs_f64());
             let reply = request.send().promise.await?;
             let r = reply.get()?;
-            Ok(if r.has_failure() {
-                Err(read_failure(r.get_failure()?)?)
-            } else {
-                Ok(())
-            })
+            answer!(r, ())
         })
         .await
     }
@@ -337,11 +332,7 @@ impl Driver {
             request.get().set_want(want);
             let reply = request.send().promise.await?;
             let r = reply.get()?;
-            Ok(if r.has_failure() {
-                Err(read_failure(r.get_failure()?)?)
-            } else {
-                Ok(())
-            })
+            answer!(r, ())
         })
         .await
     }
@@ -354,11 +345,7 @@ impl Driver {
             request.get().set_job(job);
             let reply = request.send().promise.await?;
             let r = reply.get()?;
-            Ok(if r.has_failure() {
-                Err(read_failure(r.get_failure()?)?)
-            } else {
-                Ok(())
-            })
+            answer!(r, ())
         })
         .await
     }

@@ -86,3 +86,15 @@ pub struct InvalidId {
     /// The text given.
     pub value: String,
 }
+
+/// Parses `s` in tests, where a bad literal is a bug in the test.
+#[cfg(test)]
+pub(crate) fn test_id<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    match s.parse() {
+        Ok(v) => v,
+        Err(e) => panic!("{s}: {e:?}"),
+    }
+}

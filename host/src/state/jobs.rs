@@ -156,16 +156,10 @@ fn submit(
     at_ms: u64,
 ) -> Result<CommandResponse, StateError> {
     let reject = |why| Ok(CommandResponse::Rejected(why));
-    let Some(spec) = function_record(txn, function)? else {
-        return reject(Rejection::NotFound(function.clone()));
+    let (spec, size) = match function_and_input(txn, function, input)? {
+        Ok(found) => found,
+        Err(why) => return reject(why),
     };
-    let size = input.len() as u64;
-    if size > MAX_JOB_INPUT_BYTES {
-        return reject(Rejection::JobInputTooLarge {
-            size,
-            limit: MAX_JOB_INPUT_BYTES,
-        });
-    }
     if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
         return reject(Rejection::InvalidJob(format!(
             "a job makes 1 to {MAX_ATTEMPTS} attempts, not {max_attempts}"
@@ -197,6 +191,25 @@ fn submit(
     Ok(CommandResponse::JobSubmitted(id))
 }
 
+/// The record of `function` and the size of `input`, or why a job cannot run it.
+fn function_and_input(
+    txn: &WriteTransaction,
+    function: &FunctionName,
+    input: &[u8],
+) -> Result<Result<(crate::state::FunctionRecord, u64), Rejection>, StateError> {
+    let Some(record) = function_record(txn, function)? else {
+        return Ok(Err(Rejection::NotFound(function.clone())));
+    };
+    let size = input.len() as u64;
+    if size > MAX_JOB_INPUT_BYTES {
+        return Ok(Err(Rejection::JobInputTooLarge {
+            size,
+            limit: MAX_JOB_INPUT_BYTES,
+        }));
+    }
+    Ok(Ok((record, size)))
+}
+
 /// An external framework's task: a job it owns, placed on `agent` at once.
 fn place_task(
     txn: &WriteTransaction,
@@ -207,16 +220,10 @@ fn place_task(
     at_ms: u64,
 ) -> Result<CommandResponse, StateError> {
     let reject = |why| Ok(CommandResponse::Rejected(why));
-    let Some(spec) = function_record(txn, function)? else {
-        return reject(Rejection::NotFound(function.clone()));
+    let (spec, size) = match function_and_input(txn, function, input)? {
+        Ok(found) => found,
+        Err(why) => return reject(why),
     };
-    let size = input.len() as u64;
-    if size > MAX_JOB_INPUT_BYTES {
-        return reject(Rejection::JobInputTooLarge {
-            size,
-            limit: MAX_JOB_INPUT_BYTES,
-        });
-    }
     let resources = Resources::new(1, spec.spec.limits.memory_mb);
     // Check the allocation before the job takes an id: a refusal changes nothing.
     let Some(agent_record) = get_agent(txn, agent)? else {
@@ -800,15 +807,7 @@ mod tests {
     use super::super::{apply, dump, restore, FunctionSpec, State};
     use super::*;
 
-    fn id<T: std::str::FromStr>(s: &str) -> T
-    where
-        T::Err: std::fmt::Debug,
-    {
-        match s.parse() {
-            Ok(v) => v,
-            Err(e) => panic!("{s}: {e:?}"),
-        }
-    }
+    use crate::state::ident::test_id as id;
 
     fn run(state: &State, command: Command) -> Result<CommandResponse, StateError> {
         let txn = state.database().begin_write().map_err(storage)?;

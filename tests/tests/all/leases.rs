@@ -113,29 +113,6 @@ async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Res
     Ok(())
 }
 
-/// A WASI program that sleeps `ms` (poll_oneoff), then writes "ok".
-fn sleeper(ms: u64) -> Vec<u8> {
-    crate::wat(&format!(
-        r#"(module
-          (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-          (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
-          (memory (export "memory") 1)
-          (data (i32.const 512) "ok")
-          (func (export "_start")
-            (i64.store (i32.const 0) (i64.const 0))
-            (i32.store8 (i32.const 8) (i32.const 0))
-            (i32.store (i32.const 16) (i32.const 1))
-            (i64.store (i32.const 24) (i64.const {nanos}))
-            (i64.store (i32.const 32) (i64.const 0))
-            (i32.store16 (i32.const 40) (i32.const 0))
-            (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))
-            (i32.store (i32.const 300) (i32.const 512))
-            (i32.store (i32.const 304) (i32.const 2))
-            (drop (call $write (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 308)))))"#,
-        nanos = ms * 1_000_000
-    ))
-}
-
 fn leased_slots(answer: &Value) -> u64 {
     answer["leases"]
         .as_array()
@@ -163,7 +140,7 @@ async fn leases_grow_with_load_and_shrink_when_it_goes() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let response = http
         .put(cluster.server(1).url("/v1/functions/slow"))
-        .body(sleeper(300))
+        .body(crate::sleepy_echo(300))
         .send()
         .await?;
     anyhow::ensure!(response.status().is_success(), "deploy");

@@ -127,3 +127,30 @@ pub fn program_writing_when(condition: &str, text: &str, code: i32) -> Vec<u8> {
         len = text.len()
     ))
 }
+
+/// A WASI program that sleeps `ms` (poll_oneoff on the monotonic clock), then echoes
+/// its stdin to stdout.
+pub fn sleepy_echo(ms: u64) -> Vec<u8> {
+    wat(&format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 2)
+          (func (export "_start")
+            (i64.store (i32.const 0) (i64.const 0))
+            (i32.store8 (i32.const 8) (i32.const 0))
+            (i32.store (i32.const 16) (i32.const 1))
+            (i64.store (i32.const 24) (i64.const {nanos}))
+            (i64.store (i32.const 32) (i64.const 0))
+            (i32.store16 (i32.const 40) (i32.const 0))
+            (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))
+            (i32.store (i32.const 200) (i32.const 1024))
+            (i32.store (i32.const 204) (i32.const 60000))
+            (drop (call $read (i32.const 0) (i32.const 200) (i32.const 1) (i32.const 208)))
+            (i32.store (i32.const 300) (i32.const 1024))
+            (i32.store (i32.const 304) (i32.load (i32.const 208)))
+            (drop (call $write (i32.const 1) (i32.const 300) (i32.const 1) (i32.const 308)))))"#,
+        nanos = ms * 1_000_000
+    ))
+}
