@@ -125,13 +125,12 @@ pub async fn show(
     let id = job_id(&id)?;
     read_point(&app, query.as_deref()).await?;
     let wait = match query_value(query.as_deref(), "wait") {
-        Some(secs) => Duration::from_secs_f64(
-            secs.parse::<f64>()
-                .ok()
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .ok_or_else(|| ApiError::bad_request(format!("wait is seconds, got {secs:?}")))?,
-        )
-        .min(MAX_WAIT),
+        Some(secs) => secs
+            .parse::<f64>()
+            .ok()
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .ok_or_else(|| ApiError::bad_request(format!("wait is seconds, got {secs:?}")))?
+            .min(MAX_WAIT),
         None => Duration::ZERO,
     };
     let until = Instant::now() + wait;

@@ -156,7 +156,10 @@ impl scheduler::Server for SchedulerService {
     ) -> Result<(), capnp::Error> {
         let params = params.get()?;
         let id = framework_id(params.get_framework()?)?;
-        let refuse = Duration::from_secs_f64(params.get_refuse_seconds().clamp(0.0, 3600.0));
+        // Out of range (negative, NaN, huge): no filter, or at most an hour.
+        let refuse = Duration::try_from_secs_f64(params.get_refuse_seconds())
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(3600));
         if let Err(e) = self
             .scheduler
             .decline(&id, OfferId(params.get_offer()), refuse)

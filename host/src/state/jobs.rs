@@ -601,7 +601,9 @@ pub(super) fn reconcile(
             continue;
         };
         let current = record.attempts.len() as u32;
-        let index = attempt as usize - 1;
+        let Some(index) = (attempt as usize).checked_sub(1) else {
+            continue;
+        };
         if index >= record.attempts.len() || record.attempts[index].state != TaskState::Unreachable
         {
             continue;
