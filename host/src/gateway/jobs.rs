@@ -54,11 +54,17 @@ fn query_value(query: Option<&str>, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// Largest `POST /v1/jobs` body: the largest input, base64-encoded, and room for the
+/// rest.
+const MAX_JOB_REQUEST_BYTES: u64 = crate::state::MAX_JOB_INPUT_BYTES * 4 / 3 + (64 << 10);
+
 /// `POST /v1/jobs`: submits a job; answered once committed (201 with the record).
 pub async fn submit(
     State(app): State<Arc<AppState>>,
-    body: axum::body::Bytes,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    let body = super::read_body(body, &headers, MAX_JOB_REQUEST_BYTES, "job request").await?;
     let request: JobRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "expected {{\"function\": NAME, \"input\": TEXT, \"constraints\": [\"k=v\"], \
