@@ -17,6 +17,17 @@ pub struct ReadQuery {
     pub consistent: bool,
 }
 
+/// The scheduling state as this node has applied it; with `consistent`, after a
+/// linearizable read point.
+async fn view(app: &AppState, consistent: bool) -> Result<crate::state::SchedulingView, ApiError> {
+    if consistent {
+        app.cluster.read_index().await?;
+    }
+    app.scheduler
+        .view()
+        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))
+}
+
 /// `GET /v1/nodes`: the agents, their capacity, what is allocated and free, their
 /// attributes and state (`active` or `unreachable`).
 pub async fn nodes(
@@ -38,13 +49,7 @@ pub async fn frameworks(
     State(app): State<Arc<AppState>>,
     Query(query): Query<ReadQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if query.consistent {
-        app.cluster.read_index().await?;
-    }
-    let view = app
-        .scheduler
-        .view()
-        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    let view = view(&app, query.consistent).await?;
     let shares = app.scheduler.shares();
     let total = view
         .agents
@@ -121,10 +126,7 @@ pub async fn set_role(
         },
     )
     .await?;
-    let view = app
-        .scheduler
-        .view()
-        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    let view = view(&app, false).await?;
     Ok(Json(
         serde_json::to_value(view.role(&role)).unwrap_or_default(),
     ))
@@ -135,13 +137,7 @@ pub async fn roles(
     State(app): State<Arc<AppState>>,
     Query(query): Query<ReadQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if query.consistent {
-        app.cluster.read_index().await?;
-    }
-    let view = app
-        .scheduler
-        .view()
-        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    let view = view(&app, query.consistent).await?;
     let roles: Vec<_> = view.roles.values().collect();
     Ok(Json(serde_json::json!({ "roles": roles })))
 }
@@ -152,13 +148,7 @@ pub async fn leases(
     State(app): State<Arc<AppState>>,
     Query(query): Query<ReadQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if query.consistent {
-        app.cluster.read_index().await?;
-    }
-    let view = app
-        .scheduler
-        .view()
-        .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?;
+    let view = view(&app, query.consistent).await?;
     let id = crate::scheduler::serverless::framework_id();
     let leases: Vec<serde_json::Value> = view
         .allocations
