@@ -118,6 +118,22 @@ struct Command {
       input @46 :Data;
       atMs @47 :UInt64;
     }
+    # Creates an API token. Only the secret's SHA-256 (`hash`, 64 hex digits) is
+    # stored; the token's id is the hash's first 12 digits.
+    createToken :group {
+      name @48 :Text;
+      # Scope names: admin, deploy, invoke, read.
+      scopes @49 :List(Text);
+      hash @50 :Text;
+      atMs @51 :UInt64;
+      # When it stops working, ms since the Unix epoch (with `hasExpiry`).
+      expiresAtMs @52 :UInt64;
+      hasExpiry @53 :Bool;
+    }
+    # Revokes the token with this id: it stops working at once.
+    revokeToken :group {
+      id @54 :Text;
+    }
   }
 }
 

@@ -196,7 +196,7 @@ where
 async fn deploy_target(base: &str) -> anyhow::Result<()> {
     let module =
         wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)?;
-    let response = reqwest::Client::new()
+    let response = wafer_tests::http()
         .put(format!("{base}/v1/functions/meta"))
         .body(module)
         .send()

@@ -49,7 +49,7 @@ pub fn run(args: &JobsArgs) -> anyhow::Result<()> {
         cluster
             .wait_agents(&[1, 2, 3], &[&a.id, &b.id], "active")
             .await?;
-        let http = reqwest::Client::new();
+        let http = wafer_tests::http();
         let response = http
             .put(cluster.server(1).url("/v1/functions/echo"))
             .body(echo()?)

@@ -87,6 +87,7 @@ async fn connection(
     tokio::spawn(conn);
     let mut hist = Histogram::<u64>::new(3)?;
     let mut errors = 0;
+    let authorization = format!("Bearer {}", wafer_tests::ADMIN_TOKEN);
     loop {
         let now = Instant::now();
         if now >= end {
@@ -94,6 +95,8 @@ async fn connection(
         }
         let request = Request::get(path.as_str())
             .header(hyper::header::HOST, authority.as_str())
+            // wafer checks it; the other servers ignore it.
+            .header(hyper::header::AUTHORIZATION, authorization.as_str())
             .body(Empty::<Bytes>::new())?;
         let started = Instant::now();
         let ok = match sender.send_request(request).await {

@@ -272,7 +272,8 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
     let data = tempfile::Builder::new().prefix("wafer-bench-").tempdir()?;
 
     let mut dev = Command::new(&wafer);
-    dev.args(["dev", "--http", "127.0.0.1:0", "--no-examples", "--data"])
+    dev.env("WAFER_ADMIN_TOKEN", wafer_tests::ADMIN_TOKEN)
+        .args(["dev", "--http", "127.0.0.1:0", "--no-examples", "--data"])
         .arg(data.path().join("data"))
         .env("RUST_LOG", "warn");
     let (_dev, dev_url) = spawn_and_wait(dev, "wafer dev: listening on ")?;
@@ -431,6 +432,7 @@ fn deploy(
     extra: &[&str],
 ) -> anyhow::Result<()> {
     let status = Command::new(wafer)
+        .env("WAFER_TOKEN", wafer_tests::ADMIN_TOKEN)
         .args(["--server", server, "deploy", name])
         .arg(file)
         .args(extra)

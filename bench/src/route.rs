@@ -27,7 +27,7 @@ pub fn run(args: &RouteArgs) -> anyhow::Result<()> {
         .build()?;
     let hello = wafer_tests::example("hello")?;
     let duration = Duration::from_secs(args.seconds);
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
 
     // Local: one server that runs an agent itself: invocations run in its process.
     let local = {

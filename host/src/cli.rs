@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -29,9 +29,29 @@ pub struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
+    /// API token for client commands [default: the admin token of `wafer dev` in
+    /// .wafer/dev, when there is one].
+    #[arg(long, global = true, env = "WAFER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
+
+/// Who may call a server's API, shared by `server` and `dev`.
+#[derive(Debug, Clone, clap::Args)]
+struct AccessArgs {
+    /// Let callers without a token invoke functions (`/fn/...`); everything else still
+    /// needs one.
+    #[arg(long)]
+    public_invoke: bool,
+    /// Secret of the admin token a new cluster starts with (at least 16 characters)
+    /// [default: a random one, printed and kept in DATA/admin.token].
+    #[arg(long, env = "WAFER_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+/// The default data folder of `wafer dev`, where the CLI finds its admin token.
+const DEV_DATA: &str = ".wafer/dev";
 
 /// Limits shared by `run` and `deploy`.
 #[derive(Debug, clap::Args)]
@@ -111,7 +131,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: SocketAddr,
         /// Data folder; survives restarts.
-        #[arg(long, default_value = ".wafer/dev")]
+        #[arg(long, default_value = DEV_DATA)]
         data: PathBuf,
         /// Folder of example functions to deploy at start (`NAME.wasm` + `NAME.json`).
         #[arg(long, default_value = "target/functions")]
@@ -127,6 +147,8 @@ enum Command {
         max_instances: u32,
         #[command(flatten)]
         agent: AgentArgs,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// Run a cluster member: Raft state in the data folder, node RPC, gateway.
     Server {
@@ -182,6 +204,8 @@ enum Command {
         agent_listen: SocketAddr,
         #[command(flatten)]
         agent_args: AgentArgs,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// Run an agent: a worker that registers its resources with the cluster and runs
     /// the work placed on it.
@@ -222,6 +246,11 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Create, list and revoke API tokens (needs an admin token).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Inspect or change the cluster's membership.
     Cluster {
@@ -372,6 +401,128 @@ enum JobsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print its secret (shown this once).
+    Create {
+        /// What it allows: admin, deploy, invoke, read (repeatable or comma-separated).
+        #[arg(long = "scope", value_delimiter = ',', required = true)]
+        scopes: Vec<crate::state::Scope>,
+        /// Name for people.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Lifetime, e.g. `30s`, `12h`, `7d` [default: until revoked].
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        /// Print JSON (with the secret as `token`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens: id, name, scopes, expiry (never secrets).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: it stops working at once.
+    Revoke {
+        /// The token's id (from `wafer token list`).
+        id: String,
+    },
+}
+
+/// Runs `wafer token ...`.
+async fn token_command(client: &Client, command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            scopes,
+            name,
+            ttl,
+            json,
+        } => {
+            let created = client.create_token(&name, &scopes, ttl).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&created)?);
+            } else {
+                // The secret alone on stdout, so that `$(wafer token create ...)` works;
+                // what it is goes to stderr.
+                println!("{}", created["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "token {} ({}) created; the secret above is shown only now",
+                    created["id"].as_str().unwrap_or("?"),
+                    scopes
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+            }
+        }
+        TokenCommand::List { json } => {
+            let tokens = client.tokens().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+                return Ok(());
+            }
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::NOTHING);
+            table.set_header(["ID", "NAME", "SCOPES", "CREATED", "EXPIRES"]);
+            let when = |v: &serde_json::Value| v.as_u64().map_or("never".to_string(), utc_ms);
+            for t in tokens["tokens"].as_array().into_iter().flatten() {
+                let scopes: Vec<&str> = t["scopes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str())
+                    .collect();
+                let mut expires = when(&t["expires_at_ms"]);
+                if t["expired"].as_bool() == Some(true) {
+                    expires.push_str(" (expired)");
+                }
+                table.add_row([
+                    t["id"].as_str().unwrap_or("?").to_string(),
+                    t["name"].as_str().unwrap_or("").to_string(),
+                    scopes.join(","),
+                    when(&t["created_at_ms"]),
+                    expires,
+                ]);
+            }
+            println!("{table}");
+        }
+        TokenCommand::Revoke { id } => {
+            client.revoke_token(&id).await?;
+            println!("revoked token {id}");
+        }
+    }
+    Ok(())
+}
+
+/// A time in ms since the Unix epoch as UTC (RFC 3339, seconds).
+fn utc_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// Parses a lifetime such as `30s`, `15m`, `12h` or `7d` into seconds.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.as_secs() > 0 => Ok(d.as_secs()),
+        Ok(_) => Err("a lifetime must be at least 1s".into()),
+        Err(e) => Err(format!("expected a lifetime like 30s, 15m, 12h or 7d: {e}")),
+    }
+}
+
+/// The token client commands send: `--token`/`WAFER_TOKEN`, else the admin token of
+/// `wafer dev` in its default data folder, if there is one.
+fn client_token(given: Option<String>) -> Option<String> {
+    given.or_else(|| {
+        std::fs::read_to_string(Path::new(DEV_DATA).join(server::ADMIN_TOKEN_FILE))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    })
+}
+
+#[derive(Debug, Subcommand)]
 enum ClusterCommand {
     /// Term, leader, members and log indices, as the server sees them.
     Status {
@@ -434,7 +585,7 @@ fn default_sigpipe() {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&cli.server);
+    let client = Client::new(&cli.server, client_token(cli.token).as_deref())?;
     if !matches!(cli.command, Command::Dev { .. } | Command::Server { .. }) {
         default_sigpipe();
     }
@@ -447,6 +598,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             max_module_mb,
             max_instances,
             agent,
+            access,
         } => {
             let examples = if no_examples {
                 None
@@ -469,6 +621,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..RuntimeConfig::default()
                 },
                 agent_resources: agent.resources(),
+                public_invoke: access.public_invoke,
+                admin_token: access.admin_token,
             })
             .await?;
         }
@@ -489,6 +643,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             agent,
             agent_listen,
             agent_args,
+            access,
         } => {
             let agent = if agent {
                 Some(AgentConfig {
@@ -529,6 +684,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     ..SchedulerConfig::default()
                 },
                 agent,
+                public_invoke: access.public_invoke,
+                admin_token: access.admin_token,
             })
             .await?;
         }
@@ -550,6 +707,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
         }
         Command::Jobs { command } => return jobs_command(&client, command).await,
+        Command::Token { command } => token_command(&client, command).await?,
         Command::Roles { command: None } => {
             let roles = client.roles().await?;
             let list = roles["roles"].as_array().cloned().unwrap_or_default();

@@ -59,15 +59,53 @@ pub struct InvokeResponse {
 }
 
 impl Client {
-    /// A client of the server at `base` (`http://host:port`).
-    pub fn new(base: &str) -> Client {
-        Client {
+    /// A client of the server at `base` (`http://host:port`) that sends `token` as
+    /// its bearer token.
+    pub fn new(base: &str, token: Option<&str>) -> Result<Client, ClientError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| {
+                    ClientError::Encode("the token has characters a header cannot carry".into())
+                })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
+                .default_headers(headers)
                 .build()
                 .unwrap_or_default(),
-        }
+        })
+    }
+
+    /// Every token (`GET /v1/tokens`).
+    pub async fn tokens(&self) -> Result<serde_json::Value, ClientError> {
+        let response = self.checked(self.http.get(self.url("/v1/tokens"))).await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// Creates a token (`POST /v1/tokens`); the answer holds its secret.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        scopes: &[crate::state::Scope],
+        ttl_secs: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::json!({ "name": name, "scopes": scopes, "ttl_secs": ttl_secs });
+        let response = self
+            .checked(self.http.post(self.url("/v1/tokens")).json(&body))
+            .await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// Revokes token `id` (`DELETE /v1/tokens/{id}`).
+    pub async fn revoke_token(&self, id: &str) -> Result<(), ClientError> {
+        self.checked(self.http.delete(self.url(&format!("/v1/tokens/{id}"))))
+            .await?;
+        Ok(())
     }
 
     fn url(&self, path: &str) -> String {

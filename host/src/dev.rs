@@ -35,6 +35,10 @@ pub struct DevConfig {
     pub runtime: RuntimeConfig,
     /// What the in-process agent offers.
     pub agent_resources: crate::state::Resources,
+    /// Whether the invocation routes are open to callers without a token.
+    pub public_invoke: bool,
+    /// The admin token's secret at first start (none: a random one).
+    pub admin_token: Option<String>,
 }
 
 /// Deploys every `NAME.wasm` in `dir` (with `NAME.json` as its manifest when present)
@@ -113,10 +117,14 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
             resources: config.agent_resources,
             attributes: Default::default(),
         }),
+        public_invoke: config.public_invoke,
+        admin_token: config.admin_token.clone(),
     };
     let node = server::start(&server_config).await?;
     server::become_member(&node.cluster, &server_config.membership).await?;
     server::catch_up(&node).await;
+    let new_token =
+        server::bootstrap_admin_token(&node, &config.data, config.admin_token.as_deref()).await?;
     server::start_agent(&node, server_config.agent.clone()).await?;
     let examples = match &config.examples {
         Some(dir) => deploy_examples(&node.functions, &node.cluster, dir).await?,
@@ -126,12 +134,27 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
     // The first line on stdout is machine-readable: tests and scripts wait for it.
     println!("wafer dev: listening on http://{addr}");
     println!("  data folder: {}", config.data.display());
+    let token_file = config.data.join(server::ADMIN_TOKEN_FILE);
+    match &new_token {
+        Some(secret) => println!(
+            "  admin token: {secret} (kept in {}; the CLI reads it from there)",
+            token_file.display()
+        ),
+        None => println!("  admin token: in {}", token_file.display()),
+    }
     for name in &examples {
         println!("  example: http://{addr}/fn/{name}");
     }
-    println!(
-        "  try: curl 'http://{addr}/fn/hello?name=you'   |   wafer --server http://{addr} fns"
-    );
+    if config.public_invoke {
+        println!(
+            "  try: curl 'http://{addr}/fn/hello?name=you'   |   wafer --server http://{addr} fns"
+        );
+    } else {
+        println!(
+            "  try: curl -H \"Authorization: Bearer $(cat {})\" 'http://{addr}/fn/hello?name=you'   |   wafer --server http://{addr} fns",
+            token_file.display()
+        );
+    }
     tracing::info!(%addr, functions = node.functions.list().len(), "wafer dev ready");
     server::serve(node).await?;
     tracing::info!("wafer dev stopped");

@@ -85,6 +85,10 @@ pub struct ServerConfig {
     /// Run an agent in this process too (its `servers` are filled in with this
     /// server's address).
     pub agent: Option<AgentConfig>,
+    /// Whether the invocation routes are open to callers without a token.
+    pub public_invoke: bool,
+    /// The secret of the admin token a new cluster starts with (none: a random one).
+    pub admin_token: Option<String>,
 }
 
 /// A started node.
@@ -99,6 +103,10 @@ pub struct Node {
     pub functions: Arc<Functions>,
     /// The bound gateway listener.
     pub http: tokio::net::TcpListener,
+    /// The API tokens.
+    pub tokens: Arc<crate::auth::Tokens>,
+    /// Whether the invocation routes are open to callers without a token.
+    pub public_invoke: bool,
 }
 
 /// Checks (or, on first use, writes) the data folder's node id, so that a folder is
@@ -157,7 +165,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     let data = config.data.clone();
     let runtime_config = config.runtime.clone();
     let max_module_mb = config.max_module_mb;
-    let (state, functions) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let (state, functions, tokens) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let state = State::open(&data.join(DB_FILE)).with_context(|| {
             format!(
                 "the data folder {} is damaged or in use by another process",
@@ -168,7 +176,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         runtime.cache_dir = Some(data.join("cache"));
         let runtime = Arc::new(Runtime::new(&runtime)?);
         let functions = Functions::load(state.clone(), runtime, max_module_mb << 20)?;
-        Ok((state, Arc::new(functions)))
+        let tokens = crate::auth::Tokens::load(state.clone()).context("loading the API tokens")?;
+        Ok((state, Arc::new(functions), Arc::new(tokens)))
     })
     .await??;
 
@@ -187,7 +196,10 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     let sm = StateMachine::open(
         state.clone(),
         &config.data.join("snapshots"),
-        functions.clone(),
+        Arc::new(crate::state::Observers(vec![
+            functions.clone(),
+            tokens.clone(),
+        ])),
     )
     .context("opening the state machine")?;
     // The functions were loaded from the state as of this index.
@@ -229,6 +241,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         cluster,
         scheduler,
         local_agent: config.agent.is_some(),
+        tokens,
+        public_invoke: config.public_invoke,
         functions,
         http,
     })
@@ -260,6 +274,68 @@ pub async fn become_member(cluster: &Cluster, membership: &Membership) -> anyhow
         }
     }
     Ok(())
+}
+
+/// The file in a bootstrap node's data folder that keeps the cluster's first admin
+/// token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// On the node that started the cluster, when the cluster has no token at all (a new
+/// cluster): creates an admin token, from `DATA/admin.token` if it exists, else from
+/// `given`, else a random one; keeps it in `DATA/admin.token` (mode 0600). Returns the
+/// secret when it made one.
+pub async fn bootstrap_admin_token(
+    node: &Node,
+    data: &Path,
+    given: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    if !node.tokens.is_empty() {
+        return Ok(None);
+    }
+    let path = data.join(ADMIN_TOKEN_FILE);
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => given
+            .map(str::to_string)
+            .unwrap_or_else(crate::state::generate_secret),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    crate::state::check_secret(&secret)
+        .map_err(|why| anyhow::anyhow!("the admin token ({}): {why}", path.display()))?;
+    write_private(&path, &secret)?;
+    let committed = node
+        .cluster
+        .propose(crate::state::Command::CreateToken {
+            name: "admin (bootstrap)".into(),
+            scopes: [crate::state::Scope::Admin].into(),
+            hash: crate::state::hash_token(&secret),
+            at_ms: crate::scheduler::now_ms(),
+            expires_at_ms: None,
+        })
+        .await
+        .context("creating the admin token")?;
+    if let Some(why) = committed.rejection {
+        anyhow::bail!("creating the admin token: {why}");
+    }
+    node.functions
+        .wait_synced(committed.index, CATCH_UP_DEADLINE)
+        .await;
+    Ok(Some(secret))
+}
+
+/// Writes `text` to `path`, readable by its owner only.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Waits (up to [`CATCH_UP_DEADLINE`]) until this node serves everything the cluster
@@ -300,6 +376,8 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
         local_agent: node.local_agent,
         next_target: std::sync::atomic::AtomicUsize::new(0),
         metrics,
+        tokens: node.tokens.clone(),
+        public_invoke: node.public_invoke,
     });
     gateway::serve::serve(
         node.http,
@@ -321,6 +399,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let addr = node.cluster.addr().clone();
     become_member(&node.cluster, &config.membership).await?;
     catch_up(&node).await;
+    let admin_token = match config.membership {
+        Membership::Bootstrap => {
+            bootstrap_admin_token(&node, &config.data, config.admin_token.as_deref()).await?
+        }
+        _ => None,
+    };
     start_agent(&node, config.agent.clone()).await?;
     // The first line on stdout is machine-readable: tests and scripts wait for it. It
     // comes once the node is a member and caught up (or, with --wait, at once).
@@ -329,6 +413,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         config.id, addr.http, addr.rpc
     );
     println!("  data folder: {}", config.data.display());
+    if let Some(secret) = admin_token {
+        println!(
+            "  admin token: {secret} (kept in {})",
+            config.data.join(ADMIN_TOKEN_FILE).display()
+        );
+    }
     serve(node).await?;
     tracing::info!("wafer server stopped");
     Ok(())

@@ -134,6 +134,7 @@ impl Cluster {
             servers: BTreeMap::new(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                .default_headers(crate::admin_headers())
                 .build()
                 .context("HTTP client")?,
         };

@@ -13,6 +13,42 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+/// The admin token every server the harness starts bootstraps with (through
+/// `WAFER_ADMIN_TOKEN`), unless the test sets that variable itself.
+pub const ADMIN_TOKEN: &str = "wafer-test-admin-token-0123456789";
+
+/// An HTTP client that sends [`ADMIN_TOKEN`] as its bearer token.
+pub fn http() -> reqwest::Client {
+    http_as(ADMIN_TOKEN)
+}
+
+/// An HTTP client that sends `token` as its bearer token.
+pub fn http_as(token: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .default_headers(bearer_headers(token))
+        .build()
+        .unwrap_or_default()
+}
+
+/// `GET url` with [`ADMIN_TOKEN`].
+pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    http().get(url).send().await
+}
+
+/// Headers carrying [`ADMIN_TOKEN`].
+pub fn admin_headers() -> reqwest::header::HeaderMap {
+    bearer_headers(ADMIN_TOKEN)
+}
+
+/// Headers carrying `token` as a bearer token.
+pub fn bearer_headers(token: &str) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    headers
+}
+
 /// How long a server may take to start listening.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -80,6 +116,12 @@ pub fn spawn_until_ready<T: Send + 'static>(
         .append(true)
         .open(&log_path)
         .context("opening the server log")?;
+    if !command
+        .get_envs()
+        .any(|(key, _)| key == "WAFER_ADMIN_TOKEN")
+    {
+        command.env("WAFER_ADMIN_TOKEN", ADMIN_TOKEN);
+    }
     let mut child = command
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

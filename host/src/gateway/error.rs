@@ -120,6 +120,8 @@ impl From<Rejection> for ApiError {
         let message = err.to_string();
         let (status, code) = match &err {
             Rejection::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Rejection::UnknownToken(_) => (StatusCode::NOT_FOUND, "unknown_token"),
+            Rejection::InvalidToken(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Rejection::ModuleTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }

@@ -1,7 +1,8 @@
 //! The HTTP gateway (axum on hyper): function invocation routes, the REST API,
-//! `/healthz` and `/metrics`.
+//! `/healthz` and `/metrics`, behind the bearer-token check of [`auth`].
 
 mod api;
+pub mod auth;
 mod cluster;
 mod error;
 mod invoke;
@@ -41,6 +42,10 @@ pub struct AppState {
     pub next_target: std::sync::atomic::AtomicUsize,
     /// Exported metrics.
     pub metrics: Metrics,
+    /// The API tokens.
+    pub tokens: Arc<crate::auth::Tokens>,
+    /// Whether the invocation routes (`/fn/...`) are open to callers without a token.
+    pub public_invoke: bool,
 }
 
 /// The gateway's router.
@@ -74,11 +79,18 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/v1/cluster/members/{id}",
             axum::routing::delete(cluster::remove),
         )
+        .route("/v1/whoami", get(auth::whoami))
+        .route("/v1/tokens", get(auth::list).post(auth::create))
+        .route("/v1/tokens/{id}", axum::routing::delete(auth::revoke))
         .route("/fn/{name}", any(invoke::invoke))
         .route("/fn/{name}/", any(invoke::invoke))
         .route("/fn/{name}/{*path}", any(invoke::invoke))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::check,
+        ))
         .with_state(state)
 }
 

@@ -9,7 +9,8 @@ use wafer_proto::node_capnp::{command, resources, task_ref, task_update};
 
 use super::{
     AgentId, Allocation, AllocationId, Constraint, FrameworkId, FunctionName, FunctionRecord,
-    FunctionSpec, InvalidId, JobId, Resources, RoleName, TaskRef, TaskState, TaskUpdate,
+    FunctionSpec, InvalidId, JobId, Resources, RoleName, Scope, TaskRef, TaskState, TaskUpdate,
+    TokenId, TokenRecord,
 };
 
 /// Largest module a deploy command may carry, bytes. Every replica applies the same
@@ -165,6 +166,24 @@ pub enum Command {
         /// The reason (none: cleared).
         reason: Option<String>,
     },
+    /// Creates an API token (its secret's hash only).
+    CreateToken {
+        /// A name for people.
+        name: String,
+        /// What it allows.
+        scopes: std::collections::BTreeSet<Scope>,
+        /// Hex SHA-256 of the secret.
+        hash: String,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+        /// When it stops working (none: never).
+        expires_at_ms: Option<u64>,
+    },
+    /// Revokes an API token.
+    RevokeToken {
+        /// The token.
+        id: TokenId,
+    },
 }
 
 /// What applying a command did.
@@ -213,6 +232,10 @@ pub enum CommandResponse {
         /// Its state.
         state: TaskState,
     },
+    /// The token was created.
+    TokenCreated(TokenRecord),
+    /// The token was revoked.
+    TokenRevoked(TokenId),
 }
 
 impl CommandResponse {
@@ -331,6 +354,12 @@ pub enum Rejection {
         /// Why.
         why: String,
     },
+    /// No token has this id.
+    #[error("no token {0}")]
+    UnknownToken(TokenId),
+    /// A token's settings are invalid.
+    #[error("{0}")]
+    InvalidToken(String),
     /// The job's input is too large.
     #[error("job input of {size} bytes exceeds the limit of {limit} bytes")]
     JobInputTooLarge {
@@ -567,6 +596,27 @@ impl Command {
                 set.set_has_reason(reason.is_some());
                 set.set_reason(reason.as_deref().unwrap_or_default());
             }
+            Command::CreateToken {
+                name,
+                scopes,
+                hash,
+                at_ms,
+                expires_at_ms,
+            } => {
+                let mut create = builder.init_create_token();
+                create.set_name(name.as_str());
+                create.set_hash(hash.as_str());
+                create.set_at_ms(*at_ms);
+                create.set_has_expiry(expires_at_ms.is_some());
+                create.set_expires_at_ms(expires_at_ms.unwrap_or_default());
+                let mut list = create.init_scopes(scopes.len() as u32);
+                for (i, scope) in scopes.iter().enumerate() {
+                    list.set(i as u32, scope.as_str());
+                }
+            }
+            Command::RevokeToken { id } => {
+                builder.init_revoke_token().set_id(id.as_str());
+            }
         }
     }
 
@@ -606,7 +656,9 @@ impl Command {
             | Command::UpdateJob { .. }
             | Command::KillJob { .. }
             | Command::SetJobReason { .. } => 128,
+            Command::CreateToken { name, .. } => 256 + name.len(),
             Command::AgentUnreachable { .. }
+            | Command::RevokeToken { .. }
             | Command::SetRole { .. }
             | Command::Accept { .. }
             | Command::Release { .. } => 128,
@@ -754,6 +806,27 @@ impl Command {
                 } else {
                     None
                 },
+            },
+            command::CreateToken(create) => {
+                let mut scopes = std::collections::BTreeSet::new();
+                for scope in create.get_scopes()? {
+                    scopes.insert(
+                        scope?
+                            .to_str()?
+                            .parse()
+                            .map_err(|e: super::InvalidScope| MalformedCommand(e.to_string()))?,
+                    );
+                }
+                Command::CreateToken {
+                    name: create.get_name()?.to_str()?.to_string(),
+                    scopes,
+                    hash: create.get_hash()?.to_str()?.to_string(),
+                    at_ms: create.get_at_ms(),
+                    expires_at_ms: create.get_has_expiry().then(|| create.get_expires_at_ms()),
+                }
+            }
+            command::RevokeToken(revoke) => Command::RevokeToken {
+                id: revoke.get_id()?.to_str()?.parse()?,
             },
         })
     }
@@ -960,6 +1033,16 @@ mod tests {
                 function: name("f")?,
                 input: Bytes::from_static(b"task"),
                 at_ms: 14,
+            },
+            Command::CreateToken {
+                name: "ci".into(),
+                scopes: [Scope::Deploy, Scope::Read].into(),
+                hash: super::super::hash_token("secret"),
+                at_ms: 15,
+                expires_at_ms: Some(16),
+            },
+            Command::RevokeToken {
+                id: "0123456789ab".parse()?,
             },
         ];
         for command in commands {

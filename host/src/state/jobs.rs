@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
-use wafer_proto::node_capnp::snapshot_item;
 
 use super::job::{ATTEMPT_CAP, MAX_ATTEMPTS, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES};
 use super::scheduling::{allocate, allocations_of, get_agent, next_counter, release};
@@ -722,15 +721,7 @@ pub(super) fn read_data(
 
 /// Writes every row of the job tables to `out`.
 pub(super) fn dump(txn: &ReadTransaction, out: &mut impl Write) -> Result<(), StateError> {
-    let mut row = |table: &str, key: &[u8], value: &[u8]| -> Result<(), StateError> {
-        let mut message = capnp::message::Builder::new_default();
-        let mut item = message.init_root::<snapshot_item::Builder>().init_row();
-        item.set_table(table);
-        item.set_key(key);
-        item.set_value(value);
-        capnp::serialize::write_message(&mut *out, &message)
-            .map_err(|e| StateError::Snapshot(e.to_string()))
-    };
+    let mut row = |table: &str, key: &[u8], value: &[u8]| super::write_row(out, table, key, value);
     for entry in txn
         .open_table(JOBS)
         .map_err(storage)?

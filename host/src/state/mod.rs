@@ -16,6 +16,7 @@ mod job;
 mod jobs;
 mod resources;
 mod scheduling;
+mod token;
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -48,6 +49,10 @@ pub use job::{
 };
 pub use resources::Resources;
 pub use scheduling::SchedulingView;
+pub use token::{
+    check_secret, generate_secret, hash_token, InvalidScope, Scope, TokenId, TokenRecord,
+    MAX_TOKEN_NAME_LEN,
+};
 
 /// Function name -> JSON [`FunctionRecord`].
 const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
@@ -91,6 +96,23 @@ pub trait Observer: Send + Sync + 'static {
     fn replaced(&self, last_index: u64);
 }
 
+/// Several observers, told in order.
+pub struct Observers(pub Vec<Arc<dyn Observer>>);
+
+impl Observer for Observers {
+    fn applied(&self, last_index: u64, changes: &[&CommandResponse]) {
+        for observer in &self.0 {
+            observer.applied(last_index, changes);
+        }
+    }
+
+    fn replaced(&self, last_index: u64) {
+        for observer in &self.0 {
+            observer.replaced(last_index);
+        }
+    }
+}
+
 /// An [`Observer`] that ignores everything.
 pub struct NoObserver;
 
@@ -122,6 +144,7 @@ impl State {
         txn.open_table(FUNCTIONS).map_err(storage)?;
         txn.open_table(BLOBS).map_err(storage)?;
         scheduling::create_tables(&txn)?;
+        token::create_tables(&txn)?;
         txn.commit().map_err(storage)?;
         Ok(State { db: Arc::new(db) })
     }
@@ -177,6 +200,12 @@ impl State {
         jobs::read_data(&txn, digest)
     }
 
+    /// Every API token, by id.
+    pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        token::read_all(&txn)
+    }
+
     /// The module with `digest`.
     pub fn get_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StateError> {
         let txn = self.db.begin_read().map_err(storage)?;
@@ -195,6 +224,9 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
         return Ok(answer);
     }
     if let Some(answer) = jobs::apply(txn, command)? {
+        return Ok(answer);
+    }
+    if let Some(answer) = token::apply(txn, command)? {
         return Ok(answer);
     }
     let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
@@ -297,8 +329,10 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
         | Command::UpdateJob { .. }
         | Command::KillJob { .. }
         | Command::PlaceTask { .. }
-        | Command::SetJobReason { .. } => Err(StateError::Snapshot(
-            "a scheduling command reached the function tables".into(),
+        | Command::SetJobReason { .. }
+        | Command::CreateToken { .. }
+        | Command::RevokeToken { .. } => Err(StateError::Snapshot(
+            "a scheduling or token command reached the function tables".into(),
         )),
     }
 }
@@ -399,7 +433,24 @@ pub fn dump(txn: &ReadTransaction, out: &mut impl Write) -> Result<(), StateErro
         blob.set_module(module.value());
         capnp::serialize::write_message(&mut *out, &message).map_err(io)?;
     }
-    scheduling::dump(txn, out)
+    scheduling::dump(txn, out)?;
+    token::dump(txn, out)
+}
+
+/// Writes one generic row of a table to a snapshot stream.
+pub(super) fn write_row(
+    out: &mut impl Write,
+    table: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), StateError> {
+    let mut message = capnp::message::Builder::new_default();
+    let mut item = message.init_root::<snapshot_item::Builder>().init_row();
+    item.set_table(table);
+    item.set_key(key);
+    item.set_value(value);
+    capnp::serialize::write_message(&mut *out, &message)
+        .map_err(|e| StateError::Snapshot(e.to_string()))
 }
 
 /// Replaces the state in `txn` with the records [`dump`] wrote, read from `input` until
@@ -409,6 +460,7 @@ pub fn restore(txn: &WriteTransaction, input: &mut impl BufRead) -> Result<(), S
     txn.delete_table(FUNCTIONS).map_err(storage)?;
     txn.delete_table(BLOBS).map_err(storage)?;
     scheduling::clear(txn)?;
+    token::clear(txn)?;
     let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
     let mut blobs = txn.open_table(BLOBS).map_err(storage)?;
     while let Some(message) =
@@ -443,12 +495,10 @@ pub fn restore(txn: &WriteTransaction, input: &mut impl BufRead) -> Result<(), S
                     .get_table()
                     .and_then(|n| n.to_str().map_err(Into::into))
                     .map_err(bad)?;
-                scheduling::restore_row(
-                    txn,
-                    table,
-                    row.get_key().map_err(bad)?,
-                    row.get_value().map_err(bad)?,
-                )?;
+                let (key, value) = (row.get_key().map_err(bad)?, row.get_value().map_err(bad)?);
+                if !token::restore_row(txn, table, key, value)? {
+                    scheduling::restore_row(txn, table, key, value)?;
+                }
             }
         }
     }

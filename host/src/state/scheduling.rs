@@ -9,7 +9,6 @@ use std::io::Write;
 
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
-use wafer_proto::node_capnp::snapshot_item;
 
 use super::{
     check_label_key, check_label_value, storage, AgentId, AgentRecord, AgentState, Allocation,
@@ -495,15 +494,7 @@ pub(super) fn get_agent(
 
 /// Writes every row of the scheduling tables to `out`, one [`snapshot_item`] each.
 pub(super) fn dump(txn: &ReadTransaction, out: &mut impl Write) -> Result<(), StateError> {
-    let mut row = |table: &str, key: &[u8], value: &[u8]| -> Result<(), StateError> {
-        let mut message = capnp::message::Builder::new_default();
-        let mut item = message.init_root::<snapshot_item::Builder>().init_row();
-        item.set_table(table);
-        item.set_key(key);
-        item.set_value(value);
-        capnp::serialize::write_message(&mut *out, &message)
-            .map_err(|e| StateError::Snapshot(e.to_string()))
-    };
+    let mut row = |table: &str, key: &[u8], value: &[u8]| super::write_row(out, table, key, value);
     for definition in [AGENTS, FRAMEWORKS, ROLES] {
         let table = txn.open_table(definition).map_err(storage)?;
         for entry in table.iter().map_err(storage)? {

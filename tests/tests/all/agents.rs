@@ -56,6 +56,7 @@ async fn agents_register_follow_the_leader_and_go_unreachable() -> anyhow::Resul
 
     // `wafer nodes` shows them.
     let output = Command::new(wafer_bin()?)
+        .env("WAFER_TOKEN", wafer_tests::ADMIN_TOKEN)
         .args(["--server", &cluster.server(2).base(), "nodes"])
         .output()?;
     assert!(output.status.success(), "{output:?}");
@@ -80,7 +81,7 @@ async fn agents_register_follow_the_leader_and_go_unreachable() -> anyhow::Resul
     // a heartbeats to the new leader (its count grows while a is the only live agent),
     // so a is still active.
     let heartbeats = || async {
-        let text = reqwest::get(cluster.server(new_leader).url("/metrics"))
+        let text = wafer_tests::get(cluster.server(new_leader).url("/metrics"))
             .await?
             .text()
             .await?;

@@ -9,6 +9,7 @@ use crate::{plain_program, start};
 
 fn wafer(server: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(wafer_bin().expect("wafer binary"))
+        .env("WAFER_TOKEN", wafer_tests::ADMIN_TOKEN)
         .args(["--server", server])
         .args(args)
         .stdin(Stdio::piped())

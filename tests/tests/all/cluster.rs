@@ -12,7 +12,7 @@ use crate::plain_program;
 
 /// `PUT /v1/functions/{name}` on `server`; returns the status and JSON body.
 async fn deploy_to(server: &Server, name: &str, wasm: Vec<u8>) -> (StatusCode, Value) {
-    let response = reqwest::Client::new()
+    let response = wafer_tests::http()
         .put(server.url(&format!("/v1/functions/{name}")))
         .body(wasm)
         .send()
@@ -28,7 +28,7 @@ async fn deploy_to(server: &Server, name: &str, wasm: Vec<u8>) -> (StatusCode, V
 async fn get_eventually(server: &Server, path: &str) -> String {
     let until = Instant::now() + SETTLE_DEADLINE;
     loop {
-        let last = match reqwest::get(server.url(path)).await {
+        let last = match wafer_tests::get(server.url(path)).await {
             Ok(r) if r.status() == StatusCode::OK => return r.text().await.expect("body"),
             Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
             Err(e) => e.to_string(),
@@ -59,6 +59,7 @@ async fn consistent_names(server: &Server) -> Vec<String> {
 /// Runs `wafer --server <server's gateway> ARGS`, expects success, returns stdout.
 fn cli(server: &Server, args: &[&str]) -> String {
     let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
+        .env("WAFER_TOKEN", wafer_tests::ADMIN_TOKEN)
         .args(["--server", &server.base()])
         .args(args)
         .output()
@@ -102,7 +103,7 @@ async fn three_servers_form_a_cluster_and_a_deploy_on_a_follower_is_served_every
         let now = cluster.wait_leader(&[1, 2, 3]).await.expect("a leader");
         let mut seen = Vec::new();
         for id in [1, 2, 3] {
-            let text = reqwest::get(cluster.server(id).url("/metrics"))
+            let text = wafer_tests::get(cluster.server(id).url("/metrics"))
                 .await
                 .expect("metrics")
                 .text()
@@ -132,7 +133,7 @@ async fn three_servers_form_a_cluster_and_a_deploy_on_a_follower_is_served_every
     assert_eq!(code, StatusCode::CREATED, "{record}");
     assert_eq!(record["version"], 1);
     // The follower acknowledged after commit and serves its own write at once.
-    let body = reqwest::get(cluster.server(follower).url("/fn/hello?name=ack"))
+    let body = wafer_tests::get(cluster.server(follower).url("/fn/hello?name=ack"))
         .await
         .expect("invoke")
         .text()
@@ -152,7 +153,7 @@ async fn three_servers_form_a_cluster_and_a_deploy_on_a_follower_is_served_every
         .iter()
         .find(|&&n| n != leader && n != follower)
         .expect("a second follower");
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     let response = http
         .patch(cluster.server(leader).url("/v1/functions/hello/labels"))
         .json(&serde_json::json!({ "set": { "team": "edge", "tier": "1" } }))
@@ -189,7 +190,7 @@ async fn three_servers_form_a_cluster_and_a_deploy_on_a_follower_is_served_every
     crate::expect_error(response, StatusCode::BAD_REQUEST, "invalid_label").await;
 
     // A removal through another follower is seen everywhere too.
-    let response = reqwest::Client::new()
+    let response = wafer_tests::http()
         .delete(cluster.server(other).url("/v1/functions/hello"))
         .send()
         .await

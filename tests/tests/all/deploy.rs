@@ -7,7 +7,7 @@ use crate::{deploy, deploy_example, expect_error, start, wat};
 #[tokio::test]
 async fn deploy_list_show_and_remove() {
     let (_dir, server) = start(&[]);
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     let wasm = wafer_tests::example("hello").expect("example");
     let first = deploy(
         &server,
@@ -84,7 +84,7 @@ async fn malformed_wasm_is_rejected_and_nothing_is_stored() {
     );
     let response = deploy(&server, "junk", b"not wasm at all".to_vec(), "").await;
     expect_error(response, StatusCode::BAD_REQUEST, "malformed_wasm").await;
-    let shown = reqwest::get(server.url("/v1/functions/junk"))
+    let shown = wafer_tests::get(server.url("/v1/functions/junk"))
         .await
         .expect("show");
     expect_error(shown, StatusCode::NOT_FOUND, "not_found").await;
@@ -140,7 +140,7 @@ async fn forbidden_import_is_named() {
 async fn bad_names_limits_env_and_manifests_are_rejected() {
     let (_dir, server) = start(&[]);
     let wasm = wafer_tests::example("hello").expect("example");
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     expect_error(
         deploy(&server, "Bad.Name", wasm.clone(), "").await,
         StatusCode::BAD_REQUEST,
@@ -259,9 +259,10 @@ async fn statuses_on_one_connection(base: &str, requests: &[Vec<u8>]) -> Vec<Str
 async fn rejected_requests_keep_the_connection_usable() {
     let (_dir, server) = start(&[]);
     let wasm = wafer_tests::example("hello").expect("example");
-    let upload = |head: &str| {
+    let auth = format!("authorization: Bearer {}\r\n", wafer_tests::ADMIN_TOKEN);
+    let upload = |head: &str, auth: &str| {
         let mut request = format!(
-            "{head}\r\nhost: wafer\r\ncontent-length: {}\r\n\r\n",
+            "{head}\r\nhost: wafer\r\n{auth}content-length: {}\r\n\r\n",
             wasm.len()
         )
         .into_bytes();
@@ -269,14 +270,20 @@ async fn rejected_requests_keep_the_connection_usable() {
         request
     };
     let health = b"GET /healthz HTTP/1.1\r\nhost: wafer\r\n\r\n".to_vec();
-    // A bad manifest and an unknown function are answered before their bodies are
-    // needed; the server still reads them, so the next request on the connection works.
+    // A bad manifest, an unknown function and a missing token are answered before
+    // their bodies are needed; the server still reads them, so the next request on the
+    // connection works.
     let statuses = statuses_on_one_connection(
         server.base(),
         &[
-            upload("PUT /v1/functions/f HTTP/1.1\r\nx-wafer-manifest: {\"memory_mb\": "),
+            upload(
+                "PUT /v1/functions/f HTTP/1.1\r\nx-wafer-manifest: {\"memory_mb\": ",
+                &auth,
+            ),
             health.clone(),
-            upload("POST /fn/nope HTTP/1.1"),
+            upload("POST /fn/nope HTTP/1.1", &auth),
+            health.clone(),
+            upload("PUT /v1/functions/f HTTP/1.1", ""),
             health,
         ],
     )
@@ -287,6 +294,8 @@ async fn rejected_requests_keep_the_connection_usable() {
             "HTTP/1.1 400 Bad Request",
             "HTTP/1.1 200 OK",
             "HTTP/1.1 404 Not Found",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 401 Unauthorized",
             "HTTP/1.1 200 OK"
         ]
     );
@@ -313,7 +322,10 @@ async fn a_client_expecting_100_continue_gets_the_rejection_before_uploading() {
             .await
             .expect("connect");
         let mut stream = BufReader::new(stream);
-        let request = format!("{head}host: wafer\r\nexpect: 100-continue\r\n\r\n");
+        let request = format!(
+            "{head}host: wafer\r\nauthorization: Bearer {}\r\nexpect: 100-continue\r\n\r\n",
+            wafer_tests::ADMIN_TOKEN
+        );
         stream
             .get_mut()
             .write_all(request.as_bytes())
@@ -345,7 +357,9 @@ async fn text_modules_deploy_and_components_are_refused_by_name() {
         record["size"].as_u64().unwrap_or(0) < text.len() as u64,
         "{record}"
     );
-    let answer = reqwest::get(server.url("/fn/text")).await.expect("invoke");
+    let answer = wafer_tests::get(server.url("/fn/text"))
+        .await
+        .expect("invoke");
     assert_eq!(answer.status(), StatusCode::OK);
     assert_eq!(answer.text().await.expect("body"), "from text\n");
 

@@ -83,7 +83,7 @@ async fn frameworks_share_by_weight_and_run_a_batch_of_1000_tasks() -> anyhow::R
     }
     let ids: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
     cluster.wait_agents(&[1, 2, 3], &ids, "active").await?;
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     for (name, ms) in [("sleeper", 1000), ("tiny", 0)] {
         let response = http
             .put(cluster.server(1).url(&format!("/v1/functions/{name}")))

@@ -18,7 +18,7 @@ async fn every_example_answers() {
     for name in ["hello", "wordcount", "markdown", "sha256", "hello-c"] {
         deploy_example(&server, name, "").await;
     }
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
 
     let response = http
         .get(server.url("/fn/hello/a/b?name=Ada%20L&x=1"))
@@ -136,7 +136,7 @@ async fn every_example_answers() {
 async fn handler_errors_become_500_with_the_message() {
     let (_dir, server) = start(&[]);
     deploy_example(&server, "wordcount", "").await;
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     let (status, body) = text(
         http.post(server.url("/fn/wordcount"))
             .body(vec![0xff, 0xfe, 0x00])
@@ -162,7 +162,7 @@ async fn handler_errors_become_500_with_the_message() {
 #[tokio::test]
 async fn plain_stdout_programs_and_exit_codes() {
     let (_dir, server) = start(&[]);
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     let ok = deploy(
         &server,
         "plain",
@@ -200,7 +200,7 @@ async fn spin_times_out_and_the_server_keeps_serving() {
     let (_dir, server) = start(&[]);
     deploy_example(&server, "spin", "timeout_ms=400").await;
     deploy_example(&server, "hello", "").await;
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     let started = Instant::now();
     let response = http.get(server.url("/fn/spin")).send().await.expect("spin");
     let elapsed = started.elapsed();
@@ -250,7 +250,7 @@ async fn hog_hits_its_memory_limit_and_the_server_keeps_serving() {
     let (_dir, server) = start(&[]);
     deploy_example(&server, "hog", "memory_mb=24").await;
     deploy_example(&server, "hello", "").await;
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     for _ in 0..3 {
         let response = http.get(server.url("/fn/hog")).send().await.expect("hog");
         let body = expect_error(response, StatusCode::INSUFFICIENT_STORAGE, "memory_limit").await;
@@ -282,7 +282,7 @@ async fn hog_hits_its_memory_limit_and_the_server_keeps_serving() {
 #[tokio::test]
 async fn unknown_function_and_oversize_request() {
     let (_dir, server) = start(&[]);
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     let response = http
         .get(server.url("/fn/nobody"))
         .send()
@@ -354,7 +354,7 @@ fn futures_stream(
 async fn metrics_count_invocations() {
     let (_dir, server) = start(&[]);
     deploy_example(&server, "hello", "").await;
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     for _ in 0..5 {
         let (status, _) = text(
             http.get(server.url("/fn/hello"))
@@ -406,7 +406,7 @@ async fn a_guest_parked_in_a_host_call_still_times_out() {
     let response = deploy(&server, "sleeper", sleeper, "timeout_ms=300").await;
     assert_eq!(response.status(), StatusCode::CREATED);
     let started = Instant::now();
-    let response = reqwest::get(server.url("/fn/sleeper"))
+    let response = wafer_tests::get(server.url("/fn/sleeper"))
         .await
         .expect("invoke");
     expect_error(response, StatusCode::GATEWAY_TIMEOUT, "timeout").await;
@@ -429,7 +429,9 @@ async fn oversize_response_is_an_error_not_a_truncated_body() {
     // `hog` prints a line per MiB it holds: with a 64-byte response limit it overflows
     // stdout long before it reaches its memory limit.
     deploy_example(&server, "hog", "max_response_bytes=64&memory_mb=256").await;
-    let response = reqwest::get(server.url("/fn/hog")).await.expect("invoke");
+    let response = wafer_tests::get(server.url("/fn/hog"))
+        .await
+        .expect("invoke");
     let body = expect_error(
         response,
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -454,7 +456,9 @@ async fn traps_are_reported_and_the_pool_refuses_beyond_its_size() {
         deploy(&server, "deep", recursive, "").await.status(),
         StatusCode::CREATED
     );
-    let response = reqwest::get(server.url("/fn/deep")).await.expect("invoke");
+    let response = wafer_tests::get(server.url("/fn/deep"))
+        .await
+        .expect("invoke");
     let body = expect_error(response, StatusCode::INTERNAL_SERVER_ERROR, "trap").await;
     assert!(
         body["message"]
@@ -481,7 +485,9 @@ async fn traps_are_reported_and_the_pool_refuses_beyond_its_size() {
         ]
     );
     // Slots come back.
-    let response = reqwest::get(server.url("/fn/deep")).await.expect("invoke");
+    let response = wafer_tests::get(server.url("/fn/deep"))
+        .await
+        .expect("invoke");
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
 
@@ -501,7 +507,7 @@ async fn a_guest_that_gives_up_after_a_refused_growth_reports_the_memory_limit()
     // Gives up with a failure status and no response: the memory limit is the cause.
     let quitter = crate::deploy(&server, "quitter", grow_or_give_up("", 1), "memory_mb=2").await;
     assert_eq!(quitter.status(), StatusCode::CREATED);
-    let response = reqwest::get(server.url("/fn/quitter"))
+    let response = wafer_tests::get(server.url("/fn/quitter"))
         .await
         .expect("invoke");
     let body = expect_error(response, StatusCode::INSUFFICIENT_STORAGE, "memory_limit").await;
@@ -515,7 +521,9 @@ async fn a_guest_that_gives_up_after_a_refused_growth_reports_the_memory_limit()
     let coper = grow_or_give_up("Status: 503\n\nsmaller please\n", 0);
     let deployed = crate::deploy(&server, "coper", coper, "memory_mb=2").await;
     assert_eq!(deployed.status(), StatusCode::CREATED);
-    let response = reqwest::get(server.url("/fn/coper")).await.expect("invoke");
+    let response = wafer_tests::get(server.url("/fn/coper"))
+        .await
+        .expect("invoke");
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.text().await.expect("body"), "smaller please\n");
 }

@@ -13,7 +13,7 @@ use wafer_tests::cluster::{Cluster, Server};
 use crate::sleepy_echo;
 
 async fn deploy(server: &Server, name: &str, wasm: Vec<u8>) -> anyhow::Result<()> {
-    let response = reqwest::Client::new()
+    let response = wafer_tests::http()
         .put(server.url(&format!("/v1/functions/{name}")))
         .body(wasm)
         .send()
@@ -28,7 +28,7 @@ async fn deploy(server: &Server, name: &str, wasm: Vec<u8>) -> anyhow::Result<()
 
 /// Submits a job through `server`; returns its id.
 async fn submit(server: &Server, body: Value) -> anyhow::Result<u64> {
-    let response = reqwest::Client::new()
+    let response = wafer_tests::http()
         .post(server.url("/v1/jobs"))
         .json(&body)
         .send()
@@ -76,7 +76,7 @@ async fn check_finished_once(
             .unwrap_or_default();
         assert_eq!(finished.len(), 1, "one finished attempt: {job:#}");
         assert_eq!(job["output"]["attempt"], finished[0]["number"], "{job:#}");
-        let output = reqwest::get(cluster.server(node).url(&format!("/v1/jobs/{id}/output")))
+        let output = wafer_tests::get(cluster.server(node).url(&format!("/v1/jobs/{id}/output")))
             .await?
             .text()
             .await?;
@@ -187,7 +187,7 @@ async fn jobs_survive_agent_and_leader_loss_and_honour_constraints() -> anyhow::
     })
     .await?;
     assert!(staged["attempts"].as_array().is_some_and(|a| a.is_empty()));
-    let killed: Value = reqwest::Client::new()
+    let killed: Value = wafer_tests::http()
         .post(cluster.server(3).url(&format!("/v1/jobs/{nowhere}/kill")))
         .send()
         .await?

@@ -11,7 +11,7 @@ use wafer_tests::example;
 /// Invokes `hello` `n` times through every server in turn; returns the agents that ran
 /// them (every invocation must succeed).
 async fn invoke_all(cluster: &Cluster, n: usize) -> anyhow::Result<BTreeSet<String>> {
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     let servers = cluster.up();
     let mut ran_on = BTreeSet::new();
     for i in 0..n {
@@ -68,7 +68,7 @@ async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Res
             |all| all.iter().all(|answer| leased_agents(answer) == both),
         )
         .await?;
-    let response = reqwest::Client::new()
+    let response = wafer_tests::http()
         .put(cluster.server(1).url("/v1/functions/hello"))
         .body(example("hello")?)
         .send()
@@ -137,7 +137,7 @@ async fn leases_grow_with_load_and_shrink_when_it_goes() -> anyhow::Result<()> {
             |all| leased_slots(&all[0]) == 2,
         )
         .await?;
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     let response = http
         .put(cluster.server(1).url("/v1/functions/slow"))
         .body(crate::sleepy_echo(300))

@@ -1,6 +1,7 @@
 //! wafer's end-to-end tests: one binary, real `wafer` processes, real HTTP.
 
 mod agents;
+mod auth;
 mod cli;
 mod cluster;
 mod deploy;
@@ -32,7 +33,7 @@ pub async fn deploy(
     query: &str,
 ) -> reqwest::Response {
     let sep = if query.is_empty() { "" } else { "?" };
-    reqwest::Client::new()
+    wafer_tests::http()
         .put(server.url(&format!("/v1/functions/{name}{sep}{query}")))
         .body(wasm)
         .send()
@@ -72,7 +73,7 @@ pub async fn expect_error(
 
 /// The server's `/metrics` text.
 pub async fn metrics(server: &DevServer) -> String {
-    reqwest::get(server.url("/metrics"))
+    wafer_tests::get(server.url("/metrics"))
         .await
         .expect("metrics")
         .text()
@@ -86,7 +87,7 @@ pub fn spawn_gets(
     path: &str,
     n: usize,
 ) -> Vec<tokio::task::JoinHandle<reqwest::Result<StatusCode>>> {
-    let http = reqwest::Client::new();
+    let http = wafer_tests::http();
     (0..n)
         .map(|_| {
             let http = http.clone();

@@ -23,7 +23,7 @@ async fn restart_keeps_functions_and_uses_the_precompiled_cache() {
     server.kill().expect("kill");
 
     let server = DevServer::start(&data, &["--no-examples"]).expect("restart");
-    let list: serde_json::Value = reqwest::get(server.url("/v1/functions"))
+    let list: serde_json::Value = wafer_tests::get(server.url("/v1/functions"))
         .await
         .expect("list")
         .json()
@@ -34,7 +34,7 @@ async fn restart_keeps_functions_and_uses_the_precompiled_cache() {
     assert_eq!(functions[0]["name"], "hello");
     assert_eq!(functions[0]["timeout_ms"], 1500);
 
-    let response = reqwest::get(server.url("/fn/hello?name=again"))
+    let response = wafer_tests::get(server.url("/fn/hello?name=again"))
         .await
         .expect("invoke");
     assert_eq!(response.status(), StatusCode::OK);
@@ -77,7 +77,9 @@ async fn corrupt_cache_entries_are_recompiled() {
         std::fs::write(&path, bytes).expect("write");
     }
     let server = DevServer::start(&data, &["--no-examples"]).expect("restart");
-    let response = reqwest::get(server.url("/fn/hello")).await.expect("invoke");
+    let response = wafer_tests::get(server.url("/fn/hello"))
+        .await
+        .expect("invoke");
     assert_eq!(response.status(), StatusCode::OK);
     let after = metrics(&server).await;
     assert_eq!(
