@@ -244,7 +244,11 @@ fn spawn_and_wait(mut cmd: Command, prefix: &str) -> anyhow::Result<(Proc, Strin
     while let Some(line) = lines.next() {
         let line = line?;
         if let Some(rest) = line.strip_prefix(prefix) {
-            let rest = rest.trim().to_string();
+            let rest = rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
             // Keep draining stdout so the child never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
             return Ok((proc, rest));
@@ -273,7 +277,15 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
 
     let mut dev = Command::new(&wafer);
     dev.env("WAFER_ADMIN_TOKEN", wafer_tests::ADMIN_TOKEN)
-        .args(["dev", "--http", "127.0.0.1:0", "--no-examples", "--data"])
+        .args([
+            "dev",
+            "--http",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--no-examples",
+            "--data",
+        ])
         .arg(data.path().join("data"))
         .env("RUST_LOG", "warn");
     let (_dev, dev_url) = spawn_and_wait(dev, "wafer dev: listening on ")?;

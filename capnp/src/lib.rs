@@ -4,6 +4,7 @@
 //!   snapshot) and the encoding of log entries.
 //! - `node.capnp`: a server's node-to-node interface (identity, forwarded writes and
 //!   read-index, membership changes) and the replicated state machine's commands.
+//! - `cluster.capnp`: the public API (`Gateway.login(token)` -> a scoped `Cluster`).
 
 #![allow(missing_docs, clippy::all, clippy::unwrap_used)]
 
@@ -13,4 +14,8 @@ pub mod raft_capnp {
 
 pub mod node_capnp {
     include!(concat!(env!("OUT_DIR"), "/node_capnp.rs"));
+}
+
+pub mod cluster_capnp {
+    include!(concat!(env!("OUT_DIR"), "/cluster_capnp.rs"));
 }

@@ -130,6 +130,9 @@ enum Command {
         /// Gateway address (port 0 picks a free one).
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: SocketAddr,
+        /// Public Cap'n Proto API address (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:7080")]
+        api: SocketAddr,
         /// Data folder; survives restarts.
         #[arg(long, default_value = DEV_DATA)]
         data: PathBuf,
@@ -164,6 +167,9 @@ enum Command {
         /// Gateway address (port 0 picks a free one).
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: SocketAddr,
+        /// Public Cap'n Proto API address (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:7080")]
+        api: SocketAddr,
         /// On first start, join the cluster through this member's --listen address
         /// instead of starting a new cluster.
         #[arg(long, value_name = "ADDR", conflicts_with = "wait")]
@@ -592,6 +598,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Dev {
             http,
+            api,
             data,
             functions,
             no_examples,
@@ -613,6 +620,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             dev::run(DevConfig {
                 http,
+                api,
                 data,
                 examples,
                 max_module_mb,
@@ -631,6 +639,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             data,
             listen,
             http,
+            api,
             join,
             wait,
             max_module_mb,
@@ -667,6 +676,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 data,
                 listen,
                 http,
+                api,
                 membership,
                 max_module_mb,
                 runtime: RuntimeConfig {

@@ -24,6 +24,8 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct DevConfig {
     /// Gateway address; port 0 picks a free port.
     pub http: SocketAddr,
+    /// Public Cap'n Proto API address; port 0 picks a free port.
+    pub api: SocketAddr,
     /// Data folder (state database and precompiled-code cache).
     pub data: PathBuf,
     /// Folder of example functions (`NAME.wasm`, optional `NAME.json` manifest) to
@@ -104,6 +106,7 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
         data: config.data.clone(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         http: config.http,
+        api: config.api,
         membership: Membership::Bootstrap,
         max_module_mb: config.max_module_mb,
         runtime: config.runtime.clone(),
@@ -132,7 +135,10 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
     };
     let addr = node.http.local_addr()?;
     // The first line on stdout is machine-readable: tests and scripts wait for it.
-    println!("wafer dev: listening on http://{addr}");
+    println!(
+        "wafer dev: listening on http://{addr} api {}",
+        node.api.local_addr()?
+    );
     println!("  data folder: {}", config.data.display());
     let token_file = config.data.join(server::ADMIN_TOKEN_FILE);
     match &new_token {

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod consensus;
 pub mod dev;
 pub mod digest;
+pub mod events;
 pub mod functions;
 pub mod gateway;
 pub mod metrics;

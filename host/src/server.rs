@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Gateway address; port 0 picks a free port.
     pub http: SocketAddr,
+    /// Address of the public Cap'n Proto API (`capnp/cluster.capnp`).
+    pub api: SocketAddr,
     /// How to become a member on first start.
     pub membership: Membership,
     /// Largest module accepted by the gateway, MiB.
@@ -107,6 +109,10 @@ pub struct Node {
     pub tokens: Arc<crate::auth::Tokens>,
     /// Whether the invocation routes are open to callers without a token.
     pub public_invoke: bool,
+    /// The node's event stream.
+    pub events: Arc<crate::events::Events>,
+    /// The public Cap'n Proto API's listener.
+    pub api: std::net::TcpListener,
 }
 
 /// Checks (or, on first use, writes) the data folder's node id, so that a folder is
@@ -192,6 +198,10 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         http: http.local_addr()?.to_string(),
     };
 
+    let api = std::net::TcpListener::bind(config.api)
+        .with_context(|| format!("binding the public API to {}", config.api))?;
+    api.set_nonblocking(true)?;
+    let events = Arc::new(crate::events::Events::new());
     let log = LogStore::open(state.database().clone()).context("opening the Raft log")?;
     let sm = StateMachine::open(
         state.clone(),
@@ -199,6 +209,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         Arc::new(crate::state::Observers(vec![
             functions.clone(),
             tokens.clone(),
+            events.clone(),
         ])),
     )
     .context("opening the state machine")?;
@@ -227,6 +238,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     )
     .await
     .context("starting Raft")?;
+    events.follow_leader(&raft);
     let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone()));
     let scheduler = Scheduler::new(cluster.clone(), state.clone(), config.scheduler.clone());
     scheduler.start();
@@ -243,6 +255,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         local_agent: config.agent.is_some(),
         tokens,
         public_invoke: config.public_invoke,
+        events,
+        api,
         functions,
         http,
     })
@@ -378,6 +392,22 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
         metrics,
         tokens: node.tokens.clone(),
         public_invoke: node.public_invoke,
+        events: node.events.clone(),
+    });
+    let api_rpc = RpcHandle::start().context("starting the API's RPC thread")?;
+    let api_state = state.clone();
+    tokio::spawn(async move {
+        let served = api_rpc
+            .serve_with(node.api, crate::rpc::api::reader_options(), move || {
+                capnp_rpc::new_client::<wafer_proto::cluster_capnp::gateway::Client, _>(
+                    crate::rpc::api::GatewayService::new(api_state),
+                )
+                .client
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the public API stopped");
+        }
     });
     gateway::serve::serve(
         node.http,
@@ -409,8 +439,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     // The first line on stdout is machine-readable: tests and scripts wait for it. It
     // comes once the node is a member and caught up (or, with --wait, at once).
     println!(
-        "wafer server {}: listening on http://{} rpc {}",
-        config.id, addr.http, addr.rpc
+        "wafer server {}: listening on http://{} rpc {} api {}",
+        config.id,
+        addr.http,
+        addr.rpc,
+        node.api.local_addr()?
     );
     println!("  data folder: {}", config.data.display());
     if let Some(secret) = admin_token {

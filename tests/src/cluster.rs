@@ -39,6 +39,8 @@ pub struct Server {
     pub http: String,
     /// Cap'n Proto address (`host:port`).
     pub rpc: String,
+    /// Public Cap'n Proto API address (`host:port`).
+    pub api: String,
     child: Option<Child>,
 }
 
@@ -80,9 +82,10 @@ pub fn spawn_server(
     data: &Path,
     rpc: &str,
     http: &str,
+    api: &str,
     join: &Join,
     extra: &[String],
-) -> anyhow::Result<(Child, String, String)> {
+) -> anyhow::Result<(Child, String, String, String)> {
     let mut command = Command::new(wafer_bin()?);
     command
         .arg("server")
@@ -93,6 +96,8 @@ pub fn spawn_server(
             rpc,
             "--http",
             http,
+            "--api",
+            api,
             "--data",
         ])
         .arg(data)
@@ -106,13 +111,18 @@ pub fn spawn_server(
             command.arg("--wait");
         }
     }
-    // "wafer server ID: listening on http://HTTP rpc RPC"
-    let (child, (http, rpc)) = spawn_until_ready(command, data, "wafer server", |line| {
+    // "wafer server ID: listening on http://HTTP rpc RPC api API"
+    let (child, (http, rpc, api)) = spawn_until_ready(command, data, "wafer server", |line| {
         let (_, rest) = line.split_once(": listening on http://")?;
-        let (http, rpc) = rest.split_once(" rpc ")?;
-        Some((http.trim().to_string(), rpc.trim().to_string()))
+        let (http, rest) = rest.split_once(" rpc ")?;
+        let (rpc, api) = rest.split_once(" api ")?;
+        Some((
+            http.trim().to_string(),
+            rpc.trim().to_string(),
+            api.trim().to_string(),
+        ))
     })?;
-    Ok((child, http, rpc))
+    Ok((child, http, rpc, api))
 }
 
 /// A cluster of servers in one folder.
@@ -151,8 +161,15 @@ impl Cluster {
     /// Starts server `id` with a new data folder.
     pub fn add_server(&mut self, id: u64, join: Join) -> anyhow::Result<&Server> {
         let data = self.dir.join(format!("node{id}"));
-        let (child, http, rpc) =
-            spawn_server(id, &data, "127.0.0.1:0", "127.0.0.1:0", &join, &self.extra)?;
+        let (child, http, rpc, api) = spawn_server(
+            id,
+            &data,
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &join,
+            &self.extra,
+        )?;
         self.servers.insert(
             id,
             Server {
@@ -160,6 +177,7 @@ impl Cluster {
                 data,
                 http,
                 rpc,
+                api,
                 child: Some(child),
             },
         );
@@ -219,11 +237,12 @@ impl Cluster {
         if server.child.is_some() {
             bail!("server {id} is running");
         }
-        let (child, _, _) = spawn_server(
+        let (child, _, _, _) = spawn_server(
             id,
             &server.data,
             &server.rpc,
             &server.http,
+            &server.api,
             &Join::Bootstrap,
             &extra,
         )?;

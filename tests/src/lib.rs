@@ -153,6 +153,7 @@ pub fn spawn_until_ready<T: Send + 'static>(
 pub struct DevServer {
     child: Child,
     url: String,
+    api: String,
     data: PathBuf,
 }
 
@@ -163,16 +164,19 @@ impl DevServer {
         let mut command = Command::new(wafer_bin()?);
         command
             .arg("dev")
-            .args(["--http", "127.0.0.1:0", "--data"])
+            .args(["--http", "127.0.0.1:0", "--api", "127.0.0.1:0", "--data"])
             .arg(data)
             .args(extra);
-        let (child, url) = spawn_until_ready(command, data, "wafer dev", |line| {
-            line.strip_prefix("wafer dev: listening on ")
-                .map(|url| url.trim().to_string())
+        // "wafer dev: listening on http://HTTP api API"
+        let (child, (url, api)) = spawn_until_ready(command, data, "wafer dev", |line| {
+            let rest = line.strip_prefix("wafer dev: listening on ")?;
+            let (url, api) = rest.split_once(" api ")?;
+            Some((url.trim().to_string(), api.trim().to_string()))
         })?;
         Ok(DevServer {
             child,
             url,
+            api,
             data: data.to_path_buf(),
         })
     }
@@ -185,6 +189,11 @@ impl DevServer {
     /// The server's base URL.
     pub fn base(&self) -> &str {
         &self.url
+    }
+
+    /// The public Cap'n Proto API's address (`host:port`).
+    pub fn api(&self) -> &str {
+        &self.api
     }
 
     /// The data folder.

@@ -163,7 +163,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
     let serving = rpc.clone();
     tokio::spawn(async move {
         let served = serving
-            .serve_with(listener, move || {
+            .serve_with(listener, crate::state::reader_options(), move || {
                 capnp_rpc::new_client::<executor::Client, _>(service).client
             })
             .await;

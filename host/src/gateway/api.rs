@@ -200,7 +200,7 @@ pub async fn label(
 
 /// Commits `command` through the cluster and waits until this node serves its effect,
 /// so that the caller's next request to this node sees it.
-pub(super) async fn commit(app: &AppState, command: Command) -> Result<Committed, ApiError> {
+pub(crate) async fn commit(app: &AppState, command: Command) -> Result<Committed, ApiError> {
     let committed = app.cluster.propose(command).await?;
     let index = committed.index;
     if let Some(why) = committed.rejection.clone() {

@@ -45,13 +45,29 @@ impl ApiError {
     }
 }
 
+/// Marks a response the gateway made from an [`ApiError`] (a response extension, so a
+/// guest's own error responses never carry it): the public API tells the two apart.
+#[derive(Debug, Clone)]
+pub struct ApiErrorInfo {
+    /// The error's code.
+    pub code: &'static str,
+    /// Its message.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let info = ApiErrorInfo {
+            code: self.code,
+            message: self.message.clone(),
+        };
         let mut body = serde_json::json!({ "error": self.code, "message": self.message });
         if let Some(log) = self.log {
             body["log"] = serde_json::Value::String(log);
         }
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(info);
+        response
     }
 }
 

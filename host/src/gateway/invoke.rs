@@ -28,6 +28,13 @@ pub struct FnPath {
     path: Option<String>,
 }
 
+impl FnPath {
+    /// Function `name`, and the path below it without its leading `/` (none: `/`).
+    pub fn new(name: String, path: Option<String>) -> FnPath {
+        FnPath { name, path }
+    }
+}
+
 /// `ANY /fn/{name}` and `ANY /fn/{name}/{*path}`: runs the function once.
 pub async fn invoke(
     State(app): State<Arc<AppState>>,

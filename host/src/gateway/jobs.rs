@@ -20,7 +20,7 @@ use crate::state::{Command, Constraint, FunctionName, JobId, JobRecord, TaskStat
 /// Longest a `?wait=` read waits.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Attempts a job makes unless it says otherwise.
-const DEFAULT_ATTEMPTS: u32 = 3;
+pub(crate) const DEFAULT_ATTEMPTS: u32 = 3;
 
 /// Body of `POST /v1/jobs`.
 #[derive(Debug, Deserialize)]

@@ -7,6 +7,7 @@ mod cluster;
 mod error;
 mod invoke;
 mod jobs;
+mod openapi;
 mod scheduling;
 pub mod serve;
 
@@ -21,8 +22,11 @@ use axum::Router;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
+pub(crate) use api::commit;
 pub use api::MANIFEST_HEADER;
-pub use error::ApiError;
+pub use error::{ApiError, ApiErrorInfo};
+pub use invoke::{invoke, FnPath};
+pub(crate) use jobs::DEFAULT_ATTEMPTS;
 
 use crate::cluster::Cluster;
 use crate::functions::Functions;
@@ -46,6 +50,8 @@ pub struct AppState {
     pub tokens: Arc<crate::auth::Tokens>,
     /// Whether the invocation routes (`/fn/...`) are open to callers without a token.
     pub public_invoke: bool,
+    /// The node's event stream.
+    pub events: Arc<crate::events::Events>,
 }
 
 /// The gateway's router.
@@ -79,6 +85,7 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/v1/cluster/members/{id}",
             axum::routing::delete(cluster::remove),
         )
+        .route("/v1/openapi.json", get(openapi::document))
         .route("/v1/whoami", get(auth::whoami))
         .route("/v1/tokens", get(auth::list).post(auth::create))
         .route("/v1/tokens/{id}", axum::routing::delete(auth::revoke))

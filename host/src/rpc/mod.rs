@@ -3,6 +3,7 @@
 //! through a `Send` [`RpcHandle`]. It serves the node's `Node` interface (`--listen`;
 //! an agent serves `Executor`) and keeps one client connection per peer address.
 
+pub mod api;
 pub mod framework;
 pub mod remote;
 mod server;
@@ -125,7 +126,7 @@ impl RpcHandle {
         listener: std::net::TcpListener,
         service: NodeService,
     ) -> Result<(), RpcError> {
-        self.serve_with(listener, move || {
+        self.serve_with(listener, reader_options(), move || {
             capnp_rpc::new_client::<node::Client, _>(service).client
         })
         .await
@@ -136,6 +137,7 @@ impl RpcHandle {
     pub async fn serve_with<F>(
         &self,
         listener: std::net::TcpListener,
+        options: capnp::message::ReaderOptions,
         make: F,
     ) -> Result<(), RpcError>
     where
@@ -166,7 +168,7 @@ impl RpcHandle {
                     reader,
                     writer,
                     rpc_twoparty_capnp::Side::Server,
-                    reader_options(),
+                    options,
                 );
                 let system = RpcSystem::new(Box::new(network), Some(client.clone()));
                 tokio::task::spawn_local(async move {

@@ -233,7 +233,8 @@ async fn wafer_dev_makes_an_admin_token_once_and_the_cli_finds_it() {
     std::fs::create_dir_all(&data).expect("data folder");
     // Started by hand (without the harness's bootstrap token) to read what it prints.
     let mut child = Command::new(wafer_bin().expect("wafer"))
-        .args(["dev", "--http", "127.0.0.1:0", "--no-examples", "--data"])
+        .args(["dev", "--http", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .args(["--no-examples", "--data"])
         .arg(&data)
         .env_remove("WAFER_ADMIN_TOKEN")
         .stdout(Stdio::piped())
@@ -243,16 +244,19 @@ async fn wafer_dev_makes_an_admin_token_once_and_the_cli_finds_it() {
     let stdout = child.stdout.take().expect("stdout");
     let mut url = None;
     let mut printed = None;
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line.expect("line");
         if let Some(rest) = line.strip_prefix("wafer dev: listening on ") {
-            url = Some(rest.trim().to_string());
+            url = rest.split_whitespace().next().map(str::to_string);
         }
         if let Some(rest) = line.trim().strip_prefix("admin token: ") {
             printed = rest.split_whitespace().next().map(str::to_string);
             break;
         }
     }
+    // Keep reading, so that the server's later lines find an open pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     let url = url.expect("listening line");
     let printed = printed.expect("an admin token is printed at first start");
     let kept = std::fs::read_to_string(data.join("admin.token")).expect("token file");

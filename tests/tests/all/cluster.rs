@@ -383,11 +383,12 @@ fn expect_start_failure(id: u64, data: &std::path::Path, expected: &str) {
         data,
         "127.0.0.1:0",
         "127.0.0.1:0",
+        "127.0.0.1:0",
         &Join::Bootstrap,
         &[],
     );
     let err = match result {
-        Ok((mut child, _, _)) => {
+        Ok((mut child, _, _, _)) => {
             let _ = child.kill();
             panic!("wafer server started on {}", data.display());
         }

@@ -1,6 +1,7 @@
 //! wafer's end-to-end tests: one binary, real `wafer` processes, real HTTP.
 
 mod agents;
+mod api;
 mod auth;
 mod cli;
 mod cluster;
