@@ -305,5 +305,8 @@ struct Event {
     }
     # The client fell this many events behind and they were dropped.
     missed @10 :UInt64;
+    # The subscription ended on the server's side, for this reason (the token was
+    # revoked or expired); no more events follow.
+    ended @11 :Text;
   }
 }

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Installs the Debian packages wafer needs (when missing) and builds every guest in
-# functions/ for wasm32-wasip1 into target/functions/ (NAME.wasm, plus NAME.json when the
-# function ships a wafer.json manifest). Idempotent; quick when nothing is missing.
+# Installs the Debian packages and Python modules wafer needs (when missing) and builds
+# every guest in functions/ for wasm32-wasip1 into target/functions/ (NAME.wasm, plus
+# NAME.json when the function ships a wafer.json manifest). Idempotent; quick when
+# nothing is missing.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$root/target/functions"
 packages=(capnproto libcapnp-dev rustc-web cargo-web rust-web-src lld wasi-libc clang
-          libclang-rt-14-dev-wasm32)
+          libclang-rt-14-dev-wasm32 g++ pkg-config)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -21,6 +22,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The Python client's tests: pycapnp and pytest from PyPI, when missing.
+if ! python3 -c "import capnp, pytest" 2>/dev/null; then
+    log "installing pycapnp and pytest with pip"
+    pip=(python3 -m pip install --quiet --disable-pip-version-check "pycapnp>=2.2,<3" "pytest>=7")
+    "${pip[@]}" 2>/dev/null || "${pip[@]}" --break-system-packages
 fi
 
 mkdir -p "$out"

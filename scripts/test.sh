@@ -19,3 +19,6 @@ cargo build --release --workspace --bins --quiet
 
 echo "test: cargo test" >&2
 cargo test --release --workspace
+
+echo "test: the Python client against a real wafer dev (pytest)" >&2
+(cd clients/python && python3 -m pytest -q)

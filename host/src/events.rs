@@ -156,9 +156,19 @@ impl Observer for Events {
                     attempt: task.attempt,
                     state: "STARTING".into(),
                 },
-                CommandResponse::JobUpdated { job, state } => EventKind::TaskChanged {
-                    job: job.0,
+                // A staging job whose waiting reason changed: not a state change.
+                CommandResponse::JobUpdated {
                     attempt: 0,
+                    state: crate::state::TaskState::Staging,
+                    ..
+                } => continue,
+                CommandResponse::JobUpdated {
+                    job,
+                    attempt,
+                    state,
+                } => EventKind::TaskChanged {
+                    job: job.0,
+                    attempt: *attempt,
                     state: state.to_string(),
                 },
                 _ => continue,

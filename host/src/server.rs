@@ -447,10 +447,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     );
     println!("  data folder: {}", config.data.display());
     if let Some(secret) = admin_token {
-        println!(
-            "  admin token: {secret} (kept in {})",
-            config.data.join(ADMIN_TOKEN_FILE).display()
-        );
+        let file = config.data.join(ADMIN_TOKEN_FILE);
+        if config.admin_token.as_deref() == Some(secret.as_str()) {
+            println!("  admin token: as given (kept in {})", file.display());
+        } else {
+            println!("  admin token: {secret} (kept in {})", file.display());
+        }
     }
     serve(node).await?;
     tracing::info!("wafer server stopped");

@@ -33,6 +33,8 @@ use crate::state::{
 pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 /// Longest `awaitJob` waits.
 const MAX_AWAIT: Duration = Duration::from_secs(300);
+/// How often a subscription without events re-checks its token.
+const TOKEN_RECHECK: Duration = Duration::from_secs(1);
 /// Jobs listed when a caller gives no limit.
 const DEFAULT_JOB_LIMIT: usize = 100;
 
@@ -615,23 +617,31 @@ async fn deliver(
     sink: event_sink::Client,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
+    let mut recheck = tokio::time::interval(TOKEN_RECHECK);
     loop {
         let next = tokio::select! {
             _ = &mut stopped => return,
-            next = events.recv() => next,
+            next = events.recv() => Some(next),
+            _ = recheck.tick() => None,
         };
-        if check(&app, &hash, Scope::Read).is_err() {
+        let mut request = sink.event_request();
+        if let Err(e) = check(&app, &hash, Scope::Read) {
+            // Tell the client why the events stop, then stop.
+            let mut b = request.get().init_event();
+            b.set_at_ms(crate::scheduler::now_ms());
+            b.set_ended(e.message.as_str());
+            let _ = request.send().promise.await;
             return;
         }
-        let mut request = sink.event_request();
         match next {
-            Ok(event) => write_event(request.get().init_event(), &event),
-            Err(RecvError::Lagged(missed)) => {
+            None => continue,
+            Some(Ok(event)) => write_event(request.get().init_event(), &event),
+            Some(Err(RecvError::Lagged(missed))) => {
                 let mut b = request.get().init_event();
                 b.set_at_ms(crate::scheduler::now_ms());
                 b.set_missed(missed);
             }
-            Err(RecvError::Closed) => return,
+            Some(Err(RecvError::Closed)) => return,
         }
         let sent = tokio::select! {
             _ = &mut stopped => return,

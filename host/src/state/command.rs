@@ -229,6 +229,8 @@ pub enum CommandResponse {
     JobUpdated {
         /// The job.
         job: JobId,
+        /// The attempt that reported (0: a change of the job alone).
+        attempt: u32,
         /// Its state.
         state: TaskState,
     },

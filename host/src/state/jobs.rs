@@ -138,6 +138,7 @@ pub(super) fn apply(
             }
             CommandResponse::JobUpdated {
                 job: *job,
+                attempt: 0,
                 state: record.state,
             }
         }
@@ -320,6 +321,7 @@ fn launch(
         put(txn, &record)?;
         return Ok(CommandResponse::JobUpdated {
             job,
+            attempt: 0,
             state: record.state,
         });
     };
@@ -429,6 +431,7 @@ fn update(
     put(txn, &record)?;
     Ok(CommandResponse::JobUpdated {
         job: task.job,
+        attempt: task.attempt,
         state: record.state,
     })
 }
@@ -503,6 +506,7 @@ fn kill(txn: &WriteTransaction, job: JobId, at_ms: u64) -> Result<CommandRespons
     put(txn, &record)?;
     Ok(CommandResponse::JobUpdated {
         job,
+        attempt: 0,
         state: record.state,
     })
 }

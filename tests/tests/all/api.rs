@@ -237,6 +237,7 @@ async fn a_revoked_token_stops_working_at_once() {
             let (secret, id) = token(server.base(), &["read"]).await;
             let cluster = login(server.api(), &secret).await.expect("login");
             assert_eq!(list_code(&cluster).await, error::Code::Ok);
+            let (_subscription, mut events) = watch(&cluster).await;
             let revoked = http()
                 .delete(server.url(&format!("/v1/tokens/{id}")))
                 .send()
@@ -248,6 +249,11 @@ async fn a_revoked_token_stops_working_at_once() {
                 login(server.api(), &secret).await.err(),
                 Some(error::Code::Unauthorized)
             );
+            // Its subscription is told why it ends.
+            expect_event(&mut events, |e| {
+                e.starts_with("ended:") && e.contains("revoked")
+            })
+            .await;
         })
         .await;
 }
@@ -429,6 +435,7 @@ impl event_sink::Server for Sink {
             event::NodeLost(a) => format!("lost:{}", a?.to_str()?),
             event::LeaderChanged(l) => format!("leader:{}", l.get_leader_id()),
             event::Missed(n) => format!("missed:{n}"),
+            event::Ended(why) => format!("ended:{}", why?.to_str()?),
         };
         let _ = self.0.send(text);
         Ok(())

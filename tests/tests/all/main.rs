@@ -4,6 +4,7 @@ mod agents;
 mod api;
 mod auth;
 mod cli;
+mod clients;
 mod cluster;
 mod deploy;
 mod frameworks;
