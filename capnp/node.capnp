@@ -210,6 +210,17 @@ struct Failure {
   }
 }
 
+# The bootstrap capability of a server's `--listen` port and of an agent's executor
+# port: a peer proves it belongs to the cluster (it knows the cluster secret) before it
+# gets anything. A wrong secret fails the call, and every call pipelined on its result,
+# with "wrong cluster secret".
+interface Door {
+  # A server's `Node` interface (an agent refuses: it has none).
+  node @0 (secret :Data) -> (node :Node);
+  # An agent's `Executor` (a server refuses: it has none).
+  executor @1 (secret :Data) -> (executor :Executor);
+}
+
 interface Node {
   # This node's identity, and whether it already belongs to a cluster.
   info @0 () -> (info :NodeInfo, member :Bool);

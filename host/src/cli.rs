@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use crate::agent::AgentConfig;
 use crate::client::{Client, ClientError};
 use crate::dev::{self, DevConfig};
+use crate::rpc::ClusterSecret;
 use crate::runtime::{Exit, Invocation, Limits, Runtime, RuntimeConfig, Stdio};
 use crate::scheduler::SchedulerConfig;
 use crate::server::{self, Membership, RaftSettings, ServerConfig};
@@ -152,6 +153,9 @@ enum Command {
         agent: AgentArgs,
         #[command(flatten)]
         access: AccessArgs,
+        /// The cluster secret [default: a random one, kept in DATA/cluster.secret].
+        #[arg(long, env = "WAFER_CLUSTER_SECRET", hide_env_values = true)]
+        secret: Option<String>,
     },
     /// Run a cluster member: Raft state in the data folder, node RPC, gateway.
     Server {
@@ -212,6 +216,10 @@ enum Command {
         agent_args: AgentArgs,
         #[command(flatten)]
         access: AccessArgs,
+        /// The cluster secret: every server and agent of the cluster is started with
+        /// the same one (at least 16 characters).
+        #[arg(long, env = "WAFER_CLUSTER_SECRET", hide_env_values = true)]
+        secret: String,
     },
     /// Run an agent: a worker that registers its resources with the cluster and runs
     /// the work placed on it.
@@ -230,6 +238,9 @@ enum Command {
         id: Option<AgentId>,
         #[command(flatten)]
         agent: AgentArgs,
+        /// The cluster secret the servers were started with.
+        #[arg(long, env = "WAFER_CLUSTER_SECRET", hide_env_values = true)]
+        secret: String,
     },
     /// Submit durable jobs and follow them.
     Jobs {
@@ -606,6 +617,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             max_instances,
             agent,
             access,
+            secret,
         } => {
             let examples = if no_examples {
                 None
@@ -631,6 +643,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 agent_resources: agent.resources(),
                 public_invoke: access.public_invoke,
                 admin_token: access.admin_token,
+                secret,
             })
             .await?;
         }
@@ -653,7 +666,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             agent_listen,
             agent_args,
             access,
+            secret,
         } => {
+            let secret = ClusterSecret::new(&secret).context("--secret")?;
             let agent = if agent {
                 Some(AgentConfig {
                     id: None,
@@ -662,6 +677,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     servers: Vec::new(),
                     resources: agent_args.resources(),
                     attributes: agent_args.attributes()?,
+                    secret: secret.clone(),
                 })
             } else {
                 None
@@ -696,6 +712,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 agent,
                 public_invoke: access.public_invoke,
                 admin_token: access.admin_token,
+                secret,
             })
             .await?;
         }
@@ -705,6 +722,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             id,
             agent,
+            secret,
         } => {
             crate::agent::run(AgentConfig {
                 id,
@@ -713,6 +731,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 servers,
                 resources: agent.resources(),
                 attributes: agent.attributes()?,
+                secret: ClusterSecret::new(&secret).context("--secret")?,
             })
             .await?;
         }

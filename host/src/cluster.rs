@@ -44,7 +44,13 @@ pub enum ClusterError {
 
 impl From<RpcError> for ClusterError {
     fn from(e: RpcError) -> ClusterError {
-        ClusterError::Unavailable(e.to_string())
+        let message = e.to_string();
+        // A peer of another cluster will not change its mind: not worth retrying.
+        if message.contains(crate::rpc::door::WRONG_SECRET) {
+            ClusterError::Rejected(message)
+        } else {
+            ClusterError::Unavailable(message)
+        }
     }
 }
 

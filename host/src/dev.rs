@@ -11,6 +11,7 @@ use anyhow::Context;
 use crate::agent::AgentConfig;
 use crate::cluster::Cluster;
 use crate::functions::Functions;
+use crate::rpc::ClusterSecret;
 use crate::runtime::RuntimeConfig;
 use crate::scheduler::SchedulerConfig;
 use crate::server::{self, Membership, RaftSettings, ServerConfig};
@@ -41,6 +42,32 @@ pub struct DevConfig {
     pub public_invoke: bool,
     /// The admin token's secret at first start (none: a random one).
     pub admin_token: Option<String>,
+    /// The cluster secret (none: the one in DATA/cluster.secret, made at first start).
+    pub secret: Option<String>,
+}
+
+/// The file in the data folder of `wafer dev` that keeps its cluster secret.
+pub const SECRET_FILE: &str = "cluster.secret";
+
+/// The dev server's cluster secret: `given`, else the one kept in `data`, else a new
+/// one (kept there, mode 0600).
+fn dev_secret(data: &Path, given: Option<&str>) -> anyhow::Result<ClusterSecret> {
+    if let Some(text) = given {
+        return ClusterSecret::new(text).context("--secret");
+    }
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("creating data folder {}", data.display()))?;
+    let path = data.join(SECRET_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let text = ClusterSecret::generate();
+            server::write_private(&path, &text)?;
+            text
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    ClusterSecret::new(&text).with_context(|| format!("the cluster secret in {}", path.display()))
 }
 
 /// Deploys every `NAME.wasm` in `dir` (with `NAME.json` as its manifest when present)
@@ -101,6 +128,7 @@ pub async fn deploy_examples(
 
 /// Runs the dev server until Ctrl-C or SIGTERM.
 pub async fn run(config: DevConfig) -> anyhow::Result<()> {
+    let secret = dev_secret(&config.data, config.secret.as_deref())?;
     let server_config = ServerConfig {
         id: 1,
         data: config.data.clone(),
@@ -119,9 +147,11 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
             servers: Vec::new(),
             resources: config.agent_resources,
             attributes: Default::default(),
+            secret: secret.clone(),
         }),
         public_invoke: config.public_invoke,
         admin_token: config.admin_token.clone(),
+        secret,
     };
     let node = server::start(&server_config).await?;
     server::become_member(&node.cluster, &server_config.membership).await?;

@@ -91,6 +91,8 @@ pub struct ServerConfig {
     pub public_invoke: bool,
     /// The secret of the admin token a new cluster starts with (none: a random one).
     pub admin_token: Option<String>,
+    /// The secret nodes of this cluster authenticate each other with.
+    pub secret: crate::rpc::ClusterSecret,
 }
 
 /// A started node.
@@ -113,6 +115,8 @@ pub struct Node {
     pub events: Arc<crate::events::Events>,
     /// The public Cap'n Proto API's listener.
     pub api: std::net::TcpListener,
+    /// The cluster secret.
+    pub secret: crate::rpc::ClusterSecret,
 }
 
 /// Checks (or, on first use, writes) the data folder's node id, so that a folder is
@@ -228,7 +232,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     }
     .validate()
     .context("Raft settings")?;
-    let rpc = RpcHandle::start().context("starting the RPC thread")?;
+    let rpc = RpcHandle::start(config.secret.clone()).context("starting the RPC thread")?;
     let raft = crate::consensus::Raft::new(
         config.id,
         Arc::new(raft_config),
@@ -244,8 +248,9 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     scheduler.start();
     let service = NodeService::new(cluster.clone(), scheduler.clone());
     let serving = rpc.clone();
+    let secret = config.secret.clone();
     tokio::spawn(async move {
-        if let Err(e) = serving.serve(rpc_listener, service).await {
+        if let Err(e) = serving.serve(rpc_listener, service, secret).await {
             tracing::error!(error = %e, "the node RPC server stopped");
         }
     });
@@ -257,6 +262,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         public_invoke: config.public_invoke,
         events,
         api,
+        secret: config.secret.clone(),
         functions,
         http,
     })
@@ -338,7 +344,7 @@ pub async fn bootstrap_admin_token(
 }
 
 /// Writes `text` to `path`, readable by its owner only.
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -394,15 +400,18 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
         public_invoke: node.public_invoke,
         events: node.events.clone(),
     });
-    let api_rpc = RpcHandle::start().context("starting the API's RPC thread")?;
+    // Its own thread: public clients never delay Raft traffic.
+    let api_rpc = RpcHandle::start(node.secret.clone()).context("starting the API's RPC thread")?;
     let api_state = state.clone();
     tokio::spawn(async move {
         let served = api_rpc
             .serve_with(node.api, crate::rpc::api::reader_options(), move || {
-                capnp_rpc::new_client::<wafer_proto::cluster_capnp::gateway::Client, _>(
-                    crate::rpc::api::GatewayService::new(api_state),
-                )
-                .client
+                move |_peer| {
+                    capnp_rpc::new_client::<wafer_proto::cluster_capnp::gateway::Client, _>(
+                        crate::rpc::api::GatewayService::new(api_state.clone()),
+                    )
+                    .client
+                }
             })
             .await;
         if let Err(e) = served {

@@ -17,6 +17,10 @@ use anyhow::{bail, Context};
 /// `WAFER_ADMIN_TOKEN`), unless the test sets that variable itself.
 pub const ADMIN_TOKEN: &str = "wafer-test-admin-token-0123456789";
 
+/// The cluster secret every server and agent the harness starts is given (through
+/// `WAFER_CLUSTER_SECRET`), unless the test sets that variable itself.
+pub const CLUSTER_SECRET: &str = "wafer-test-cluster-secret-0123456789";
+
 /// An HTTP client that sends [`ADMIN_TOKEN`] as its bearer token.
 pub fn http() -> reqwest::Client {
     http_as(ADMIN_TOKEN)
@@ -116,11 +120,13 @@ pub fn spawn_until_ready<T: Send + 'static>(
         .append(true)
         .open(&log_path)
         .context("opening the server log")?;
-    if !command
-        .get_envs()
-        .any(|(key, _)| key == "WAFER_ADMIN_TOKEN")
-    {
-        command.env("WAFER_ADMIN_TOKEN", ADMIN_TOKEN);
+    for (key, value) in [
+        ("WAFER_ADMIN_TOKEN", ADMIN_TOKEN),
+        ("WAFER_CLUSTER_SECRET", CLUSTER_SECRET),
+    ] {
+        if !command.get_envs().any(|(k, _)| k == key) {
+            command.env(key, value);
+        }
     }
     let mut child = command
         .env("RUST_LOG", "info")

@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub resources: Resources,
     /// Attributes for placement constraints.
     pub attributes: BTreeMap<String, String>,
+    /// The cluster secret (presented to servers; asked of whoever calls the executor).
+    pub secret: crate::rpc::ClusterSecret,
 }
 
 /// Where an agent's registration stands.
@@ -139,7 +141,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         resources: config.resources,
         attributes: config.attributes.clone(),
     };
-    let rpc = RpcHandle::start().context("starting the RPC thread")?;
+    let rpc = RpcHandle::start(config.secret.clone()).context("starting the RPC thread")?;
     let cache = config.data.join("cache");
     let runtime = tokio::task::spawn_blocking(move || {
         Runtime::new(&RuntimeConfig {
@@ -161,10 +163,15 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         worker: worker.clone(),
     };
     let serving = rpc.clone();
+    let secret = config.secret.clone();
     tokio::spawn(async move {
         let served = serving
             .serve_with(listener, crate::state::reader_options(), move || {
-                capnp_rpc::new_client::<executor::Client, _>(service).client
+                let executor = capnp_rpc::new_client::<executor::Client, _>(service);
+                move |peer| {
+                    crate::rpc::door::DoorService::agent(executor.clone(), secret.clone(), peer)
+                        .client
+                }
             })
             .await;
         if let Err(e) = served {

@@ -4,6 +4,7 @@
 //! an agent serves `Executor`) and keeps one client connection per peer address.
 
 pub mod api;
+pub mod door;
 pub mod framework;
 pub mod remote;
 mod server;
@@ -18,9 +19,10 @@ use std::time::Duration;
 use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
 use futures_util::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
-use wafer_proto::node_capnp::{executor, node};
+use wafer_proto::node_capnp::{door as wire_door, executor, node};
 use wafer_proto::raft_capnp::raft;
 
+pub use door::{ClusterSecret, InvalidSecret};
 pub use server::{
     read_agent_info, read_failure, read_launch, read_node_info, write_agent_info, write_failure,
     write_launch, write_node_info, AgentInfo, NodeService,
@@ -82,8 +84,8 @@ pub struct RpcHandle {
 }
 
 impl RpcHandle {
-    /// Starts the RPC thread.
-    pub fn start() -> std::io::Result<RpcHandle> {
+    /// Starts the RPC thread; its connections to peers present `secret`.
+    pub fn start(secret: ClusterSecret) -> std::io::Result<RpcHandle> {
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -92,7 +94,7 @@ impl RpcHandle {
             .name("wafer-rpc".into())
             .spawn(move || {
                 let local = tokio::task::LocalSet::new();
-                let peers = Rc::new(Peers::default());
+                let peers = Rc::new(Peers::new(secret));
                 local.block_on(&runtime, async move {
                     while let Some(job) = rx.recv().await {
                         tokio::task::spawn_local(job(peers.clone()));
@@ -119,29 +121,33 @@ impl RpcHandle {
         rx.await.map_err(|_| RpcError::Stopped)
     }
 
-    /// Serves `service` as the bootstrap `Node` capability on `listener` until the
-    /// process ends.
+    /// Serves `service` on `listener`, behind a `Door` that admits peers presenting
+    /// `secret`, until the process ends.
     pub async fn serve(
         &self,
         listener: std::net::TcpListener,
         service: NodeService,
+        secret: ClusterSecret,
     ) -> Result<(), RpcError> {
         self.serve_with(listener, reader_options(), move || {
-            capnp_rpc::new_client::<node::Client, _>(service).client
+            let node = capnp_rpc::new_client::<node::Client, _>(service);
+            move |peer| door::DoorService::server(node.clone(), secret.clone(), peer).client
         })
         .await
     }
 
-    /// Serves the capability `make` returns (called on the RPC thread) as the bootstrap
-    /// capability on `listener` until the process ends.
-    pub async fn serve_with<F>(
+    /// Serves on `listener` until the process ends: `make` runs once on the RPC thread
+    /// and returns the function that gives each connection (from a peer address) its
+    /// bootstrap capability.
+    pub async fn serve_with<F, M>(
         &self,
         listener: std::net::TcpListener,
         options: capnp::message::ReaderOptions,
         make: F,
     ) -> Result<(), RpcError>
     where
-        F: FnOnce() -> capnp::capability::Client + Send + 'static,
+        F: FnOnce() -> M + Send + 'static,
+        M: FnMut(std::net::SocketAddr) -> capnp::capability::Client + 'static,
     {
         self.run(move |_| async move {
             let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -151,7 +157,7 @@ impl RpcHandle {
                     return;
                 }
             };
-            let client = make();
+            let mut bootstrap = make();
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
@@ -170,7 +176,7 @@ impl RpcHandle {
                     rpc_twoparty_capnp::Side::Server,
                     options,
                 );
-                let system = RpcSystem::new(Box::new(network), Some(client.clone()));
+                let system = RpcSystem::new(Box::new(network), Some(bootstrap(peer)));
                 tokio::task::spawn_local(async move {
                     if let Err(e) = system.await {
                         tracing::debug!(%peer, error = %e, "RPC connection ended");
@@ -183,20 +189,31 @@ impl RpcHandle {
 }
 
 /// The RPC thread's client connections, one per peer address.
-#[derive(Default)]
 pub struct Peers {
+    secret: ClusterSecret,
     nodes: RefCell<HashMap<String, (node::Client, raft::Client)>>,
     executors: RefCell<HashMap<String, executor::Client>>,
 }
 
 impl Peers {
+    fn new(secret: ClusterSecret) -> Peers {
+        Peers {
+            secret,
+            nodes: RefCell::default(),
+            executors: RefCell::default(),
+        }
+    }
+
     /// The `Node` and `Raft` capabilities of the server at `addr`, connecting when there
     /// is no connection yet.
     pub async fn get(&self, addr: &str) -> Result<(node::Client, raft::Client), RpcError> {
         if let Some(clients) = self.nodes.borrow().get(addr) {
             return Ok(clients.clone());
         }
-        let node: node::Client = connect(addr).await?;
+        let door: wire_door::Client = connect(addr).await?;
+        let mut request = door.node_request();
+        request.get().set_secret(self.secret.as_bytes());
+        let node = request.send().pipeline.get_node();
         let raft = node.raft_request().send().pipeline.get_raft();
         // Another task may have connected meanwhile; keep the first connection.
         let clients = self
@@ -214,7 +231,10 @@ impl Peers {
         if let Some(client) = self.executors.borrow().get(addr) {
             return Ok(client.clone());
         }
-        let client: executor::Client = connect(addr).await?;
+        let door: wire_door::Client = connect(addr).await?;
+        let mut request = door.executor_request();
+        request.get().set_secret(self.secret.as_bytes());
+        let client = request.send().pipeline.get_executor();
         Ok(self
             .executors
             .borrow_mut()

@@ -144,9 +144,11 @@ impl framework_callback::Server for Callback {
 
 impl Driver {
     /// Subscribes framework `id` (`name`, in `role`) through any of `servers` (their
-    /// `--listen` addresses) and keeps it subscribed; events arrive on the receiver.
+    /// `--listen` addresses, reached with the cluster `secret`) and keeps it subscribed;
+    /// events arrive on the receiver.
     pub async fn start(
         servers: Vec<String>,
+        secret: crate::rpc::ClusterSecret,
         id: &str,
         name: &str,
         role: &str,
@@ -160,7 +162,7 @@ impl Driver {
         if servers.is_empty() {
             return Err(ClusterError::Rejected("no server addresses".into()));
         }
-        let rpc = RpcHandle::start().map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        let rpc = RpcHandle::start(secret).map_err(|e| ClusterError::Unavailable(e.to_string()))?;
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
         let driver = Arc::new(Driver {
             rpc,

@@ -113,6 +113,7 @@ async fn agents_register_follow_the_leader_and_go_unreachable() -> anyhow::Resul
 
     // The cluster refuses an agent with an invalid attribute: it says why and exits.
     let output = Command::new(wafer_bin()?)
+        .env("WAFER_CLUSTER_SECRET", wafer_tests::CLUSTER_SECRET)
         .args([
             "agent",
             "--servers",
@@ -130,6 +131,42 @@ async fn agents_register_follow_the_leader_and_go_unreachable() -> anyhow::Resul
     assert!(
         stderr.contains("refused") && stderr.contains("Bad Key"),
         "{stderr}"
+    );
+
+    // An agent with another cluster's secret is refused, says so and exits; the
+    // server logs the refusal.
+    let output = Command::new(wafer_bin()?)
+        .env("WAFER_CLUSTER_SECRET", "the-secret-of-another-cluster")
+        .args([
+            "agent",
+            "--servers",
+            &cluster.server(new_leader).rpc,
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(dir.path().join("stranger"))
+        .output()?;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("wrong cluster secret"), "{stderr}");
+    assert!(
+        cluster
+            .server(new_leader)
+            .log()
+            .contains("refused a peer: wrong cluster secret"),
+        "the server logs the refusal"
+    );
+    // A secret too short is refused at start.
+    let output = Command::new(wafer_bin()?)
+        .env("WAFER_CLUSTER_SECRET", "short")
+        .args(["agent", "--servers", "127.0.0.1:1", "--data"])
+        .arg(dir.path().join("short"))
+        .output()?;
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("at least 16 characters"),
+        "{output:?}"
     );
     Ok(())
 }

@@ -333,6 +333,19 @@ async fn the_cluster_grows_to_five_and_shrinks_and_keeps_committing() {
     let all = [1, 2, 3, 4, 5];
     cluster.wait_voters(&all, &all).await.expect("five voters");
 
+    // A server with another cluster's secret cannot join: it says why and exits.
+    let stranger = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
+        .env("WAFER_CLUSTER_SECRET", "the-secret-of-another-cluster")
+        .args(["server", "--id", "9", "--listen", "127.0.0.1:0"])
+        .args(["--http", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .args(["--join", &cluster.server(1).rpc, "--data"])
+        .arg(dir.path().join("stranger"))
+        .output()
+        .expect("run wafer server");
+    assert!(!stranger.status.success());
+    let stderr = String::from_utf8_lossy(&stranger.stderr);
+    assert!(stderr.contains("wrong cluster secret"), "{stderr}");
+
     let (code, body) = deploy_to(cluster.server(5), "grown", plain_program("five", 0)).await;
     assert_eq!(code, StatusCode::CREATED, "{body}");
     for id in all {
@@ -439,6 +452,7 @@ async fn a_restarted_server_keeps_its_state_and_unusable_data_folders_fail_clear
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"not a folder").expect("file");
     let output = std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
+        .env("WAFER_CLUSTER_SECRET", wafer_tests::CLUSTER_SECRET)
         .args([
             "server",
             "--id",

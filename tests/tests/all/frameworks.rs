@@ -21,7 +21,8 @@ async fn greedy(
     function: &'static str,
     limit: Option<usize>,
 ) -> anyhow::Result<(Arc<Driver>, tokio::task::JoinHandle<HashSet<u64>>)> {
-    let (driver, mut events) = Driver::start(servers, id, id, role)
+    let secret = wafer::rpc::ClusterSecret::new(wafer_tests::CLUSTER_SECRET)?;
+    let (driver, mut events) = Driver::start(servers, secret, id, id, role)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let handle = {
