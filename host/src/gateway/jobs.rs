@@ -92,13 +92,33 @@ pub async fn submit(
         .map(|c| c.parse::<Constraint>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()))?;
-    let committed = commit(
+    let record = submit_job(
         &app,
+        function,
+        input,
+        constraints,
+        request.max_attempts.unwrap_or(DEFAULT_ATTEMPTS),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(record)).into_response())
+}
+
+/// Submits a job (shared by the REST and Cap'n Proto APIs); answers its record once
+/// committed and applied here.
+pub(crate) async fn submit_job(
+    app: &AppState,
+    function: FunctionName,
+    input: bytes::Bytes,
+    constraints: Vec<Constraint>,
+    max_attempts: u32,
+) -> Result<JobRecord, ApiError> {
+    let committed = commit(
+        app,
         Command::SubmitJob {
             function,
             input,
             constraints,
-            max_attempts: request.max_attempts.unwrap_or(DEFAULT_ATTEMPTS),
+            max_attempts,
             at_ms: now_ms(),
         },
     )
@@ -110,11 +130,11 @@ pub async fn submit(
             "the cluster did not say which job it created",
         )
     })?;
-    let record = read_job(&app, id)?;
-    Ok((StatusCode::CREATED, Json(record)).into_response())
+    read_job(app, id)
 }
 
-fn read_job(app: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
+/// Job `id` as this node has applied it (404 when there is none).
+pub(crate) fn read_job(app: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
     app.scheduler
         .job(id)
         .map_err(|e| ApiError::from(crate::cluster::ClusterError::Unavailable(e.to_string())))?

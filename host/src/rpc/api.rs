@@ -23,7 +23,7 @@ use wafer_proto::cluster_capnp::{
 };
 
 use crate::events::{Event, EventKind};
-use crate::gateway::{ApiError, ApiErrorInfo, AppState};
+use crate::gateway::{read_job, ApiError, ApiErrorInfo, AppState};
 use crate::state::{
     Command, Constraint, FunctionName, FunctionRecord, FunctionSpec, JobId, JobRecord, Resources,
     Scope, TaskState, TokenRecord,
@@ -330,25 +330,14 @@ impl cluster::Server for ClusterService {
                 0 => crate::gateway::DEFAULT_ATTEMPTS,
                 n => n,
             };
-            let committed = crate::gateway::commit(
+            crate::gateway::submit_job(
                 &self.app,
-                Command::SubmitJob {
-                    function,
-                    input: bytes::Bytes::copy_from_slice(spec.get_input()?),
-                    constraints,
-                    max_attempts,
-                    at_ms: crate::scheduler::now_ms(),
-                },
+                function,
+                bytes::Bytes::copy_from_slice(spec.get_input()?),
+                constraints,
+                max_attempts,
             )
-            .await?;
-            let id = committed.created.map(JobId).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the cluster did not say which job it created",
-                )
-            })?;
-            read_job(&self.app, id)
+            .await
         }
         .await;
         answer!(results, outcome, |job| write_job(
@@ -775,13 +764,6 @@ fn too_large(message: String) -> ApiError {
 
 fn unavailable(message: String) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
-}
-
-fn read_job(app: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
-    app.scheduler
-        .job(id)
-        .map_err(|e| unavailable(e.to_string()))?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}")))
 }
 
 impl From<capnp::Error> for ApiError {
