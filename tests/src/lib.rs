@@ -235,3 +235,30 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         (name == sample).then(|| value.parse().ok()).flatten()
     })
 }
+
+/// The start of a Cap'n Proto frame whose segment table announces one segment of
+/// `words` 8-byte words (and sends a few of them).
+pub fn capnp_frame_announcing(words: u32) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&0u32.to_le_bytes()); // one segment
+    frame.extend_from_slice(&words.to_le_bytes());
+    frame.extend_from_slice(&[0u8; 64]);
+    frame
+}
+
+/// Sends `bytes` on a new connection to `addr` and asserts the server closes it (an
+/// abort message before the close is fine) within a deadline.
+pub async fn assert_connection_closed(addr: &str, bytes: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("send");
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {} // an abort message, then the close
+            Err(_) => panic!("{addr} kept a malformed connection open"),
+        }
+    }
+}

@@ -7,12 +7,76 @@ use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::EntryPayload;
 
 use super::{
-    codec, AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+    codec, AppendEntriesRequest, AppendEntriesResponse, Entry, InstallSnapshotRequest,
     InstallSnapshotResponse, NodeAddr, NodeId, TypeConfig, VoteRequest, VoteResponse,
 };
 use crate::rpc::{RpcError, RpcHandle};
+use crate::state::MAX_MESSAGE_WORDS;
+
+/// Estimated bytes of log entries sent in one append-entries call: half the largest
+/// message a peer reads ([`MAX_MESSAGE_WORDS`]), so the estimate has room to be wrong.
+const MAX_APPEND_BYTES: usize = MAX_MESSAGE_WORDS * 8 / 2;
+
+/// What an entry adds to a message besides its bulky payload, at most (an estimate).
+const ENTRY_OVERHEAD: usize = 64 << 10;
+
+/// An entry's estimated size in an append-entries message.
+fn entry_bytes(entry: &Entry) -> usize {
+    ENTRY_OVERHEAD
+        + match &entry.payload {
+            EntryPayload::Normal(command) => command.bulk_bytes(),
+            _ => 0,
+        }
+}
+
+/// Splits a request whose entries would exceed [`MAX_APPEND_BYTES`] into consecutive
+/// requests, each following the entries of the one before; an entry is never split.
+fn split_append(rpc: AppendEntriesRequest) -> Vec<AppendEntriesRequest> {
+    let total: usize = rpc.entries.iter().map(entry_bytes).sum();
+    if total <= MAX_APPEND_BYTES || rpc.entries.len() < 2 {
+        return vec![rpc];
+    }
+    let AppendEntriesRequest {
+        vote,
+        prev_log_id,
+        leader_commit,
+        entries,
+    } = rpc;
+    let mut parts = Vec::new();
+    let mut part: Vec<Entry> = Vec::new();
+    let mut bytes = 0;
+    let mut prev = prev_log_id;
+    let mut finish = |part: Vec<Entry>, prev: &mut Option<_>| {
+        let last = part.last().map(|e| e.log_id);
+        // The leader has committed up to `leader_commit`; of that, this part can
+        // vouch for its own entries only.
+        let commit = match (leader_commit, last) {
+            (Some(commit), Some(last)) if commit.index > last.index => Some(last),
+            (commit, _) => commit,
+        };
+        parts.push(AppendEntriesRequest {
+            vote,
+            prev_log_id: *prev,
+            leader_commit: commit,
+            entries: part,
+        });
+        *prev = last;
+    };
+    for entry in entries {
+        let size = entry_bytes(&entry);
+        if !part.is_empty() && bytes + size > MAX_APPEND_BYTES {
+            finish(std::mem::take(&mut part), &mut prev);
+            bytes = 0;
+        }
+        bytes += size;
+        part.push(entry);
+    }
+    finish(part, &mut prev);
+    parts
+}
 
 /// Makes a [`Network`] per peer.
 #[derive(Clone)]
@@ -147,14 +211,25 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse> {
-        raft_call!(
-            self,
-            rpc,
-            option,
-            append_entries_request,
-            codec::write_append_request,
-            codec::read_append_response
-        )
+        let mut parts = split_append(rpc).into_iter().peekable();
+        loop {
+            let Some(part) = parts.next() else {
+                return Ok(AppendEntriesResponse::Success);
+            };
+            let response = raft_call!(
+                self,
+                part,
+                option,
+                append_entries_request,
+                codec::write_append_request,
+                codec::read_append_response
+            )?;
+            // The follower took this part: go on with the next; any other answer is
+            // the answer to the whole request.
+            if parts.peek().is_none() || !matches!(response, AppendEntriesResponse::Success) {
+                return Ok(response);
+            }
+        }
     }
 
     async fn install_snapshot(
@@ -181,5 +256,72 @@ impl RaftNetwork<TypeConfig> for Network {
             codec::write_vote_request,
             codec::read_vote_response
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use openraft::Vote;
+
+    use super::*;
+    use crate::consensus::codec::new_log_id;
+    use crate::state::{Command, FunctionSpec, MAX_MODULE_BYTES};
+
+    fn deploy(index: u64, module: &Bytes) -> Entry {
+        Entry {
+            log_id: new_log_id(2, 1, index),
+            payload: EntryPayload::Normal(Command::DeployFunction {
+                name: "big".parse().unwrap(),
+                spec: FunctionSpec::default(),
+                module: module.clone(),
+                deployed_at_ms: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_batch_of_large_modules_is_sent_in_parts_that_fit_a_message() {
+        // Zeroed pages are not touched: the module costs no memory until read.
+        let module = Bytes::from(vec![0u8; MAX_MODULE_BYTES as usize]);
+        let entries: Vec<Entry> = (11..=15).map(|i| deploy(i, &module)).collect();
+        let request = AppendEntriesRequest {
+            vote: Vote::new_committed(2, 1),
+            prev_log_id: Some(new_log_id(2, 1, 10)),
+            leader_commit: Some(new_log_id(2, 1, 14)),
+            entries: entries.clone(),
+        };
+        let parts = split_append(request);
+        assert!(parts.len() >= 3, "{} parts", parts.len());
+        let mut prev = Some(new_log_id(2, 1, 10));
+        for part in &parts {
+            let bytes: usize = part.entries.iter().map(entry_bytes).sum();
+            assert!(bytes <= MAX_APPEND_BYTES, "a part of {bytes} bytes");
+            assert_eq!(part.prev_log_id, prev, "each part follows the one before");
+            let last = part.entries.last().map(|e| e.log_id);
+            assert!(part.leader_commit.map(|c| c.index) <= last.map(|l| l.index));
+            prev = last;
+        }
+        assert_eq!(
+            parts.last().and_then(|p| p.leader_commit),
+            Some(new_log_id(2, 1, 14))
+        );
+        let sent: Vec<Entry> = parts.into_iter().flat_map(|p| p.entries).collect();
+        assert_eq!(sent, entries, "every entry once, in order");
+    }
+
+    #[test]
+    fn a_small_batch_is_sent_whole() {
+        let module = Bytes::from_static(b"\0asm\x01\0\0\0");
+        let request = AppendEntriesRequest {
+            vote: Vote::new_committed(2, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: (1..=64).map(|i| deploy(i, &module)).collect(),
+        };
+        let parts = split_append(request.clone());
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].entries, request.entries);
+        assert_eq!(parts[0].prev_log_id, request.prev_log_id);
     }
 }

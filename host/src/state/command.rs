@@ -414,17 +414,42 @@ impl From<std::str::Utf8Error> for MalformedCommand {
     }
 }
 
-/// Reader options for messages between cluster nodes and from their own storage: these
-/// carry modules and batches of log entries, so capnp's default traversal limit
-/// (64 MiB) does not apply; the size of what is accepted is bounded where it enters the
-/// cluster (the gateway's module limit, [`MAX_MODULE_BYTES`]).
+/// Largest message a node reads from a peer or from its own storage, in 8-byte words
+/// (1 GiB): room for a batch of log entries holding the largest modules
+/// ([`MAX_MODULE_BYTES`]); the Raft network splits larger batches
+/// (`consensus::network`).
+pub const MAX_MESSAGE_WORDS: usize = 1 << 27;
+
+/// Deepest pointer nesting a node accepts; our schemas nest a few levels.
+pub const MAX_NESTING: i32 = 64;
+
+/// Reader options for messages between cluster nodes and from their own storage: a
+/// message over [`MAX_MESSAGE_WORDS`] or nested deeper than [`MAX_NESTING`] is refused
+/// (on a connection, the connection is closed). The size of what enters the cluster is
+/// bounded earlier, by the gateway's and the public API's module limit.
 pub fn reader_options() -> capnp::message::ReaderOptions {
     let mut options = capnp::message::ReaderOptions::new();
-    options.traversal_limit_in_words(None);
+    options.traversal_limit_in_words(Some(MAX_MESSAGE_WORDS));
+    options.nesting_limit(MAX_NESTING);
     options
 }
 
 impl Command {
+    /// The bytes of the bulky payloads the command carries (modules, job input and
+    /// output); the rest of any command is small. Used to size batches of log entries.
+    pub fn bulk_bytes(&self) -> usize {
+        match self {
+            Command::DeployFunction { module, .. } => module.len(),
+            Command::SubmitJob { input, .. } | Command::PlaceTask { input, .. } => input.len(),
+            Command::UpdateJob {
+                update: TaskUpdate::Finished { output, .. },
+                ..
+            } => output.len(),
+            Command::Batch(commands) => commands.iter().map(Command::bulk_bytes).sum(),
+            _ => 0,
+        }
+    }
+
     /// Writes the command into a Cap'n Proto builder.
     pub fn write(&self, builder: command::Builder<'_>) {
         match self {

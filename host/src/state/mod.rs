@@ -32,7 +32,7 @@ pub use agent::{AgentId, AgentRecord, AgentState};
 pub use command::{
     read_resources, read_task_ref, read_task_update, reader_options, write_resources,
     write_task_ref, write_task_update, Command, CommandResponse, MalformedCommand, Rejection,
-    MAX_MODULE_BYTES,
+    MAX_MESSAGE_WORDS, MAX_MODULE_BYTES, MAX_NESTING,
 };
 pub use constraint::{Constraint, InvalidConstraint};
 pub use framework::{

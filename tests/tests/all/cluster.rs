@@ -345,6 +345,11 @@ async fn the_cluster_grows_to_five_and_shrinks_and_keeps_committing() {
     assert!(!stranger.status.success());
     let stderr = String::from_utf8_lossy(&stranger.stderr);
     assert!(stderr.contains("wrong cluster secret"), "{stderr}");
+    // Garbage, or a message over the 1 GiB a node reads, closes only that connection.
+    let rpc = cluster.server(1).rpc.clone();
+    wafer_tests::assert_connection_closed(&rpc, b"\xff\xff\xff\x7f garbage").await;
+    let oversized = wafer_tests::capnp_frame_announcing((1 << 27) + 1);
+    wafer_tests::assert_connection_closed(&rpc, &oversized).await;
 
     let (code, body) = deploy_to(cluster.server(5), "grown", plain_program("five", 0)).await;
     assert_eq!(code, StatusCode::CREATED, "{body}");
