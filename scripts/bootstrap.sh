@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Installs the Debian packages and Python modules wafer needs (when missing) and builds
+# Installs the Debian packages and Python modules wafer needs (when missing), builds
 # every guest in functions/ for wasm32-wasip1 into target/functions/ (NAME.wasm, plus
-# NAME.json when the function ships a wafer.json manifest). Idempotent; quick when
-# nothing is missing.
+# NAME.json when the function ships a wafer.json manifest), and builds the web console
+# into target/console/ (scripts/console.sh) for `cargo build` to embed. Idempotent;
+# quick when nothing is missing.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$root/target/functions"
 packages=(capnproto libcapnp-dev rustc-web cargo-web rust-web-src lld wasi-libc clang
-          libclang-rt-14-dev-wasm32 g++ pkg-config)
+          libclang-rt-14-dev-wasm32 g++ pkg-config chromium chromium-driver)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -57,3 +58,5 @@ for dir in */; do
 done
 
 log "guests in $out: $(cd "$out" && ls *.wasm | tr '\n' ' ')"
+
+"$root/scripts/console.sh"

@@ -10,15 +10,18 @@ cd "$root"
 echo "test: cargo fmt --check" >&2
 cargo fmt --all -- --check
 (cd functions && cargo fmt --all -- --check)
+(cd web-ui && cargo fmt --all -- --check)
 
 echo "test: cargo clippy" >&2
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+(cd web-ui && cargo clippy --all-targets --quiet -- -D warnings)
 
 echo "test: building the wafer binary" >&2
 cargo build --release --workspace --bins --quiet
 
 echo "test: cargo test" >&2
 cargo test --release --workspace
+(cd web-ui && cargo test --quiet)
 
 echo "test: the Python client against a real wafer dev (pytest)" >&2
 (cd clients/python && python3 -m pytest -q)

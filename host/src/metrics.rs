@@ -79,7 +79,24 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     /// Guest run time by function, seconds.
     pub duration: HistogramFamily,
+    /// Invocations and server errors of every function together (for the console).
+    pub totals: Totals,
     raft: RaftGauges,
+}
+
+/// Invocations of every function together, and those answered with a 5xx status.
+#[derive(Debug, Default)]
+pub struct Totals {
+    invocations: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+}
+
+impl Totals {
+    /// Invocations and 5xx answers so far.
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.invocations.load(Relaxed), self.errors.load(Relaxed))
+    }
 }
 
 /// This node's Raft state, set from [`ClusterStatus`] when metrics are rendered.
@@ -172,6 +189,7 @@ impl Metrics {
             invocations,
             errors,
             duration,
+            totals: Totals::default(),
             raft,
         }
     }
@@ -197,6 +215,11 @@ impl Metrics {
 
     /// Counts an invocation that `function` answered with `status`.
     pub fn invocation(&self, stats: &FunctionStats, function: &str, status: u16) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.totals.invocations.fetch_add(1, Relaxed);
+        if status >= 500 {
+            self.totals.errors.fetch_add(1, Relaxed);
+        }
         if status == 200 {
             stats.ok.inc();
         } else {

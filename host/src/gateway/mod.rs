@@ -1,10 +1,13 @@
-//! The HTTP gateway (axum on hyper): function invocation routes, the REST API,
-//! `/healthz` and `/metrics`, behind the bearer-token check of [`auth`].
+//! The HTTP gateway (axum on hyper): function invocation routes, the REST API, its
+//! server-sent event stream, the web console's files, `/healthz` and `/metrics`, behind
+//! the bearer-token check of [`auth`].
 
 mod api;
 pub mod auth;
 mod cluster;
+pub mod console;
 mod error;
+mod events;
 mod invoke;
 mod jobs;
 mod openapi;
@@ -57,6 +60,9 @@ pub struct AppState {
 /// The gateway's router.
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(console::index))
+        .route("/console/{build}/{file}", get(console::asset))
+        .route("/v1/events", get(events::stream))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/functions", get(api::list))

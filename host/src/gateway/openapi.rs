@@ -20,6 +20,7 @@ mod tests {
         "/healthz",
         "/metrics",
         "/v1/openapi.json",
+        "/v1/events",
         "/v1/functions",
         "/v1/functions/{name}",
         "/v1/functions/{name}/labels",

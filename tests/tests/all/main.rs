@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod clients;
 mod cluster;
+mod console;
 mod deploy;
 mod frameworks;
 mod invoke;
