@@ -120,6 +120,10 @@ pub struct ClusterStatus {
     pub last_log_index: Option<u64>,
     /// Index of the last entry applied to this node's state.
     pub applied_index: Option<u64>,
+    /// On the leader, the highest index a majority of voters has in its log (the
+    /// commit index); absent on other nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_index: Option<u64>,
     /// Index covered by this node's latest snapshot.
     pub snapshot_index: Option<u64>,
     /// Index up to which this node's log was compacted away.
@@ -491,6 +495,27 @@ impl Cluster {
                 voter: voters.contains(id),
             })
             .collect();
+        let committed_index = (metrics.state == ServerState::Leader)
+            .then(|| {
+                let replication = metrics.replication.as_ref()?;
+                let mut matched: Vec<u64> = voters
+                    .iter()
+                    .map(|v| {
+                        if *v == self.id {
+                            metrics.last_log_index.unwrap_or(0)
+                        } else {
+                            replication
+                                .get(v)
+                                .copied()
+                                .flatten()
+                                .map_or(0, |id| id.index)
+                        }
+                    })
+                    .collect();
+                matched.sort_unstable_by(|a, b| b.cmp(a));
+                matched.get(matched.len() / 2).copied()
+            })
+            .flatten();
         ClusterStatus {
             id: self.id,
             state: match metrics.state {
@@ -506,6 +531,7 @@ impl Cluster {
             members,
             last_log_index: metrics.last_log_index,
             applied_index: metrics.last_applied.map(|id| id.index),
+            committed_index,
             snapshot_index: metrics.snapshot.map(|id| id.index),
             purged_index: metrics.purged.map(|id| id.index),
         }

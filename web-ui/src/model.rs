@@ -72,6 +72,7 @@ pub struct Cluster {
     pub members: Vec<Member>,
     pub last_log_index: Option<u64>,
     pub applied_index: Option<u64>,
+    pub committed_index: Option<u64>,
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
 }

@@ -58,21 +58,26 @@ pub fn rates(samples: &[Sample]) -> Vec<(f64, f64, f64)> {
 pub fn RateChart(samples: Signal<Vec<Sample>>) -> impl IntoView {
     const W: f64 = 600.0;
     const H: f64 = 120.0;
+    /// The time the chart spans, ms.
+    const SPAN: f64 = 300_000.0;
     let chart = move || {
         let points = samples.with(|s| rates(s));
         let top = points.iter().map(|p| p.1.max(p.2)).fold(1.0_f64, f64::max);
-        let n = points.len().max(2) as f64 - 1.0;
+        // The newest sample is at the right edge; the left edge is five minutes before.
+        let end = points.last().map_or(0.0, |p| p.0);
         let line = |pick: fn(&(f64, f64, f64)) -> f64| {
-            points
+            let mut coords: Vec<(f64, f64)> = points
                 .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    format!(
-                        "{:.1},{:.1}",
-                        i as f64 / n * W,
-                        H - pick(p) / top * (H - 10.0)
-                    )
-                })
+                .filter(|p| p.0 >= end - SPAN)
+                .map(|p| (W - (end - p.0) / SPAN * W, H - pick(p) / top * (H - 10.0)))
+                .collect();
+            if let [(x, y)] = coords.as_slice() {
+                // One sample: a short flat line up to it.
+                coords.insert(0, (x - 2000.0 / SPAN * W, *y));
+            }
+            coords
+                .iter()
+                .map(|(x, y)| format!("{x:.1},{y:.1}"))
                 .collect::<Vec<_>>()
                 .join(" ")
         };
@@ -91,7 +96,7 @@ pub fn RateChart(samples: Signal<Vec<Sample>>) -> impl IntoView {
                 <strong id="rate">{move || format!("{:.1}", chart().3 .1)}</strong>
                 <span class="key errors">" errors/s "</span>
                 <strong id="error-rate">{move || format!("{:.1}", chart().3 .2)}</strong>
-                <span class="muted">{move || format!(" (scale: {:.1}/s; this node, last {} s)", chart().2, samples.with(|s| s.len().saturating_sub(1) * 2))}</span>
+                <span class="muted">{move || format!(" (top of the chart: {:.1}/s; this node, the last five minutes)", chart().2)}</span>
             </figcaption>
         </figure>
     }

@@ -71,6 +71,10 @@ pub struct AgentView {
     pub record: AgentRecord,
     /// Capacity not allocated.
     pub free: Resources,
+    /// When the leader last heard the agent's heartbeat, ms since the Unix epoch (only
+    /// the leader knows; absent elsewhere or before the first heartbeat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_ms: Option<u64>,
 }
 
 /// The leader's in-memory scheduling state.
@@ -79,6 +83,8 @@ struct Inner {
     term: Option<u64>,
     /// When each active agent was last heard from (or given a fresh timeout).
     heartbeats: HashMap<AgentId, Instant>,
+    /// When each agent's heartbeat last arrived here, ms since the Unix epoch.
+    heard_ms: HashMap<AgentId, u64>,
     /// Agents being marked unreachable (the proposal is in flight).
     marking: HashSet<AgentId>,
     allocator: Allocator,
@@ -141,6 +147,7 @@ impl Scheduler {
             inner: Mutex::new(Inner {
                 term: None,
                 heartbeats: HashMap::new(),
+                heard_ms: HashMap::new(),
                 marking: HashSet::new(),
                 allocator,
                 synced: None,
@@ -241,6 +248,7 @@ impl Scheduler {
         if active && !inner.marking.contains(agent) {
             let now = Instant::now();
             inner.heartbeats.insert(agent.clone(), now);
+            inner.heard_ms.insert(agent.clone(), now_ms());
             let view = inner.view.clone();
             inner.serverless.observe(&view, agent, busy, now);
             self.metrics.heartbeats.inc();
@@ -293,11 +301,16 @@ impl Scheduler {
             .state
             .scheduling()
             .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        let inner = self.lock();
+        let leading = inner.term.is_some();
         Ok(view
             .agents
             .into_values()
             .map(|record| AgentView {
                 free: record.resources.minus(&record.allocated),
+                last_heartbeat_ms: leading
+                    .then(|| inner.heard_ms.get(&record.id).copied())
+                    .flatten(),
                 record,
             })
             .collect())

@@ -71,7 +71,7 @@ fn FunctionTable(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
         }
     };
     view! {
-        <table id="functions">
+        <div class="table-wrap"><table id="functions">
             <thead>
                 <tr>
                     <th>"name"</th><th>"version"</th><th>"digest"</th><th>"size"</th>
@@ -82,7 +82,7 @@ fn FunctionTable(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
             <tbody>
                 {move || ctx.functions.get().into_iter().map(row).collect_view()}
             </tbody>
-        </table>
+        </table></div>
         <Show when=move || ctx.functions.with(Vec::is_empty)>
             <p class="muted">"No functions deployed yet."</p>
         </Show>

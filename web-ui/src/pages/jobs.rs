@@ -91,7 +91,7 @@ pub fn JobsPage(ctx: Ctx) -> impl IntoView {
                 }).collect_view()}
             </select>
         </div>
-        <table id="jobs">
+        <div class="table-wrap"><table id="jobs">
             <thead>
                 <tr>
                     <th>"job"</th><th>"function"</th><th>"state"</th><th>"agent"</th>
@@ -100,7 +100,7 @@ pub fn JobsPage(ctx: Ctx) -> impl IntoView {
                 </tr>
             </thead>
             <tbody>{move || shown().into_iter().map(row).collect_view()}</tbody>
-        </table>
+        </table></div>
         <Show when=move || ctx.jobs.with(Vec::is_empty)>
             <p class="muted">"No jobs yet."</p>
         </Show>
@@ -287,10 +287,10 @@ fn JobDetail(ctx: Ctx, id: u64, open: RwSignal<Option<u64>>) -> impl IntoView {
                 }
             }}
             <h3>"Attempts"</h3>
-            <table>
+            <div class="table-wrap"><table>
                 <thead><tr><th>"#"</th><th>"agent"</th><th>"state"</th><th>"ran"</th><th>"reason / log"</th></tr></thead>
                 <tbody>{attempts}</tbody>
-            </table>
+            </table></div>
             <h3>"Output"</h3>
             {move || match output.get() {
                 None => view! { <p class="muted">"The output appears when the job has finished."</p> }.into_any(),

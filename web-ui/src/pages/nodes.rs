@@ -72,20 +72,24 @@ pub fn Nodes(ctx: Ctx) -> impl IntoView {
                 <dt>"leader"</dt><dd>{move || index(cluster().leader_id)}</dd>
                 <dt>"term"</dt><dd id="raft-term">{move || cluster().term}</dd>
                 <dt>"last log index"</dt><dd>{move || index(cluster().last_log_index)}</dd>
+                <dt>"commit index"</dt><dd id="raft-committed">{move || match cluster().committed_index {
+                    Some(i) => i.to_string(),
+                    None => "— (the leader knows)".to_string(),
+                }}</dd>
                 <dt>"applied index"</dt><dd id="raft-applied">{move || index(cluster().applied_index)}</dd>
                 <dt>"snapshot index"</dt><dd>{move || index(cluster().snapshot_index)}</dd>
             </dl>
-            <table id="members">
+            <div class="table-wrap"><table id="members">
                 <thead><tr><th>"id"</th><th>"role"</th><th>"vote"</th><th>"node address"</th><th>"HTTP"</th></tr></thead>
                 <tbody>{members}</tbody>
-            </table>
+            </table></div>
         </section>
         <section aria-labelledby="agents-h2">
             <h2 id="agents-h2">"Agents"</h2>
-            <table id="agents">
+            <div class="table-wrap"><table id="agents">
                 <thead><tr><th>"agent"</th><th>"state"</th><th>"executor address"</th><th>"attributes"</th><th>"last heartbeat"</th><th>"registered"</th></tr></thead>
                 <tbody>{agents}</tbody>
-            </table>
+            </table></div>
         </section>
     }
 }

@@ -88,10 +88,10 @@ pub fn Overview(ctx: Ctx) -> impl IntoView {
         </section>
         <section aria-labelledby="servers-h">
             <h2 id="servers-h">"Servers"</h2>
-            <table>
+            <div class="table-wrap"><table>
                 <thead><tr><th>"id"</th><th>"role"</th><th>"node address"</th><th>"HTTP"</th></tr></thead>
                 <tbody>{servers}</tbody>
-            </table>
+            </table></div>
         </section>
         <section aria-labelledby="agents-h">
             <h2 id="agents-h">"Agents"</h2>

@@ -99,34 +99,34 @@ pub fn Scheduling(ctx: Ctx) -> impl IntoView {
         </p>
         <section aria-labelledby="fw-h">
             <h2 id="fw-h">"Frameworks"</h2>
-            <table id="frameworks">
+            <div class="table-wrap"><table id="frameworks">
                 <thead><tr><th>"framework"</th><th>"role"</th><th>"weight"</th><th>"dominant share"</th><th>"allocated"</th></tr></thead>
                 <tbody>{frameworks}</tbody>
-            </table>
+            </table></div>
         </section>
         <section aria-labelledby="roles-h">
             <h2 id="roles-h">"Allocation per role"</h2>
-            <table id="roles">
+            <div class="table-wrap"><table id="roles">
                 <thead><tr><th>"role"</th><th>"weight"</th><th>"held"</th><th>"quota"</th></tr></thead>
                 <tbody>{roles}</tbody>
-            </table>
+            </table></div>
         </section>
         <section aria-labelledby="offers-h">
             <h2 id="offers-h">"Open offers"</h2>
-            <table id="offers">
+            <div class="table-wrap"><table id="offers">
                 <thead><tr><th>"offer"</th><th>"framework"</th><th>"agent"</th><th>"resources"</th><th>"age"</th></tr></thead>
                 <tbody>{offers}</tbody>
-            </table>
+            </table></div>
             <Show when=move || ctx.offers.with(Vec::is_empty)>
                 <p class="muted">"No open offers now (offers are short-lived; the leader lists them)."</p>
             </Show>
         </section>
         <section aria-labelledby="leases-h">
             <h2 id="leases-h">"Serverless leases"</h2>
-            <table id="leases">
+            <div class="table-wrap"><table id="leases">
                 <thead><tr><th>"allocation"</th><th>"agent"</th><th>"resources"</th></tr></thead>
                 <tbody>{leases}</tbody>
-            </table>
+            </table></div>
         </section>
     }
 }
