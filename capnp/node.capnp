@@ -157,6 +157,9 @@ struct TaskUpdate {
       hasExitCode @5 :Bool;
     }
   }
+  # The tail of what the attempt logged (stderr and `wafer::log`), at most 4 KiB;
+  # empty for `running`.
+  log @6 :Data;
 }
 
 # What an agent needs to run an attempt (its input and module are fetched by digest).

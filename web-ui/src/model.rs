@@ -133,6 +133,7 @@ pub struct Attempt {
     pub reason: Option<String>,
     pub started_at_ms: u64,
     pub ended_at_ms: Option<u64>,
+    pub log: Option<String>,
 }
 
 /// A job's output record.

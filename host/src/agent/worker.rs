@@ -175,6 +175,12 @@ impl Worker {
         let failed = |reason: String| TaskUpdate::Failed {
             reason,
             exit_code: None,
+            log: Bytes::new(),
+        };
+        let failed_with_log = |reason: String, log: &Bytes| TaskUpdate::Failed {
+            reason,
+            exit_code: None,
+            log: log.clone(),
         };
         let prepared = match self.module(spec).await {
             Ok(prepared) => prepared,
@@ -202,25 +208,34 @@ impl Worker {
             Ok(outcome) => outcome,
             Err(e) => return failed(e.to_string()),
         };
+        let log = outcome.log;
         match outcome.exit {
             Exit::Code(0) => TaskUpdate::Finished {
                 exit_code: 0,
                 output: outcome.stdout,
+                log,
             },
             Exit::Code(code) => TaskUpdate::Failed {
-                reason: format!("exited with code {code}{}", log_tail(&outcome.log)),
+                reason: format!("exited with code {code}{}", log_tail(&log)),
                 exit_code: Some(code),
+                log,
             },
-            Exit::Timeout => failed(format!("timed out after {} ms", spec.limits.timeout_ms)),
-            Exit::MemoryLimit => failed(format!(
-                "memory limit of {} MiB exceeded",
-                spec.limits.memory_mb
-            )),
-            Exit::ResponseTooLarge => failed(format!(
-                "output over its limit of {} bytes",
-                spec.limits.max_response_bytes
-            )),
-            Exit::Trap(message) => failed(format!("trapped: {message}")),
+            Exit::Timeout => failed_with_log(
+                format!("timed out after {} ms", spec.limits.timeout_ms),
+                &log,
+            ),
+            Exit::MemoryLimit => failed_with_log(
+                format!("memory limit of {} MiB exceeded", spec.limits.memory_mb),
+                &log,
+            ),
+            Exit::ResponseTooLarge => failed_with_log(
+                format!(
+                    "output over its limit of {} bytes",
+                    spec.limits.max_response_bytes
+                ),
+                &log,
+            ),
+            Exit::Trap(message) => failed_with_log(format!("trapped: {message}"), &log),
         }
     }
 

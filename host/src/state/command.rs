@@ -890,12 +890,22 @@ pub fn read_task_ref(r: task_ref::Reader<'_>) -> TaskRef {
 pub fn write_task_update(mut b: task_update::Builder<'_>, update: &TaskUpdate) {
     match update {
         TaskUpdate::Running => b.set_running(()),
-        TaskUpdate::Finished { exit_code, output } => {
+        TaskUpdate::Finished {
+            exit_code,
+            output,
+            log,
+        } => {
+            b.set_log(log);
             let mut f = b.init_finished();
             f.set_exit_code(*exit_code);
             f.set_output(output);
         }
-        TaskUpdate::Failed { reason, exit_code } => {
+        TaskUpdate::Failed {
+            reason,
+            exit_code,
+            log,
+        } => {
+            b.set_log(log);
             let mut f = b.init_failed();
             f.set_reason(reason.as_str());
             f.set_has_exit_code(exit_code.is_some());
@@ -911,10 +921,12 @@ pub fn read_task_update(r: task_update::Reader<'_>) -> Result<TaskUpdate, Malfor
         task_update::Finished(f) => TaskUpdate::Finished {
             exit_code: f.get_exit_code(),
             output: Bytes::copy_from_slice(f.get_output()?),
+            log: Bytes::copy_from_slice(r.get_log()?),
         },
         task_update::Failed(f) => TaskUpdate::Failed {
             reason: f.get_reason()?.to_str()?.to_string(),
             exit_code: f.get_has_exit_code().then(|| f.get_exit_code()),
+            log: Bytes::copy_from_slice(r.get_log()?),
         },
     })
 }
@@ -1032,6 +1044,7 @@ mod tests {
                 update: TaskUpdate::Finished {
                     exit_code: 0,
                     output: Bytes::from_static(b"out"),
+                    log: Bytes::from_static(b"said something\n"),
                 },
                 at_ms: 11,
             },
@@ -1043,6 +1056,7 @@ mod tests {
                 update: TaskUpdate::Failed {
                     reason: "trap".into(),
                     exit_code: None,
+                    log: Bytes::new(),
                 },
                 at_ms: 12,
             },

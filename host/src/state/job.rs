@@ -111,6 +111,9 @@ pub struct Attempt {
     /// When it ended, ms since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at_ms: Option<u64>,
+    /// The tail of what it logged (stderr and `wafer::log`), once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 /// A finished job's output.
@@ -207,6 +210,8 @@ pub enum TaskUpdate {
         exit_code: i32,
         /// Stdout.
         output: bytes::Bytes,
+        /// The tail of its log (stderr and `wafer::log`).
+        log: bytes::Bytes,
     },
     /// It failed.
     Failed {
@@ -214,7 +219,44 @@ pub enum TaskUpdate {
         reason: String,
         /// Exit code, if it exited.
         exit_code: Option<i32>,
+        /// The tail of its log, if it ran.
+        log: bytes::Bytes,
     },
+}
+
+/// Most bytes of an attempt's log that the job keeps (its tail).
+pub const MAX_ATTEMPT_LOG_BYTES: usize = 4096;
+
+/// The last [`MAX_ATTEMPT_LOG_BYTES`] of `log` as text (invalid UTF-8 replaced), or
+/// none when it is empty.
+pub fn log_tail(log: &[u8]) -> Option<String> {
+    if log.is_empty() {
+        return None;
+    }
+    let mut start = log.len().saturating_sub(MAX_ATTEMPT_LOG_BYTES);
+    // Skip UTF-8 continuation bytes so the tail starts at a character.
+    while start < log.len() && (log[start] & 0xC0) == 0x80 {
+        start += 1;
+    }
+    Some(String::from_utf8_lossy(&log[start..]).into_owned())
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn a_log_tail_starts_at_a_character_and_is_bounded() {
+        assert_eq!(log_tail(b""), None);
+        assert_eq!(log_tail(b"short\n").as_deref(), Some("short\n"));
+        let long = "é".repeat(MAX_ATTEMPT_LOG_BYTES); // two bytes each
+        let tail = log_tail(long.as_bytes()).unwrap_or_default();
+        assert!(tail.len() <= MAX_ATTEMPT_LOG_BYTES);
+        assert!(
+            tail.chars().all(|c| c == 'é'),
+            "no broken character at the start"
+        );
+    }
 }
 
 /// An attempt, as agents and servers name it.

@@ -10,7 +10,7 @@ use std::io::Write;
 
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 
-use super::job::{ATTEMPT_CAP, MAX_ATTEMPTS, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES};
+use super::job::{log_tail, ATTEMPT_CAP, MAX_ATTEMPTS, MAX_JOB_INPUT_BYTES, MAX_JOB_OUTPUT_BYTES};
 use super::scheduling::{allocate, allocations_of, get_agent, next_counter, release};
 use super::{
     function_record, storage, AgentId, Allocation, Attempt, Command, CommandResponse, Constraint,
@@ -271,6 +271,7 @@ fn place_task(
             reason: None,
             started_at_ms: at_ms,
             ended_at_ms: None,
+            log: None,
         }],
         output: None,
         submitted_at_ms: at_ms,
@@ -345,6 +346,7 @@ fn launch(
         reason: None,
         started_at_ms: at_ms,
         ended_at_ms: None,
+        log: None,
     });
     record.state = TaskState::Starting;
     record.reason = None;
@@ -397,13 +399,16 @@ fn update(
             record.attempts[current as usize - 1].state = TaskState::Running;
             record.state = TaskState::Running;
         }
-        TaskUpdate::Finished { exit_code, output }
-            if output.len() as u64 <= MAX_JOB_OUTPUT_BYTES =>
-        {
+        TaskUpdate::Finished {
+            exit_code,
+            output,
+            log,
+        } if output.len() as u64 <= MAX_JOB_OUTPUT_BYTES => {
             let digest = store_data(txn, output)?;
             let attempt = &mut record.attempts[current as usize - 1];
             attempt.state = TaskState::Finished;
             attempt.ended_at_ms = Some(at_ms);
+            attempt.log = log_tail(log);
             record.output = Some(JobOutput {
                 digest,
                 size: output.len() as u64,
@@ -415,15 +420,17 @@ fn update(
             record.finished_at_ms = Some(at_ms);
             end_attempt(txn, &agent, task, allocation)?;
         }
-        TaskUpdate::Finished { output, .. } => {
+        TaskUpdate::Finished { output, log, .. } => {
             let why = format!(
                 "output of {} bytes is over the limit of {MAX_JOB_OUTPUT_BYTES} bytes",
                 output.len()
             );
+            record.attempts[current as usize - 1].log = log_tail(log);
             fail(&mut record, current, why, at_ms);
             end_attempt(txn, &agent, task, allocation)?;
         }
-        TaskUpdate::Failed { reason, .. } => {
+        TaskUpdate::Failed { reason, log, .. } => {
+            record.attempts[current as usize - 1].log = log_tail(log);
             fail(&mut record, current, reason.clone(), at_ms);
             end_attempt(txn, &agent, task, allocation)?;
         }
@@ -862,6 +869,7 @@ mod tests {
         TaskUpdate::Finished {
             exit_code: 0,
             output: bytes::Bytes::from_static(output),
+            log: bytes::Bytes::new(),
         }
     }
 
@@ -1036,10 +1044,16 @@ mod tests {
                 TaskUpdate::Failed {
                     reason: "trap".into(),
                     exit_code: None,
+                    log: bytes::Bytes::from_static(b"the guest said why\n"),
                 },
             ),
         )?;
         assert_eq!(job(&state, 3).state, TaskState::Failed);
+        assert_eq!(
+            job(&state, 3).attempts[0].log.as_deref(),
+            Some("the guest said why\n"),
+            "the attempt keeps its log"
+        );
         run(
             &state,
             Command::KillJob {

@@ -228,3 +228,42 @@ async fn the_event_stream_pushes_changes_and_ends_when_the_token_is_revoked() {
     .await;
     assert!(rest.is_ok(), "the stream closed after `ended`");
 }
+
+#[tokio::test]
+async fn each_attempt_of_a_job_keeps_the_tail_of_its_log() {
+    let (_dir, server) = start(&[]);
+    let wasm = crate::stderr_program("trying hard, then giving up\n", 3);
+    let deployed = crate::deploy(&server, "grumpy", wasm, "").await;
+    assert_eq!(deployed.status(), StatusCode::CREATED);
+    let job: Value = http()
+        .post(server.url("/v1/jobs"))
+        .json(&serde_json::json!({"function": "grumpy", "max_attempts": 2}))
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("job");
+    let id = job["id"].as_u64().expect("id");
+    let url = server.url(&format!("/v1/jobs/{id}?wait=60"));
+    let ended: Value = http()
+        .get(url)
+        .send()
+        .await
+        .expect("wait")
+        .json()
+        .await
+        .expect("job");
+    assert_eq!(ended["state"], "FAILED", "{ended}");
+    let attempts = ended["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{ended}");
+    for attempt in attempts {
+        assert_eq!(attempt["log"], "trying hard, then giving up\n", "{attempt}");
+        assert!(
+            attempt["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("exited with code 3")),
+            "{attempt}"
+        );
+    }
+}

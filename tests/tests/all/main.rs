@@ -115,6 +115,16 @@ pub fn plain_program(text: &str, code: i32) -> Vec<u8> {
 /// A WASI program that, when the WAT expression `condition` is true, writes `text` to
 /// stdout and exits with `code` (and otherwise returns from `_start`).
 pub fn program_writing_when(condition: &str, text: &str, code: i32) -> Vec<u8> {
+    program_writing_to(1, condition, text, code)
+}
+
+/// A WASI program that writes `text` to stderr and exits with `code`.
+pub fn stderr_program(text: &str, code: i32) -> Vec<u8> {
+    program_writing_to(2, "(i32.const 1)", text, code)
+}
+
+/// [`program_writing_when`], writing to file descriptor `fd`.
+fn program_writing_to(fd: u32, condition: &str, text: &str, code: i32) -> Vec<u8> {
     let escaped: String = text.bytes().map(|b| format!("\\{b:02x}")).collect();
     wat(&format!(
         r#"(module
@@ -127,7 +137,7 @@ pub fn program_writing_when(condition: &str, text: &str, code: i32) -> Vec<u8> {
               (then
                 (i32.store (i32.const 0) (i32.const 64))
                 (i32.store (i32.const 4) (i32.const {len}))
-                (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+                (drop (call $fd_write (i32.const {fd}) (i32.const 0) (i32.const 1) (i32.const 16)))
                 (call $proc_exit (i32.const {code}))))))"#,
         len = text.len()
     ))

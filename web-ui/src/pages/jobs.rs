@@ -250,13 +250,22 @@ fn JobDetail(ctx: Ctx, id: u64, open: RwSignal<Option<u64>>) -> impl IntoView {
                         Some(end) => millis(end.saturating_sub(a.started_at_ms)),
                         None => "running".into(),
                     };
+                    let number = a.number;
+                    let log = a.log.map(|log| {
+                        view! {
+                            <details class="attempt-log">
+                                <summary>{format!("log of attempt {number}")}</summary>
+                                <pre class="body">{log}</pre>
+                            </details>
+                        }
+                    });
                     view! {
                         <tr>
                             <td>{a.number}</td>
                             <td>{a.agent}</td>
                             <td><State state=a.state/></td>
                             <td>{ran}</td>
-                            <td class="reason">{a.reason.unwrap_or_default()}</td>
+                            <td class="reason">{a.reason.unwrap_or_default()}{log}</td>
                         </tr>
                     }
                 })
@@ -288,7 +297,7 @@ fn JobDetail(ctx: Ctx, id: u64, open: RwSignal<Option<u64>>) -> impl IntoView {
             }}
             <h3>"Attempts"</h3>
             <div class="table-wrap"><table>
-                <thead><tr><th>"#"</th><th>"agent"</th><th>"state"</th><th>"ran"</th><th>"reason / log"</th></tr></thead>
+                <thead><tr><th>"#"</th><th>"agent"</th><th>"state"</th><th>"ran"</th><th>"reason and log"</th></tr></thead>
                 <tbody>{attempts}</tbody>
             </table></div>
             <h3>"Output"</h3>
