@@ -170,6 +170,13 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
         node.api.local_addr()?
     );
     println!("  data folder: {}", config.data.display());
+    if crate::gateway::console::built() {
+        println!("  console: http://{addr}/ (log in with the admin token)");
+    } else {
+        println!(
+            "  console: not built into this binary (run scripts/console.sh, then build again)"
+        );
+    }
     let token_file = config.data.join(server::ADMIN_TOKEN_FILE);
     match &new_token {
         Some(secret) => println!(
