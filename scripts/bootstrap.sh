@@ -12,18 +12,9 @@ packages=(capnproto libcapnp-dev rustc-web cargo-web rust-web-src lld wasi-libc 
           libclang-rt-14-dev-wasm32 g++ pkg-config chromium chromium-driver)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
+. "$root/scripts/lib.sh"
 
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    log "installing Debian packages: ${missing[*]}"
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+install_packages "${packages[@]}"
 
 # The Python client's tests: pycapnp and pytest from PyPI, when missing.
 if ! python3 -c "import capnp, pytest" 2>/dev/null; then

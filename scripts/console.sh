@@ -11,22 +11,13 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$root/target/console"
 tools="$root/target/tools"
 log() { printf 'console: %s\n' "$*" >&2; }
+. "$root/scripts/lib.sh"
 
 rustup_target=false
 if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
     rustup_target=true
 else
-    missing=()
-    for p in rustc-web cargo-web rust-web-src lld; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        log "installing Debian packages: ${missing[*]}"
-        sudo=""
-        [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+    install_packages rustc-web cargo-web rust-web-src lld
 fi
 
 version="$(grep -A1 '^name = "wasm-bindgen"$' "$root/web-ui/Cargo.lock" | sed -n 's/^version = "\(.*\)"$/\1/p')"

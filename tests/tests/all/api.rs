@@ -13,7 +13,7 @@ use wafer_proto::cluster_capnp::{cluster, error, event, event_sink, gateway};
 use wafer_tests::cluster::Cluster;
 use wafer_tests::{assert_connection_closed, capnp_frame_announcing, example, http};
 
-use crate::{deploy_example, start};
+use crate::{create_token as token, deploy_example, start};
 
 /// Connects to the API at `addr` (the connection runs on the current `LocalSet`).
 async fn connect(addr: &str) -> gateway::Client {
@@ -52,23 +52,6 @@ async fn login(addr: &str, token: &str) -> Result<cluster::Client, error::Code> 
         return Err(c);
     }
     Ok(results.get_cluster().expect("cluster"))
-}
-
-/// Creates a token with `scopes` over HTTP; its secret and id.
-async fn token(server_url: &str, scopes: &[&str]) -> (String, String) {
-    let created: serde_json::Value = http()
-        .post(format!("{server_url}/v1/tokens"))
-        .json(&serde_json::json!({ "scopes": scopes }))
-        .send()
-        .await
-        .expect("create token")
-        .json()
-        .await
-        .expect("json");
-    (
-        created["token"].as_str().expect("secret").to_string(),
-        created["id"].as_str().expect("id").to_string(),
-    )
 }
 
 /// Uploads `wasm` as `name` in chunks of `chunk` bytes, announcing `size`; returns the

@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use wafer_tests::{functions_dir, http, workspace_root, DevServer, ADMIN_TOKEN};
 
+use crate::create_token;
+
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// A chromedriver process, killed on drop.
@@ -143,6 +145,15 @@ async fn wait_text(c: &Client, css: &str, wanted: impl Fn(&str) -> bool) -> Stri
     }
 }
 
+/// Waits until `css` matches nothing.
+async fn wait_gone(c: &Client, css: &str) {
+    let until = Instant::now() + DEADLINE;
+    while exists(c, css).await {
+        assert!(Instant::now() < until, "`{css}` is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Whether `css` matches anything now.
 async fn exists(c: &Client, css: &str) -> bool {
     c.find_all(Locator::Css(css))
@@ -257,18 +268,9 @@ async fn the_console_works_in_chromium() {
     assert_eq!(unlabelled(&c).await, Vec::<Value>::new());
 
     // A read-only token sees everything and is offered no controls.
-    let created: Value = http()
-        .post(server.url("/v1/tokens"))
-        .json(&json!({"scopes": ["read"], "name": "viewer"}))
-        .send()
-        .await
-        .expect("create token")
-        .json()
-        .await
-        .expect("token");
-    let reader = created["token"].as_str().expect("secret").to_string();
+    let (reader, _) = create_token(server.base(), &["read"]).await;
     log_in(&c, &base, &reader).await;
-    wait_text(&c, "#who", |t| t.contains("viewer") && t.contains("read")).await;
+    wait_text(&c, "#who", |t| t.ends_with("(read)")).await;
     open_page(&c, "functions", "Functions").await;
     wait_text(&c, "#functions", |t| {
         t.contains("markdown") && t.contains("wordcount")
@@ -363,11 +365,7 @@ async fn the_console_works_in_chromium() {
     click(&c, "button[aria-label='Delete md2']").await;
     wait_text(&c, ".confirm", |t| t.contains("Delete md2?")).await;
     click(&c, ".confirm button.danger").await;
-    let until = Instant::now() + DEADLINE;
-    while exists(&c, "#functions tr[data-function='md2']").await {
-        assert!(Instant::now() < until, "md2 is still listed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_gone(&c, "#functions tr[data-function='md2']").await;
 
     // A job, watched until FINISHED without a reload.
     open_page(&c, "jobs", "Jobs").await;
@@ -384,11 +382,7 @@ async fn the_console_works_in_chromium() {
     );
     // Filtering by another state hides it.
     click(&c, "#filter-state option[value='FAILED']").await;
-    let until = Instant::now() + DEADLINE;
-    while exists(&c, "#jobs tbody tr").await {
-        assert!(Instant::now() < until, "the filter hides finished jobs");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_gone(&c, "#jobs tbody tr").await;
 
     // The other pages render their data.
     open_page(&c, "scheduling", "Scheduling").await;

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use wafer_tests::{http, http_as};
 
-use crate::{deploy_example, start};
+use crate::{create_token, deploy_example, start};
 
 /// The console build id that `index.html` names its files under.
 fn build_id(index: &str) -> String {
@@ -150,19 +150,8 @@ async fn the_event_stream_pushes_changes_and_ends_when_the_token_is_revoked() {
         .expect("GET /v1/events");
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
 
-    let created: Value = http()
-        .post(server.url("/v1/tokens"))
-        .json(&serde_json::json!({"scopes": ["read"], "name": "watcher"}))
-        .send()
-        .await
-        .expect("create token")
-        .json()
-        .await
-        .expect("token JSON");
-    let secret = created["token"].as_str().expect("secret");
-    let id = created["id"].as_str().expect("id");
-
-    let mut stream = http_as(secret)
+    let (secret, id) = create_token(server.base(), &["read"]).await;
+    let mut stream = http_as(&secret)
         .get(server.url("/v1/events"))
         .send()
         .await

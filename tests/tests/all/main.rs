@@ -29,6 +29,23 @@ pub fn start(extra: &[&str]) -> (TempDir, DevServer) {
     (dir, server)
 }
 
+/// Creates a token with `scopes` over HTTP (as admin); its secret and id.
+pub async fn create_token(server_url: &str, scopes: &[&str]) -> (String, String) {
+    let created: serde_json::Value = wafer_tests::http()
+        .post(format!("{server_url}/v1/tokens"))
+        .json(&serde_json::json!({ "scopes": scopes }))
+        .send()
+        .await
+        .expect("create token")
+        .json()
+        .await
+        .expect("json");
+    (
+        created["token"].as_str().expect("secret").to_string(),
+        created["id"].as_str().expect("id").to_string(),
+    )
+}
+
 /// `PUT /v1/functions/{name}?{query}` with `wasm`.
 pub async fn deploy(
     server: &DevServer,

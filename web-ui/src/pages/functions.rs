@@ -144,6 +144,18 @@ fn RowActions(
     }
 }
 
+/// Keeps `selected` on the first deployed function until the user picks one.
+pub fn default_to_first_function(ctx: Ctx, selected: RwSignal<String>) {
+    Effect::new(move |_| {
+        let first = ctx.functions.with(|f| f.first().map(|f| f.name.clone()));
+        if selected.with_untracked(String::is_empty) {
+            if let Some(first) = first {
+                selected.set(first);
+            }
+        }
+    });
+}
+
 /// Parses `KEY=VALUE` lines (blank lines skipped).
 pub fn parse_pairs(text: &str, separator: char) -> Result<Vec<(String, String)>, String> {
     text.lines()
@@ -306,15 +318,7 @@ fn TryIt(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
     let body = RwSignal::new(String::new());
     let tried = RwSignal::new(None::<Tried>);
     let busy = RwSignal::new(false);
-    // The first function is selected until the user picks one.
-    Effect::new(move |_| {
-        let first = ctx.functions.with(|f| f.first().map(|f| f.name.clone()));
-        if selected.with_untracked(String::is_empty) {
-            if let Some(first) = first {
-                selected.set(first);
-            }
-        }
-    });
+    default_to_first_function(ctx, selected);
     let send = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
         let name = selected.get_untracked();

@@ -8,7 +8,7 @@ use leptos::task::spawn_local;
 use crate::api;
 use crate::app::Ctx;
 use crate::model::{ago, bytes, millis, Job};
-use crate::pages::functions::download;
+use crate::pages::functions::{default_to_first_function, download};
 use crate::widgets::State;
 
 /// States a job can be in, for the filter.
@@ -134,14 +134,7 @@ fn SubmitForm(ctx: Ctx, open: RwSignal<Option<u64>>) -> impl IntoView {
     let attempts = RwSignal::new("3".to_string());
     let constraints = RwSignal::new(String::new());
     let error = RwSignal::new(None::<String>);
-    Effect::new(move |_| {
-        let first = ctx.functions.with(|f| f.first().map(|f| f.name.clone()));
-        if function.with_untracked(String::is_empty) {
-            if let Some(first) = first {
-                function.set(first);
-            }
-        }
-    });
+    default_to_first_function(ctx, function);
     let submit = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
         error.set(None);
