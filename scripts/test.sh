@@ -16,8 +16,11 @@ echo "test: cargo clippy" >&2
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 (cd web-ui && cargo clippy --all-targets --quiet -- -D warnings)
 
-echo "test: building the wafer binary" >&2
-cargo build --release --workspace --bins --quiet
+# With the tests' targets in the same build, features resolve as in `cargo test`, so
+# the binary and the tests share one build of every crate (--bins alone would build
+# wafer, wasmtime, axum ... a second time with other features).
+echo "test: building the wafer binary and the tests" >&2
+cargo build --release --workspace --all-targets --quiet
 
 echo "test: cargo test" >&2
 cargo test --release --workspace
