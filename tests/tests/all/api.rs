@@ -13,7 +13,7 @@ use wafer_proto::cluster_capnp::{cluster, error, event, event_sink, gateway};
 use wafer_tests::cluster::Cluster;
 use wafer_tests::{assert_connection_closed, capnp_frame_announcing, example, http};
 
-use crate::{create_token as token, deploy_example, start};
+use crate::{create_token as token, deploy_example, start, submit_job};
 
 /// Connects to the API at `addr` (the connection runs on the current `LocalSet`).
 async fn connect(addr: &str) -> gateway::Client {
@@ -444,15 +444,11 @@ async fn watch_pushes_deploys_and_job_changes() {
             let (subscription, mut rx) = watch(&cluster).await;
             deploy_example(&server, "wordcount", "").await;
             expect_event(&mut rx, |e| e == "deployed:wordcount").await;
-            let submitted: serde_json::Value = http()
-                .post(server.url("/v1/jobs"))
-                .json(&serde_json::json!({ "function": "wordcount", "input": "a b" }))
-                .send()
-                .await
-                .expect("submit")
-                .json()
-                .await
-                .expect("json");
+            let submitted = submit_job(
+                &server,
+                serde_json::json!({ "function": "wordcount", "input": "a b" }),
+            )
+            .await;
             let id = submitted["id"].as_u64().expect("id");
             expect_event(&mut rx, |e| e == format!("task:{id}:FINISHED")).await;
             // Cancelled: no more events.

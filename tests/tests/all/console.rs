@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use wafer_tests::{http, http_as};
 
-use crate::{create_token, deploy_example, start};
+use crate::{create_token, deploy_example, start, submit_job};
 
 /// The console build id that `index.html` names its files under.
 fn build_id(index: &str) -> String {
@@ -184,15 +184,11 @@ async fn the_event_stream_pushes_changes_and_ends_when_the_token_is_revoked() {
 
     // A job's life, as task changes.
     deploy_example(&server, "wordcount", "").await;
-    let job: Value = http()
-        .post(server.url("/v1/jobs"))
-        .json(&serde_json::json!({"function": "wordcount", "input": "one two"}))
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("job JSON");
+    let job = submit_job(
+        &server,
+        serde_json::json!({"function": "wordcount", "input": "one two"}),
+    )
+    .await;
     let job_id = job["id"].clone();
     expect_event(&mut stream, &mut buffer, "task_changed", |e| {
         e["job"] == job_id && e["state"] == "FINISHED"
@@ -224,15 +220,11 @@ async fn each_attempt_of_a_job_keeps_the_tail_of_its_log() {
     let wasm = crate::stderr_program("trying hard, then giving up\n", 3);
     let deployed = crate::deploy(&server, "grumpy", wasm, "").await;
     assert_eq!(deployed.status(), StatusCode::CREATED);
-    let job: Value = http()
-        .post(server.url("/v1/jobs"))
-        .json(&serde_json::json!({"function": "grumpy", "max_attempts": 2}))
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("job");
+    let job = submit_job(
+        &server,
+        serde_json::json!({"function": "grumpy", "max_attempts": 2}),
+    )
+    .await;
     let id = job["id"].as_u64().expect("id");
     let url = server.url(&format!("/v1/jobs/{id}?wait=60"));
     let ended: Value = http()

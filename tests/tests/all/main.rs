@@ -46,6 +46,19 @@ pub async fn create_token(server_url: &str, scopes: &[&str]) -> (String, String)
     )
 }
 
+/// `POST /v1/jobs` with `body` (as admin); the job as answered.
+pub async fn submit_job(server: &DevServer, body: serde_json::Value) -> serde_json::Value {
+    wafer_tests::http()
+        .post(server.url("/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("job JSON")
+}
+
 /// `PUT /v1/functions/{name}?{query}` with `wasm`.
 pub async fn deploy(
     server: &DevServer,
