@@ -3,6 +3,8 @@
 @0xdcc08716c2388336;
 
 using Raft = import "raft.capnp".Raft;
+using Accel = import "accel.capnp".Accel;
+using AccelDevice = import "accel.capnp".Device;
 
 # Where a server can be reached.
 struct NodeInfo {
@@ -213,15 +215,17 @@ struct Failure {
   }
 }
 
-# The bootstrap capability of a server's `--listen` port and of an agent's executor
-# port: a peer proves it belongs to the cluster (it knows the cluster secret) before it
-# gets anything. A wrong secret fails the call, and every call pipelined on its result,
-# with "wrong cluster secret".
+# The bootstrap capability of a server's `--listen` port, of an agent's executor
+# port and of an accelerator backend's port: a peer proves it belongs to the cluster
+# (it knows the cluster secret) before it gets anything. A wrong secret fails the
+# call, and every call pipelined on its result, with "wrong cluster secret".
 interface Door {
   # A server's `Node` interface (an agent refuses: it has none).
   node @0 (secret :Data) -> (node :Node);
   # An agent's `Executor` (a server refuses: it has none).
   executor @1 (secret :Data) -> (executor :Executor);
+  # An accelerator backend's `Accel` (`wafer accel`; servers and agents refuse).
+  accel @2 (secret :Data) -> (accel :Accel);
 }
 
 interface Node {
@@ -333,6 +337,10 @@ interface Executor {
   # `outcome` says how it ended.
   run @3 (module :Text, limits :Text, args :List(Text), env :List(Label), stdin :Data)
       -> (outcome :Outcome, error :Text, busy :Bool);
+  # An accelerator backend (`wafer accel --agent`) attaches its `devices`, reachable at
+  # `address` (through its `Door`). It renews every 2 s; an attachment not renewed for
+  # 6 s lapses. The agent offers the devices as `accel` resources.
+  attachAccel @4 (address :Text, devices :List(AccelDevice)) -> ();
 }
 
 # How a run ended, and what it wrote.

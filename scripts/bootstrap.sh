@@ -8,7 +8,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$root/target/functions"
-packages=(capnproto libcapnp-dev rustc-web cargo-web rust-web-src lld wasi-libc clang
+packages=(capnproto libcapnp-dev ocl-icd-opencl-dev pocl-opencl-icd clinfo rustc-web cargo-web rust-web-src lld wasi-libc clang
           libclang-rt-14-dev-wasm32 g++ pkg-config chromium chromium-driver)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }

@@ -5,6 +5,7 @@
 //! - `node.capnp`: a server's node-to-node interface (identity, forwarded writes and
 //!   read-index, membership changes) and the replicated state machine's commands.
 //! - `cluster.capnp`: the public API (`Gateway.login(token)` -> a scoped `Cluster`).
+//! - `accel.capnp`: accelerator backends (OpenCL devices, programs, kernels, buffers).
 
 #![allow(missing_docs, clippy::all, clippy::unwrap_used)]
 
@@ -18,4 +19,8 @@ pub mod node_capnp {
 
 pub mod cluster_capnp {
     include!(concat!(env!("OUT_DIR"), "/cluster_capnp.rs"));
+}
+
+pub mod accel_capnp {
+    include!(concat!(env!("OUT_DIR"), "/accel_capnp.rs"));
 }

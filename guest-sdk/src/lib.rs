@@ -55,6 +55,7 @@
 // The examples are complete programs, `main` included, on purpose.
 #![allow(clippy::needless_doctest_main)]
 
+pub mod accel;
 pub mod http;
 mod logging;
 pub mod stdio;

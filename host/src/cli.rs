@@ -242,6 +242,31 @@ enum Command {
         #[arg(long, env = "WAFER_CLUSTER_SECRET", hide_env_values = true)]
         secret: String,
     },
+    /// Run an accelerator backend: serve this machine's OpenCL devices (capnp/accel.capnp)
+    /// and attach them to an agent, which offers them as `accel` resources.
+    Accel {
+        /// Address to serve on (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:7090")]
+        listen: SocketAddr,
+        /// The agent's executor address to attach the devices to.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Address the agent reaches this backend at [default: the --listen address].
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Device memory of a grant that asks for no amount, MiB.
+        #[arg(long = "session-memory", value_name = "MB", default_value_t = 256)]
+        session_memory_mb: u64,
+        /// Most device memory one grant may hold, MiB.
+        #[arg(long = "max-session-memory", value_name = "MB", default_value_t = 4096)]
+        max_session_memory_mb: u64,
+        /// Deadline of one kernel run when the caller sets none, ms.
+        #[arg(long = "run-timeout", value_name = "MS", default_value_t = 10_000)]
+        run_timeout_ms: u64,
+        /// The cluster secret (only peers that know it reach the devices).
+        #[arg(long, env = "WAFER_CLUSTER_SECRET", hide_env_values = true)]
+        secret: String,
+    },
     /// Submit durable jobs and follow them.
     Jobs {
         #[command(subcommand)]
@@ -734,6 +759,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 resources: agent.resources(),
                 attributes: agent.attributes()?,
                 secret: ClusterSecret::new(&secret).context("--secret")?,
+            })
+            .await?;
+        }
+        Command::Accel {
+            listen,
+            agent,
+            advertise,
+            session_memory_mb,
+            max_session_memory_mb,
+            run_timeout_ms,
+            secret,
+        } => {
+            crate::accel::backend::run(crate::accel::backend::AccelConfig {
+                listen,
+                advertise,
+                agent,
+                secret: ClusterSecret::new(&secret).context("--secret")?,
+                backend: crate::accel::backend::BackendConfig {
+                    default_session_memory: session_memory_mb << 20,
+                    max_session_memory: max_session_memory_mb << 20,
+                    default_timeout: std::time::Duration::from_millis(run_timeout_ms.max(1)),
+                    ..Default::default()
+                },
             })
             .await?;
         }

@@ -126,6 +126,53 @@ pub async fn deploy_examples(
     Ok(names)
 }
 
+/// Starts an accelerator backend in this process when an OpenCL platform is present,
+/// and attaches its devices to `agent`. Answers its address and devices (none: no
+/// OpenCL device, or it could not start, which is logged).
+async fn start_accel(
+    agent: &crate::agent::Agent,
+    secret: &ClusterSecret,
+) -> Option<(SocketAddr, Vec<crate::accel::DeviceInfoSummary>)> {
+    use crate::accel::backend::{Backend, BackendConfig};
+    let backend =
+        match tokio::task::spawn_blocking(|| Backend::discover(BackendConfig::default())).await {
+            Ok(Ok(backend)) => std::sync::Arc::new(backend),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "no accelerators: discovering OpenCL devices failed");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no accelerators: discovery did not finish");
+                return None;
+            }
+        };
+    let devices = backend.devices();
+    if devices.is_empty() {
+        return None;
+    }
+    match backend
+        .start(SocketAddr::from(([127, 0, 0, 1], 0)), secret.clone())
+        .await
+    {
+        Ok(addr) => {
+            // In-process: the attachment is renewed directly, not over RPC.
+            let (link_addr, link_devices) = (addr.to_string(), devices.clone());
+            let identity = agent.attach_handle();
+            tokio::spawn(async move {
+                loop {
+                    identity(link_addr.clone(), link_devices.clone());
+                    tokio::time::sleep(crate::accel::backend::ATTACH_EVERY).await;
+                }
+            });
+            Some((addr, devices))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no accelerators: the backend did not start");
+            None
+        }
+    }
+}
+
 /// Runs the dev server until Ctrl-C or SIGTERM.
 pub async fn run(config: DevConfig) -> anyhow::Result<()> {
     let secret = dev_secret(&config.data, config.secret.as_deref())?;
@@ -158,7 +205,11 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
     server::catch_up(&node).await;
     let new_token =
         server::bootstrap_admin_token(&node, &config.data, config.admin_token.as_deref()).await?;
-    server::start_agent(&node, server_config.agent.clone()).await?;
+    let agent = server::start_agent(&node, server_config.agent.clone()).await?;
+    let accel = match &agent {
+        Some(agent) => start_accel(agent, &server_config.secret).await,
+        None => None,
+    };
     let examples = match &config.examples {
         Some(dir) => deploy_examples(&node.functions, &node.cluster, dir).await?,
         None => Vec::new(),
@@ -184,6 +235,21 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
             token_file.display()
         ),
         None => println!("  admin token: in {}", token_file.display()),
+    }
+    match &accel {
+        Some((accel_addr, devices)) => {
+            for d in devices {
+                println!(
+                    "  accelerator: {} ({}, {}) served on {accel_addr}",
+                    d.name,
+                    d.vendor,
+                    d.kind.as_str()
+                );
+            }
+        }
+        None => println!(
+            "  accelerators: none (no OpenCL platform; install pocl-opencl-icd for the CPU)"
+        ),
     }
     for name in &examples {
         println!("  example: http://{addr}/fn/{name}");

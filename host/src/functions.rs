@@ -359,5 +359,15 @@ fn check_spec(spec: &FunctionSpec) -> Result<(), FunctionError> {
             "timeout_ms must be between 1 and 900000 (15 minutes)".into(),
         ));
     }
+    if limits.accel > 1 {
+        return Err(FunctionError::InvalidLimit(
+            "accel is 0 or 1 (a run is granted at most one device)".into(),
+        ));
+    }
+    if limits.accel_memory_mb == 0 || limits.accel_memory_mb > 65536 {
+        return Err(FunctionError::InvalidLimit(
+            "accel_memory_mb must be between 1 and 65536".into(),
+        ));
+    }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! state, gateway) and the command-line client; `wafer dev` runs all of it in one process.
 #![warn(missing_docs)]
 
+pub mod accel;
 pub mod agent;
 pub mod auth;
 pub mod cli;

@@ -469,20 +469,25 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 }
 
 /// Starts the in-process agent of `wafer server --agent` (and `wafer dev`), registered
-/// through this server, and waits until it is registered.
-pub async fn start_agent(node: &Node, agent: Option<AgentConfig>) -> anyhow::Result<()> {
+/// through this server, and waits until it is registered. The node's own invocations
+/// reach the agent's accelerator backends.
+pub async fn start_agent(
+    node: &Node,
+    agent: Option<AgentConfig>,
+) -> anyhow::Result<Option<agent::Agent>> {
     let Some(mut config) = agent else {
-        return Ok(());
+        return Ok(None);
     };
     config.servers = vec![node.cluster.addr().rpc.clone()];
     let mut agent = agent::start(config).await?;
+    node.functions.runtime().set_accel(agent.accel.clone());
     if node.cluster.is_member().await {
         agent.registered().await?;
         tracing::info!(agent = %agent.id, executor = agent.rpc, "in-process agent registered");
     } else {
         tracing::info!(agent = %agent.id, "the in-process agent registers once this server is a member");
     }
-    Ok(())
+    Ok(Some(agent))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

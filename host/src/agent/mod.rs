@@ -18,6 +18,7 @@ use anyhow::Context;
 use rand::Rng;
 use wafer_proto::node_capnp::executor;
 
+use crate::accel::client::AccelLink;
 use crate::cluster::ClusterError;
 use crate::rpc::{read_failure, read_launch, write_agent_info, AgentInfo, RpcError, RpcHandle};
 use crate::runtime::{Runtime, RuntimeConfig};
@@ -65,10 +66,22 @@ pub struct Agent {
     pub id: AgentId,
     /// Its executor's address.
     pub rpc: String,
+    /// Its accelerator backends.
+    pub accel: AccelLink,
+    identity: Arc<Identity>,
     registration: tokio::sync::watch::Receiver<Registration>,
 }
 
 impl Agent {
+    /// A function that attaches a backend's devices to this agent (as
+    /// `Executor.attachAccel` does for a remote backend); call it again to renew.
+    pub fn attach_handle(
+        &self,
+    ) -> impl Fn(String, Vec<crate::accel::DeviceInfoSummary>) + Send + Sync + 'static {
+        let identity = self.identity.clone();
+        move |addr, devices| identity.attach(addr, devices)
+    }
+
     /// Waits until the cluster has committed the agent's registration; fails if the
     /// cluster refused it.
     pub async fn registered(&mut self) -> anyhow::Result<()> {
@@ -142,6 +155,13 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         attributes: config.attributes.clone(),
     };
     let rpc = RpcHandle::start(config.secret.clone()).context("starting the RPC thread")?;
+    let accel = AccelLink::new(rpc.clone());
+    let (info_tx, info_rx) = tokio::sync::watch::channel(info.clone());
+    let identity = Arc::new(Identity {
+        base: info.clone(),
+        info: info_tx,
+        link: accel.clone(),
+    });
     let cache = config.data.join("cache");
     let runtime = tokio::task::spawn_blocking(move || {
         Runtime::new(&RuntimeConfig {
@@ -152,6 +172,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         })
     })
     .await??;
+    runtime.set_accel(accel.clone());
     let worker = Worker::new(
         id.clone(),
         rpc.clone(),
@@ -159,7 +180,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         Arc::new(runtime),
     );
     let service = ExecutorService {
-        info: info.clone(),
+        identity: identity.clone(),
         worker: worker.clone(),
     };
     let serving = rpc.clone();
@@ -181,7 +202,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
     let (registration_tx, registration) = tokio::sync::watch::channel(Registration::Pending);
     tokio::spawn(keep_registered(
         rpc,
-        info,
+        info_rx,
         config.servers,
         worker,
         registration_tx,
@@ -189,6 +210,8 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
     Ok(Agent {
         id,
         rpc: rpc_addr,
+        accel,
+        identity,
         registration,
     })
 }
@@ -216,7 +239,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 /// register again. Runs until the process ends.
 async fn keep_registered(
     rpc: RpcHandle,
-    info: AgentInfo,
+    mut infos: tokio::sync::watch::Receiver<AgentInfo>,
     servers: Vec<String>,
     worker: Arc<Worker>,
     registration: tokio::sync::watch::Sender<Registration>,
@@ -224,6 +247,7 @@ async fn keep_registered(
     let mut next = 0usize;
     let server = |i: usize| servers[i % servers.len()].clone();
     loop {
+        let info = infos.borrow_and_update().clone();
         // Register through whichever server answers.
         let mut warned = false;
         let interval = loop {
@@ -254,6 +278,10 @@ async fn keep_registered(
         let mut warned = false;
         loop {
             match heartbeat(&rpc, &target, &info.id, worker.take_busy_peak()).await {
+                Ok((false, _)) if infos.has_changed().unwrap_or(false) => {
+                    tracing::info!(agent = %info.id, "its devices changed: registering again");
+                    break;
+                }
                 Ok((false, assigned)) => {
                     warned = false;
                     // Attempts younger than two heartbeats may not be in the leader's
@@ -353,9 +381,70 @@ async fn heartbeat(
     .await?
 }
 
+/// What the agent registers: its configured capacity and attributes, plus the devices
+/// of the accelerator backend attached to it.
+struct Identity {
+    base: AgentInfo,
+    info: tokio::sync::watch::Sender<AgentInfo>,
+    link: AccelLink,
+}
+
+impl Identity {
+    fn attach(&self, addr: String, devices: Vec<crate::accel::DeviceInfoSummary>) {
+        if self.link.attach(addr, devices.clone()) {
+            self.info.send_replace(with_devices(&self.base, &devices));
+        }
+    }
+}
+
+/// `base` with `devices` as its accelerators: their number, and attributes
+/// `accel.type` (the best type: gpu, then accelerator, then cpu), `accel.vendor`,
+/// `accel.name` and `accel.memory_mb` of that device, and `accel.TYPE` (how many of
+/// each type).
+fn with_devices(base: &AgentInfo, devices: &[crate::accel::DeviceInfoSummary]) -> AgentInfo {
+    use crate::accel::DeviceType;
+    let mut info = base.clone();
+    if devices.is_empty() {
+        return info;
+    }
+    info.resources.accelerators = devices.len() as u64;
+    let rank = |t: DeviceType| match t {
+        DeviceType::Gpu => 0,
+        DeviceType::Accelerator => 1,
+        DeviceType::Cpu => 2,
+        DeviceType::Other => 3,
+    };
+    if let Some(best) = devices.iter().min_by_key(|d| rank(d.kind)) {
+        let attrs = &mut info.attributes;
+        attrs.insert(
+            crate::accel::ACCEL_TYPE_ATTRIBUTE.into(),
+            best.kind.as_str().into(),
+        );
+        attrs.insert(
+            "accel.vendor".into(),
+            best.vendor.chars().take(128).collect(),
+        );
+        attrs.insert("accel.name".into(), best.name.chars().take(128).collect());
+        attrs.insert(
+            "accel.memory_mb".into(),
+            (best.global_memory >> 20).to_string(),
+        );
+    }
+    for device in devices {
+        let key = format!("accel.{}", device.kind.as_str());
+        let count = info
+            .attributes
+            .get(&key)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        info.attributes.insert(key, (count + 1).to_string());
+    }
+    info
+}
+
 /// The agent's `Executor` capability.
 struct ExecutorService {
-    info: AgentInfo,
+    identity: Arc<Identity>,
     worker: Arc<Worker>,
 }
 
@@ -365,7 +454,22 @@ impl executor::Server for ExecutorService {
         _: executor::InfoParams,
         mut results: executor::InfoResults,
     ) -> Result<(), capnp::Error> {
-        write_agent_info(results.get().init_agent(), &self.info);
+        write_agent_info(results.get().init_agent(), &self.identity.info.borrow());
+        Ok(())
+    }
+
+    async fn attach_accel(
+        self: Rc<Self>,
+        params: executor::AttachAccelParams,
+        _: executor::AttachAccelResults,
+    ) -> Result<(), capnp::Error> {
+        let p = params.get()?;
+        let addr = p.get_address()?.to_string()?;
+        let mut devices = Vec::new();
+        for device in p.get_devices()? {
+            devices.push(crate::accel::backend::read_device(device)?.0);
+        }
+        self.identity.attach(addr, devices);
         Ok(())
     }
 

@@ -104,6 +104,13 @@ fn apply_query(spec: &mut FunctionSpec, query: &str) -> Result<(), ApiError> {
             "max_request_bytes" => spec.limits.max_request_bytes = number()?,
             "max_response_bytes" => spec.limits.max_response_bytes = number()?,
             "max_log_bytes" => spec.limits.max_log_bytes = number()?,
+            "accel" => spec.limits.accel = number()?,
+            "accel_memory_mb" => spec.limits.accel_memory_mb = number()?,
+            "accel_type" => {
+                spec.limits.accel_type = Some(value.parse().map_err(|why: String| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_limit", why)
+                })?)
+            }
             "env" => {
                 let (k, v) = value.split_once('=').ok_or_else(|| {
                     ApiError::new(
@@ -117,7 +124,8 @@ fn apply_query(spec: &mut FunctionSpec, query: &str) -> Result<(), ApiError> {
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown query parameter {other:?} (expected memory_mb, timeout_ms, \
-                     max_request_bytes, max_response_bytes, max_log_bytes or env)"
+                     max_request_bytes, max_response_bytes, max_log_bytes, accel, \
+                     accel_memory_mb, accel_type or env)"
                 )))
             }
         }

@@ -12,6 +12,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
+use wafer_proto::accel_capnp::accel;
 use wafer_proto::node_capnp::{door, executor, node};
 
 /// Shortest cluster secret accepted.
@@ -76,6 +77,7 @@ impl ClusterSecret {
 pub struct DoorService {
     node: Option<node::Client>,
     executor: Option<executor::Client>,
+    accel: Option<accel::Client>,
     secret: ClusterSecret,
     peer: SocketAddr,
 }
@@ -86,6 +88,7 @@ impl DoorService {
         capnp_rpc::new_client(DoorService {
             node: Some(node),
             executor: None,
+            accel: None,
             secret,
             peer,
         })
@@ -100,6 +103,18 @@ impl DoorService {
         capnp_rpc::new_client(DoorService {
             node: None,
             executor: Some(executor),
+            accel: None,
+            secret,
+            peer,
+        })
+    }
+
+    /// An accelerator backend's door to `accel`, for the connection from `peer`.
+    pub fn accel(accel: accel::Client, secret: ClusterSecret, peer: SocketAddr) -> door::Client {
+        capnp_rpc::new_client(DoorService {
+            node: None,
+            executor: None,
+            accel: Some(accel),
             secret,
             peer,
         })
@@ -128,7 +143,7 @@ impl door::Server for DoorService {
                 Ok(())
             }
             None => Err(capnp::Error::failed(
-                "this is an agent's executor port, not a server's".into(),
+                "this is not a server's node port".into(),
             )),
         }
     }
@@ -145,7 +160,24 @@ impl door::Server for DoorService {
                 Ok(())
             }
             None => Err(capnp::Error::failed(
-                "this is a server's node port, not an agent's".into(),
+                "this is not an agent's executor port".into(),
+            )),
+        }
+    }
+
+    async fn accel(
+        self: Rc<Self>,
+        params: door::AccelParams,
+        mut results: door::AccelResults,
+    ) -> Result<(), capnp::Error> {
+        self.admit(params.get()?.get_secret()?)?;
+        match &self.accel {
+            Some(accel) => {
+                results.get().set_accel(accel.clone());
+                Ok(())
+            }
+            None => Err(capnp::Error::failed(
+                "this is not an accelerator backend's port".into(),
             )),
         }
     }

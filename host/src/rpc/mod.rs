@@ -193,6 +193,7 @@ pub struct Peers {
     secret: ClusterSecret,
     nodes: RefCell<HashMap<String, (node::Client, raft::Client)>>,
     executors: RefCell<HashMap<String, executor::Client>>,
+    accels: RefCell<HashMap<String, wafer_proto::accel_capnp::accel::Client>>,
 }
 
 impl Peers {
@@ -201,6 +202,7 @@ impl Peers {
             secret,
             nodes: RefCell::default(),
             executors: RefCell::default(),
+            accels: RefCell::default(),
         }
     }
 
@@ -243,17 +245,39 @@ impl Peers {
             .clone())
     }
 
+    /// The `Accel` capability of the accelerator backend at `addr`, connecting when
+    /// there is no connection yet.
+    pub async fn accel(
+        &self,
+        addr: &str,
+    ) -> Result<wafer_proto::accel_capnp::accel::Client, RpcError> {
+        if let Some(client) = self.accels.borrow().get(addr) {
+            return Ok(client.clone());
+        }
+        let door: wire_door::Client = connect(addr).await?;
+        let mut request = door.accel_request();
+        request.get().set_secret(self.secret.as_bytes());
+        let client = request.send().pipeline.get_accel();
+        self.accels
+            .borrow_mut()
+            .insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
     /// Forgets the connection to `addr` (after it failed), so that the next call
     /// reconnects.
     pub fn forget(&self, addr: &str) {
         self.nodes.borrow_mut().remove(addr);
         self.executors.borrow_mut().remove(addr);
+        self.accels.borrow_mut().remove(addr);
     }
 }
 
 /// Connects to `addr` and returns its bootstrap capability (the connection runs on
 /// the RPC thread's `LocalSet`).
-async fn connect<C: capnp::capability::FromClientHook>(addr: &str) -> Result<C, RpcError> {
+pub(crate) async fn connect<C: capnp::capability::FromClientHook>(
+    addr: &str,
+) -> Result<C, RpcError> {
     let unreachable = |message: String| RpcError::Unreachable {
         addr: addr.to_string(),
         message,

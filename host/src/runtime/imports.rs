@@ -1,8 +1,11 @@
-//! Host functions of the `wafer` import module.
+//! Host functions of the `wafer` import module: `log`, and the accelerator calls of a
+//! guest granted a device (`accel_*`), forwarded to the node's backend.
 
-use wasmtime::{Caller, Extern, Linker};
+use wasmtime::{Caller, Extern, Linker, Memory};
 
 use super::InstanceState;
+use crate::accel::client::{GuestAccel, GuestArg};
+use crate::accel::{AccelError, ErrorKind};
 
 /// Adds `wafer.log(level: i32, ptr: i32, len: i32)`: one UTF-8 log line from guest
 /// memory, appended to the invocation's bounded log.
@@ -36,6 +39,322 @@ pub fn add_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()>
             let line = format!("[{level}] {text}\n");
             state.log.append(line.as_bytes());
             Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+/// What an accelerator import fails with before it reaches the backend.
+fn not_granted() -> AccelError {
+    AccelError::new(
+        ErrorKind::NotGranted,
+        "no accelerator granted: deploy the function with accel=1 (its leases and jobs then hold a device)",
+    )
+}
+
+fn out_of_range(what: &str) -> AccelError {
+    AccelError::new(
+        ErrorKind::Invalid,
+        format!("{what}: pointer and length out of range of the guest's memory"),
+    )
+}
+
+/// The guest's memory (every accelerator import needs it).
+fn memory(caller: &mut Caller<'_, InstanceState>) -> Result<Memory, AccelError> {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(memory)) => Ok(memory),
+        _ => Err(AccelError::new(
+            ErrorKind::Invalid,
+            "the module exports no memory",
+        )),
+    }
+}
+
+/// Copies `len` bytes at `ptr` out of guest memory, checking the range.
+fn read_guest(
+    caller: &mut Caller<'_, InstanceState>,
+    ptr: u32,
+    len: u32,
+    what: &str,
+) -> Result<Vec<u8>, AccelError> {
+    let memory = memory(caller)?;
+    let data = memory.data(&caller);
+    let start = ptr as usize;
+    let end = start
+        .checked_add(len as usize)
+        .filter(|end| *end <= data.len())
+        .ok_or_else(|| out_of_range(what))?;
+    Ok(data[start..end].to_vec())
+}
+
+fn read_text(
+    caller: &mut Caller<'_, InstanceState>,
+    ptr: u32,
+    len: u32,
+    what: &str,
+) -> Result<String, AccelError> {
+    String::from_utf8(read_guest(caller, ptr, len, what)?)
+        .map_err(|_| AccelError::new(ErrorKind::Invalid, format!("{what} is not UTF-8")))
+}
+
+/// Checks that `len` bytes at `ptr` lie in guest memory (before a call whose answer
+/// goes there).
+fn check_guest(
+    caller: &mut Caller<'_, InstanceState>,
+    ptr: u32,
+    len: u64,
+    what: &str,
+) -> Result<(), AccelError> {
+    let size = memory(caller)?.data_size(&caller) as u64;
+    match u64::from(ptr).checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(out_of_range(what)),
+    }
+}
+
+/// Copies `bytes` into guest memory at `ptr`, checking the range.
+fn write_guest(
+    caller: &mut Caller<'_, InstanceState>,
+    ptr: u32,
+    bytes: &[u8],
+    what: &str,
+) -> Result<(), AccelError> {
+    let memory = memory(caller)?;
+    let data = memory.data_mut(caller);
+    let start = ptr as usize;
+    let end = start
+        .checked_add(bytes.len())
+        .filter(|end| *end <= data.len())
+        .ok_or_else(|| out_of_range(what))?;
+    data[start..end].copy_from_slice(bytes);
+    Ok(())
+}
+
+fn granted<'a>(
+    caller: &'a mut Caller<'_, InstanceState>,
+) -> Result<&'a mut GuestAccel, AccelError> {
+    caller.data_mut().accel.as_mut().ok_or_else(not_granted)
+}
+
+/// Turns a result into the import's return value: the value, or the error's negative
+/// code (its message kept for `accel_error`).
+fn finish(caller: &mut Caller<'_, InstanceState>, result: Result<i64, AccelError>) -> i64 {
+    match result {
+        Ok(value) => value,
+        Err(e) => {
+            let code = e.kind.code();
+            caller.data_mut().accel_error = e.message;
+            i64::from(code)
+        }
+    }
+}
+
+/// Size of one argument record of `accel_run`: kind (u32), padding (u32), value (u64).
+const ARG_RECORD: usize = 16;
+
+fn decode_args(bytes: &[u8]) -> Result<Vec<GuestArg>, AccelError> {
+    bytes
+        .chunks_exact(ARG_RECORD)
+        .enumerate()
+        .map(|(i, record)| {
+            let kind = u32::from_le_bytes([record[0], record[1], record[2], record[3]]);
+            let mut value = [0u8; 8];
+            value.copy_from_slice(&record[8..16]);
+            let bits = u64::from_le_bytes(value);
+            Ok(match kind {
+                0 => GuestArg::Buffer(bits as u32),
+                1 => GuestArg::Int(bits as u32 as i32),
+                2 => GuestArg::Uint(bits as u32),
+                3 => GuestArg::Long(bits as i64),
+                4 => GuestArg::Ulong(bits),
+                5 => GuestArg::Float(f32::from_bits(bits as u32)),
+                6 => GuestArg::Double(f64::from_bits(bits)),
+                7 => GuestArg::Local(bits),
+                other => {
+                    return Err(AccelError::new(
+                        ErrorKind::ArgType,
+                        format!("argument {i} has unknown kind {other}"),
+                    ))
+                }
+            })
+        })
+        .collect()
+}
+
+fn decode_sizes(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(c);
+            u64::from_le_bytes(v)
+        })
+        .collect()
+}
+
+/// Adds the accelerator imports of the `wafer` module (see `wafer_guest::accel` for
+/// their contract). Each returns a handle, a size or 0 on success and a negative
+/// error code on failure, whose message `accel_error` copies out. Every pointer and
+/// length is checked against the guest's memory: out of range is an `invalid` error,
+/// never a host access.
+pub fn add_accel_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "wafer",
+        "accel_error",
+        |mut caller: Caller<'_, InstanceState>, ptr: u32, cap: u32| -> i32 {
+            let message = caller.data().accel_error.clone().into_bytes();
+            let n = message.len().min(cap as usize);
+            match write_guest(&mut caller, ptr, &message[..n], "accel_error") {
+                Ok(()) => message.len().min(i32::MAX as usize) as i32,
+                Err(e) => e.kind.code(),
+            }
+        },
+    )?;
+    linker.func_wrap_async(
+        "wafer",
+        "accel_device",
+        |mut caller: Caller<'_, InstanceState>, (ptr, cap): (u32, u32)| {
+            Box::new(async move {
+                let result = async {
+                    check_guest(&mut caller, ptr, 0, "accel_device")?;
+                    let json = granted(&mut caller)?.device().await?;
+                    let n = json.len().min(cap as usize);
+                    write_guest(&mut caller, ptr, &json.as_bytes()[..n], "accel_device")?;
+                    Ok(json.len() as i64)
+                }
+                .await;
+                finish(&mut caller, result) as i32
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wafer",
+        "accel_compile",
+        |mut caller: Caller<'_, InstanceState>, (sp, sl, op, ol): (u32, u32, u32, u32)| {
+            Box::new(async move {
+                let result = async {
+                    let source = read_text(&mut caller, sp, sl, "accel_compile source")?;
+                    let options = read_text(&mut caller, op, ol, "accel_compile options")?;
+                    let handle = granted(&mut caller)?.compile(source, options).await?;
+                    Ok(i64::from(handle))
+                }
+                .await;
+                finish(&mut caller, result) as i32
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wafer",
+        "accel_kernel",
+        |mut caller: Caller<'_, InstanceState>, (program, np, nl): (u32, u32, u32)| {
+            Box::new(async move {
+                let result = async {
+                    let name = read_text(&mut caller, np, nl, "accel_kernel name")?;
+                    let handle = granted(&mut caller)?.kernel(program, name).await?;
+                    Ok(i64::from(handle))
+                }
+                .await;
+                finish(&mut caller, result) as i32
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wafer",
+        "accel_alloc",
+        |mut caller: Caller<'_, InstanceState>, (bytes,): (u64,)| {
+            Box::new(async move {
+                let result = async {
+                    let handle = granted(&mut caller)?.alloc(bytes).await?;
+                    Ok(i64::from(handle))
+                }
+                .await;
+                finish(&mut caller, result) as i32
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wafer",
+        "accel_write",
+        |mut caller: Caller<'_, InstanceState>,
+         (buffer, offset, ptr, len): (u32, u64, u32, u32)| {
+            Box::new(async move {
+                let result = async {
+                    let data = read_guest(&mut caller, ptr, len, "accel_write")?;
+                    granted(&mut caller)?.write(buffer, offset, data).await?;
+                    Ok(0)
+                }
+                .await;
+                finish(&mut caller, result) as i32
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wafer",
+        "accel_read",
+        |mut caller: Caller<'_, InstanceState>,
+         (buffer, offset, ptr, len): (u32, u64, u32, u32)| {
+            Box::new(async move {
+                let result = async {
+                    check_guest(&mut caller, ptr, u64::from(len), "accel_read")?;
+                    let data = granted(&mut caller)?
+                        .read(buffer, offset, u64::from(len))
+                        .await?;
+                    write_guest(&mut caller, ptr, &data, "accel_read")?;
+                    Ok(0)
+                }
+                .await;
+                finish(&mut caller, result) as i32
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wafer",
+        "accel_run",
+        |mut caller: Caller<'_, InstanceState>,
+         (kernel, args_ptr, nargs, global_ptr, local_ptr, dims): (u32, u32, u32, u32, u32, u32)| {
+            Box::new(async move {
+                let result = async {
+                    if !(1..=3).contains(&dims) {
+                        return Err(AccelError::new(
+                            ErrorKind::WorkSize,
+                            format!("a run has 1 to 3 dimensions, not {dims}"),
+                        ));
+                    }
+                    let nargs = nargs.min(1024);
+                    let args = read_guest(
+                        &mut caller,
+                        args_ptr,
+                        nargs * ARG_RECORD as u32,
+                        "accel_run arguments",
+                    )?;
+                    let args = decode_args(&args)?;
+                    let global =
+                        decode_sizes(&read_guest(&mut caller, global_ptr, dims * 8, "accel_run global")?);
+                    let local = if local_ptr == 0 {
+                        Vec::new()
+                    } else {
+                        decode_sizes(&read_guest(&mut caller, local_ptr, dims * 8, "accel_run local")?)
+                    };
+                    let ns = granted(&mut caller)?.run(kernel, args, global, local).await?;
+                    Ok(ns.min(i64::MAX as u64) as i64)
+                }
+                .await;
+                finish(&mut caller, result)
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wafer",
+        "accel_release",
+        |mut caller: Caller<'_, InstanceState>, (handle,): (u32,)| {
+            Box::new(async move {
+                let result = async {
+                    granted(&mut caller)?.release(handle).await?;
+                    Ok(0)
+                }
+                .await;
+                finish(&mut caller, result) as i32
+            })
         },
     )?;
     Ok(())

@@ -13,6 +13,8 @@ pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 8 << 20;
 pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 16 << 20;
 /// Default limit of captured log output (stderr and `wafer.log`), in bytes.
 pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 << 10;
+/// Default device memory of an accelerator grant, in MiB.
+pub const DEFAULT_ACCEL_MEMORY_MB: u64 = 256;
 /// Most table elements a guest may grow a table to.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
@@ -20,6 +22,17 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Limits {
+    /// Accelerator devices each run is granted (0 or 1): a function's leases and a
+    /// job's attempts then hold one, and its guest may call the `wafer.accel_*`
+    /// imports.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub accel: u64,
+    /// Device memory the grant's buffers may hold together, MiB.
+    #[serde(skip_serializing_if = "is_default_accel_memory")]
+    pub accel_memory_mb: u64,
+    /// The kind of device asked for (none: any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel_type: Option<crate::accel::DeviceType>,
     /// Linear memory, MiB.
     pub memory_mb: u64,
     /// Wall-clock time of one invocation, ms.
@@ -40,11 +53,31 @@ impl Default for Limits {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+            accel: 0,
+            accel_memory_mb: DEFAULT_ACCEL_MEMORY_MB,
+            accel_type: None,
         }
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_default_accel_memory(n: &u64) -> bool {
+    *n == DEFAULT_ACCEL_MEMORY_MB
+}
+
 impl Limits {
+    /// What one run holds: a slot, its memory and its accelerators.
+    pub fn resources(&self) -> crate::state::Resources {
+        crate::state::Resources {
+            slots: 1,
+            memory_mb: self.memory_mb,
+            accelerators: self.accel,
+        }
+    }
+
     /// Linear-memory limit in bytes.
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mb.saturating_mul(1 << 20)

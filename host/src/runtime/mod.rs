@@ -84,7 +84,8 @@ pub enum RuntimeError {
     /// The module imports something the host does not provide.
     #[error(
         "module imports {kind} `{module}::{name}`, which wafer does not provide \
-         (guests may import WASI preview 1 `wasi_snapshot_preview1` functions and `wafer::log`)"
+         (guests may import WASI preview 1 `wasi_snapshot_preview1` functions and the \
+         `wafer` module's `log` and `accel_*` functions)"
     )]
     ForbiddenImport {
         /// Import module name.
@@ -204,6 +205,10 @@ pub struct InstanceState {
     wasi: WasiP1Ctx,
     limiter: MemoryLimiter,
     log: LogPipe,
+    /// The accelerator grant's session (none: not granted).
+    accel: Option<crate::accel::client::GuestAccel>,
+    /// The message of the last failed accelerator call.
+    accel_error: String,
 }
 
 /// A module ready to instantiate: validated, compiled (or loaded) and linked. Cheap to
@@ -302,6 +307,8 @@ pub struct Runtime {
     max_memory_mb: u64,
     metrics: RuntimeMetrics,
     ticker: EpochTicker,
+    /// The node's accelerator backends, once its agent has them.
+    accel: std::sync::OnceLock<crate::accel::client::AccelLink>,
 }
 
 impl Runtime {
@@ -334,6 +341,7 @@ impl Runtime {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s| &mut s.wasi)
             .map_err(engine_error)?;
         imports::add_to_linker(&mut linker).map_err(engine_error)?;
+        imports::add_accel_to_linker(&mut linker).map_err(engine_error)?;
         let provided = provided_imports(&engine, &linker);
         let cache = match &config.cache_dir {
             Some(dir) => Some(ModuleCache::open(dir, &engine).map_err(|e| {
@@ -351,7 +359,19 @@ impl Runtime {
             max_memory_mb: config.max_memory_mb,
             metrics: RuntimeMetrics::default(),
             ticker,
+            accel: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives granted guests the node's accelerator backends (once; later calls are
+    /// ignored).
+    pub fn set_accel(&self, link: crate::accel::client::AccelLink) {
+        let _ = self.accel.set(link);
+    }
+
+    /// The node's accelerator backends, if its agent has them.
+    pub fn accel(&self) -> Option<&crate::accel::client::AccelLink> {
+        self.accel.get()
     }
 
     /// The runtime's counters.
@@ -448,14 +468,26 @@ impl Runtime {
                 None
             }
         };
+        let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
+        let accel = (limits.accel > 0).then(|| {
+            crate::accel::client::GuestAccel::new(
+                self.accel.get().cloned(),
+                crate::accel::client::Grant {
+                    memory_bytes: limits.accel_memory_mb.saturating_mul(1 << 20),
+                    kind: limits.accel_type,
+                },
+                deadline,
+            )
+        });
         let state = InstanceState {
             wasi: builder.build_p1(),
             limiter: MemoryLimiter::new(limits.memory_bytes()),
             log: log.clone(),
+            accel,
+            accel_error: String::new(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
         store.epoch_deadline_callback(move |_| {
             Ok(if Instant::now() >= deadline {
                 UpdateDeadline::Interrupt
@@ -579,6 +611,8 @@ fn provided_imports(engine: &Engine, linker: &Linker<InstanceState>) -> BTreeSet
         wasi: WasiCtxBuilder::new().build_p1(),
         limiter: MemoryLimiter::new(0),
         log: LogPipe::new(0),
+        accel: None,
+        accel_error: String::new(),
     };
     let mut store = Store::new(engine, state);
     linker

@@ -744,7 +744,7 @@ impl Scheduler {
                 .get_function(function)
                 .map_err(|e| ClusterError::Unavailable(e.to_string()))?
                 .ok_or_else(|| ClusterError::Rejected(format!("no function named `{function}`")))?;
-            let part = Resources::new(1, record.spec.limits.memory_mb);
+            let part = record.spec.limits.resources();
             used = used.plus(&part);
             parts.push(part);
         }

@@ -14,8 +14,8 @@ use super::job::{log_tail, ATTEMPT_CAP, MAX_ATTEMPTS, MAX_JOB_INPUT_BYTES, MAX_J
 use super::scheduling::{allocate, allocations_of, get_agent, next_counter, release};
 use super::{
     function_record, storage, AgentId, Allocation, Attempt, Command, CommandResponse, Constraint,
-    FrameworkId, FunctionName, JobId, JobOutput, JobRecord, Rejection, Resources, StateError,
-    TaskRef, TaskState, TaskUpdate,
+    FrameworkId, FunctionName, JobId, JobOutput, JobRecord, Rejection, StateError, TaskRef,
+    TaskState, TaskUpdate,
 };
 use crate::digest::Digest;
 
@@ -176,9 +176,9 @@ fn submit(
         function: function.clone(),
         input: store_data(txn, input)?,
         input_size: size,
-        constraints: constraints.to_vec(),
+        constraints: with_accel_type(constraints, &spec.spec.limits),
         max_attempts,
-        resources: Resources::new(1, spec.spec.limits.memory_mb),
+        resources: spec.spec.limits.resources(),
         state: TaskState::Staging,
         reason: None,
         attempts: Vec::new(),
@@ -189,6 +189,23 @@ fn submit(
     };
     put(txn, &record)?;
     Ok(CommandResponse::JobSubmitted(id))
+}
+
+/// A job's constraints plus the one its function's device type implies
+/// (`accel.type=gpu`, matched against the attribute agents derive from their devices).
+fn with_accel_type(constraints: &[Constraint], limits: &crate::runtime::Limits) -> Vec<Constraint> {
+    let mut all = constraints.to_vec();
+    if let (Some(kind), true) = (limits.accel_type, limits.accel > 0) {
+        let implied = Constraint {
+            key: crate::accel::ACCEL_TYPE_ATTRIBUTE.to_string(),
+            op: crate::state::constraint::Op::Equals,
+            value: kind.as_str().to_string(),
+        };
+        if !all.contains(&implied) {
+            all.push(implied);
+        }
+    }
+    all
 }
 
 /// The record of `function` and the size of `input`, or why a job cannot run it.
@@ -224,7 +241,7 @@ fn place_task(
         Ok(found) => found,
         Err(why) => return reject(why),
     };
-    let resources = Resources::new(1, spec.spec.limits.memory_mb);
+    let resources = spec.spec.limits.resources();
     // Check the allocation before the job takes an id: a refusal changes nothing.
     let Some(agent_record) = get_agent(txn, agent)? else {
         return reject(Rejection::UnknownAgent(agent.clone()));
@@ -806,6 +823,7 @@ pub(super) fn restore_row(
 
 #[cfg(test)]
 mod tests {
+    use crate::state::Resources;
     use redb::ReadableDatabase;
 
     use super::super::{apply, dump, restore, FunctionSpec, State};

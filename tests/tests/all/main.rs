@@ -1,5 +1,6 @@
 //! wafer's end-to-end tests: one binary, real `wafer` processes, real HTTP.
 
+mod accel;
 mod agents;
 mod api;
 mod auth;

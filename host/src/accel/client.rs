@@ -1,0 +1,578 @@
+//! The host's side of accelerators. An agent keeps an [`AccelLink`]: the backends that
+//! attached to it (`Executor.attachAccel`) and their devices. A guest granted a device
+//! gets a [`GuestAccel`]: a session on one device, opened at its first call, with the
+//! guest's programs, kernels and buffers as small numbers (handles) that only that
+//! guest's instance can use. The capnp objects live on the agent's RPC thread, in a
+//! table keyed by session; the guest's calls reach them through the `Send` RPC handle.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use wafer_proto::accel_capnp::{accel, buffer, kernel, program, session};
+
+use super::backend::MAX_TRANSFER;
+use super::{AccelError, DeviceInfoSummary, DeviceType, ErrorKind};
+use crate::rpc::RpcHandle;
+
+/// How long an attached backend stays attached without renewing.
+pub const ATTACH_TTL: Duration = Duration::from_secs(6);
+
+/// A backend attached to this agent.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    /// Where the agent reaches it.
+    pub addr: String,
+    /// Its devices.
+    pub devices: Vec<DeviceInfoSummary>,
+    /// When it last renewed its attachment.
+    pub renewed: Instant,
+}
+
+/// An agent's accelerator backends (at most one at a time: the last that attached).
+#[derive(Clone)]
+pub struct AccelLink {
+    rpc: RpcHandle,
+    attached: Arc<RwLock<Option<Attached>>>,
+    /// Sessions opened per device index, to spread grants over devices.
+    opened: Arc<RwLock<HashMap<u32, u64>>>,
+}
+
+impl std::fmt::Debug for AccelLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccelLink")
+            .field("attached", &self.attached())
+            .finish()
+    }
+}
+
+impl AccelLink {
+    /// A link without backends; calls go through `rpc` (which presents the cluster
+    /// secret to backends).
+    pub fn new(rpc: RpcHandle) -> AccelLink {
+        AccelLink {
+            rpc,
+            attached: Arc::default(),
+            opened: Arc::default(),
+        }
+    }
+
+    /// Records that the backend at `addr` with `devices` is attached (now). Answers
+    /// whether the set of devices changed (so the agent registers again).
+    pub fn attach(&self, addr: String, devices: Vec<DeviceInfoSummary>) -> bool {
+        let Ok(mut attached) = self.attached.write() else {
+            return false;
+        };
+        let changed = attached
+            .as_ref()
+            .is_none_or(|a| a.addr != addr || a.devices != devices);
+        if changed {
+            tracing::info!(
+                backend = addr,
+                devices = devices.len(),
+                "an accelerator backend attached"
+            );
+        }
+        *attached = Some(Attached {
+            addr,
+            devices,
+            renewed: Instant::now(),
+        });
+        changed
+    }
+
+    /// The attached backend, if it renewed within [`ATTACH_TTL`].
+    pub fn attached(&self) -> Option<Attached> {
+        let attached = self.attached.read().ok()?;
+        attached
+            .as_ref()
+            .filter(|a| a.renewed.elapsed() < ATTACH_TTL)
+            .cloned()
+    }
+
+    /// The devices of the attached backend (empty without one).
+    pub fn devices(&self) -> Vec<DeviceInfoSummary> {
+        self.attached().map(|a| a.devices).unwrap_or_default()
+    }
+
+    /// Picks a device for a grant: of `kind` when given, else any; the one with the
+    /// fewest sessions opened through this link.
+    fn pick(&self, kind: Option<DeviceType>) -> Result<(String, u32), AccelError> {
+        let attached = self.attached().ok_or_else(|| {
+            AccelError::new(
+                ErrorKind::Unavailable,
+                "no accelerator backend is attached to this agent (is `wafer accel` running?)",
+            )
+        })?;
+        let opened = self.opened.read().map(|o| o.clone()).unwrap_or_default();
+        attached
+            .devices
+            .iter()
+            .filter(|d| kind.is_none_or(|k| d.kind == k))
+            .min_by_key(|d| opened.get(&d.index).copied().unwrap_or(0))
+            .map(|d| (attached.addr.clone(), d.index))
+            .ok_or_else(|| {
+                AccelError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the attached backend has no {} device",
+                        kind.map_or("", DeviceType::as_str)
+                    ),
+                )
+            })
+    }
+}
+
+/// What a guest was granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Device memory its buffers may hold, bytes.
+    pub memory_bytes: u64,
+    /// The device type it asked for, if any.
+    pub kind: Option<DeviceType>,
+}
+
+/// One argument of a guest's run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GuestArg {
+    /// A buffer handle.
+    Buffer(u32),
+    /// `int`.
+    Int(i32),
+    /// `uint`.
+    Uint(u32),
+    /// `long`.
+    Long(i64),
+    /// `ulong`.
+    Ulong(u64),
+    /// `float`.
+    Float(f32),
+    /// `double`.
+    Double(f64),
+    /// Local memory, bytes.
+    Local(u64),
+}
+
+/// A guest instance's accelerator access: its grant (if any) and its session.
+pub struct GuestAccel {
+    link: Option<AccelLink>,
+    grant: Grant,
+    deadline: Instant,
+    session: Option<u64>,
+    /// The message of the last failed call, for `wafer.accel_error`.
+    pub last_error: String,
+}
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// The guest sessions of the RPC thread.
+#[derive(Default)]
+struct GuestSession {
+    session: Option<session::Client>,
+    programs: HashMap<u32, program::Client>,
+    kernels: HashMap<u32, kernel::Client>,
+    buffers: HashMap<u32, (buffer::Client, u64)>,
+    next: u32,
+    device: u32,
+}
+
+thread_local! {
+    static SESSIONS: RefCell<HashMap<u64, GuestSession>> = RefCell::default();
+}
+
+fn unknown(what: &str, handle: u32) -> AccelError {
+    AccelError::new(
+        ErrorKind::Invalid,
+        format!("no {what} with handle {handle}"),
+    )
+}
+
+fn with_session<T>(
+    id: u64,
+    f: impl FnOnce(&mut GuestSession) -> Result<T, AccelError>,
+) -> Result<T, AccelError> {
+    SESSIONS.with(|sessions| {
+        let mut sessions = sessions.borrow_mut();
+        let session = sessions
+            .get_mut(&id)
+            .ok_or_else(|| AccelError::new(ErrorKind::Unavailable, "the session is closed"))?;
+        f(session)
+    })
+}
+
+fn insert<V>(map: &mut HashMap<u32, V>, next: &mut u32, value: V) -> u32 {
+    *next += 1;
+    map.insert(*next, value);
+    *next
+}
+
+fn session_client(id: u64) -> Result<session::Client, AccelError> {
+    with_session(id, |s| {
+        s.session
+            .clone()
+            .ok_or_else(|| AccelError::new(ErrorKind::Unavailable, "the session is closed"))
+    })
+}
+
+impl GuestAccel {
+    /// Access for a guest granted `grant` through `link` (none: this node has no
+    /// accelerators, and every call says so), whose run ends at `deadline`.
+    pub fn new(link: Option<AccelLink>, grant: Grant, deadline: Instant) -> GuestAccel {
+        GuestAccel {
+            link,
+            grant,
+            deadline,
+            session: None,
+            last_error: String::new(),
+        }
+    }
+
+    fn link(&self) -> Result<&AccelLink, AccelError> {
+        self.link.as_ref().ok_or_else(|| {
+            AccelError::new(
+                ErrorKind::Unavailable,
+                "this node runs no agent with accelerators",
+            )
+        })
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Runs `f` on the RPC thread within the guest's deadline.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, AccelError>
+    where
+        F: FnOnce(std::rc::Rc<crate::rpc::Peers>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, AccelError>> + 'static,
+        T: Send + 'static,
+    {
+        let remaining = self.remaining();
+        let call = self.link()?.rpc.run(f);
+        match tokio::time::timeout(remaining, call).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(AccelError::new(ErrorKind::Unavailable, e.to_string())),
+            Err(_) => Err(AccelError::new(
+                ErrorKind::Timeout,
+                "the invocation's deadline passed during an accelerator call",
+            )),
+        }
+    }
+
+    /// The session, opening it on first use.
+    async fn session(&mut self) -> Result<u64, AccelError> {
+        if let Some(id) = self.session {
+            return Ok(id);
+        }
+        let (addr, device) = self.link()?.pick(self.grant.kind)?;
+        let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+        let memory = self.grant.memory_bytes;
+        let timeout_ms = self.remaining().as_millis().max(1) as u64;
+        self.call(move |peers| async move {
+            let accel = peers
+                .accel(&addr)
+                .await
+                .map_err(|e| AccelError::new(ErrorKind::Unavailable, e.to_string()))?;
+            let mut request = accel.open_request();
+            request.get().set_device(device);
+            request.get().set_memory_limit(memory);
+            request.get().set_timeout_ms(timeout_ms);
+            let session = request.send().pipeline.get_session();
+            // Check the session now, so that a bad grant fails here; after a lost
+            // connection, the next session connects anew.
+            if let Err(e) = session.usage_request().send().promise.await {
+                let e = AccelError::from_capnp(&e);
+                if e.kind == ErrorKind::Unavailable {
+                    peers.forget(&addr);
+                }
+                return Err(e);
+            }
+            SESSIONS.with(|s| {
+                s.borrow_mut().insert(
+                    id,
+                    GuestSession {
+                        session: Some(session),
+                        device,
+                        ..GuestSession::default()
+                    },
+                )
+            });
+            Ok(())
+        })
+        .await?;
+        if let Ok(mut opened) = self.link()?.opened.write() {
+            *opened.entry(device).or_default() += 1;
+        }
+        self.session = Some(id);
+        Ok(id)
+    }
+
+    /// The device of the session, as JSON (opens the session).
+    pub async fn device(&mut self) -> Result<String, AccelError> {
+        let id = self.session().await?;
+        let index = self
+            .call(move |_| async move { with_session(id, |s| Ok(s.device)) })
+            .await?;
+        let device = self
+            .link()?
+            .devices()
+            .into_iter()
+            .find(|d| d.index == index)
+            .ok_or_else(|| AccelError::new(ErrorKind::Unavailable, "the device is gone"))?;
+        serde_json::to_string(&device)
+            .map_err(|e| AccelError::new(ErrorKind::Device, e.to_string()))
+    }
+
+    /// Compiles a program; answers its handle.
+    pub async fn compile(&mut self, source: String, options: String) -> Result<u32, AccelError> {
+        let id = self.session().await?;
+        self.call(move |_| async move {
+            let session = session_client(id)?;
+            let mut request = session.compile_request();
+            request.get().set_source(source.as_str());
+            request.get().set_options(options.as_str());
+            let reply = request.send().promise.await?;
+            let program = reply.get()?.get_program()?;
+            with_session(id, |s| Ok(insert(&mut s.programs, &mut s.next, program)))
+        })
+        .await
+    }
+
+    /// The kernel `name` of program `program`; answers its handle.
+    pub async fn kernel(&mut self, program: u32, name: String) -> Result<u32, AccelError> {
+        let id = self.session().await?;
+        self.call(move |_| async move {
+            let program = with_session(id, |s| {
+                s.programs
+                    .get(&program)
+                    .cloned()
+                    .ok_or_else(|| unknown("program", program))
+            })?;
+            let mut request = program.kernel_request();
+            request.get().set_name(name.as_str());
+            let reply = request.send().promise.await?;
+            let kernel = reply.get()?.get_kernel()?;
+            with_session(id, |s| Ok(insert(&mut s.kernels, &mut s.next, kernel)))
+        })
+        .await
+    }
+
+    /// A buffer of `bytes`; answers its handle.
+    pub async fn alloc(&mut self, bytes: u64) -> Result<u32, AccelError> {
+        let id = self.session().await?;
+        self.call(move |_| async move {
+            let session = session_client(id)?;
+            let mut request = session.alloc_request();
+            request.get().set_bytes(bytes);
+            let reply = request.send().promise.await?;
+            let buffer = reply.get()?.get_buffer()?;
+            with_session(id, |s| {
+                Ok(insert(&mut s.buffers, &mut s.next, (buffer, bytes)))
+            })
+        })
+        .await
+    }
+
+    /// The size of buffer `handle`.
+    pub async fn buffer_size(&mut self, handle: u32) -> Result<u64, AccelError> {
+        let id = self.session().await?;
+        self.call(move |_| async move {
+            with_session(id, |s| {
+                s.buffers
+                    .get(&handle)
+                    .map(|b| b.1)
+                    .ok_or_else(|| unknown("buffer", handle))
+            })
+        })
+        .await
+    }
+
+    /// Writes `data` into buffer `handle` at `offset`.
+    pub async fn write(
+        &mut self,
+        handle: u32,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(), AccelError> {
+        let id = self.session().await?;
+        self.call(move |_| async move {
+            let buffer = with_session(id, |s| {
+                s.buffers
+                    .get(&handle)
+                    .map(|b| b.0.clone())
+                    .ok_or_else(|| unknown("buffer", handle))
+            })?;
+            // Large writes go in pieces, all sent before the first answer.
+            let mut pending = Vec::new();
+            for (i, piece) in data.chunks(MAX_TRANSFER as usize).enumerate() {
+                let mut request = buffer.write_request();
+                request.get().set_offset(offset + i as u64 * MAX_TRANSFER);
+                request.get().set_data(piece);
+                pending.push(request.send().promise);
+            }
+            for reply in pending {
+                reply.await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reads `len` bytes of buffer `handle` from `offset`.
+    pub async fn read(
+        &mut self,
+        handle: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, AccelError> {
+        let id = self.session().await?;
+        self.call(move |_| async move {
+            let buffer = with_session(id, |s| {
+                s.buffers
+                    .get(&handle)
+                    .map(|b| b.0.clone())
+                    .ok_or_else(|| unknown("buffer", handle))
+            })?;
+            let mut pending = Vec::new();
+            let mut at = 0;
+            while at < len {
+                let piece = (len - at).min(MAX_TRANSFER);
+                let mut request = buffer.read_request();
+                request.get().set_offset(offset + at);
+                request.get().set_length(piece);
+                pending.push(request.send().promise);
+                at += piece;
+            }
+            let mut data = Vec::with_capacity(len as usize);
+            for reply in pending {
+                data.extend_from_slice(reply.await?.get()?.get_data()?);
+            }
+            Ok(data)
+        })
+        .await
+    }
+
+    /// Runs kernel `handle`; answers the device time in ns.
+    pub async fn run(
+        &mut self,
+        handle: u32,
+        args: Vec<GuestArg>,
+        global: Vec<u64>,
+        local: Vec<u64>,
+    ) -> Result<u64, AccelError> {
+        let id = self.session().await?;
+        self.call(move |_| async move {
+            let (kernel, buffers) = with_session(id, |s| {
+                let kernel = s
+                    .kernels
+                    .get(&handle)
+                    .cloned()
+                    .ok_or_else(|| unknown("kernel", handle))?;
+                let mut buffers = HashMap::new();
+                for arg in &args {
+                    if let GuestArg::Buffer(b) = arg {
+                        let buffer = s
+                            .buffers
+                            .get(b)
+                            .map(|x| x.0.clone())
+                            .ok_or_else(|| unknown("buffer", *b))?;
+                        buffers.insert(*b, buffer);
+                    }
+                }
+                Ok((kernel, buffers))
+            })?;
+            let mut request = kernel.run_request();
+            {
+                let mut p = request.get();
+                let mut list = p.reborrow().init_args(args.len() as u32);
+                for (i, arg) in args.iter().enumerate() {
+                    let mut w = list.reborrow().get(i as u32);
+                    match *arg {
+                        GuestArg::Buffer(b) => {
+                            if let Some(buffer) = buffers.get(&b) {
+                                w.set_buffer(buffer.clone());
+                            }
+                        }
+                        GuestArg::Int(v) => w.set_int(v),
+                        GuestArg::Uint(v) => w.set_uint(v),
+                        GuestArg::Long(v) => w.set_long(v),
+                        GuestArg::Ulong(v) => w.set_ulong(v),
+                        GuestArg::Float(v) => w.set_float(v),
+                        GuestArg::Double(v) => w.set_double(v),
+                        GuestArg::Local(v) => w.set_local(v),
+                    }
+                }
+                let mut g = p.reborrow().init_global(global.len() as u32);
+                for (i, v) in global.iter().enumerate() {
+                    g.set(i as u32, *v);
+                }
+                let mut l = p.init_local(local.len() as u32);
+                for (i, v) in local.iter().enumerate() {
+                    l.set(i as u32, *v);
+                }
+            }
+            let reply = request.send().promise.await?;
+            Ok(reply.get()?.get_info()?.get_device_ns())
+        })
+        .await
+    }
+
+    /// Drops the object behind `handle` (a program, kernel or buffer).
+    pub async fn release(&mut self, handle: u32) -> Result<(), AccelError> {
+        let id = self.session().await?;
+        self.call(move |_| async move {
+            with_session(id, |s| {
+                let found = s.programs.remove(&handle).is_some()
+                    || s.kernels.remove(&handle).is_some()
+                    || s.buffers.remove(&handle).is_some();
+                if found {
+                    Ok(())
+                } else {
+                    Err(unknown("program, kernel or buffer", handle))
+                }
+            })
+        })
+        .await
+    }
+}
+
+impl Drop for GuestAccel {
+    fn drop(&mut self) {
+        if let (Some(id), Some(link)) = (self.session.take(), &self.link) {
+            let opened = link.opened.clone();
+            let rpc = link.rpc.clone();
+            // Closing drops the capabilities, which frees the session's buffers on the
+            // backend.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            runtime.spawn(async move {
+                let device = rpc
+                    .run(move |_| async move {
+                        SESSIONS.with(|s| s.borrow_mut().remove(&id).map(|s| s.device))
+                    })
+                    .await;
+                if let (Ok(Some(device)), Ok(mut opened)) = (device, opened.write()) {
+                    if let Some(n) = opened.get_mut(&device) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Connects to the backend at `addr` (on the current `LocalSet`), presenting `secret`.
+pub async fn connect(
+    addr: &str,
+    secret: &crate::rpc::ClusterSecret,
+) -> Result<accel::Client, AccelError> {
+    let door: wafer_proto::node_capnp::door::Client = crate::rpc::connect(addr)
+        .await
+        .map_err(|e| AccelError::new(ErrorKind::Unavailable, e.to_string()))?;
+    let mut request = door.accel_request();
+    request.get().set_secret(secret.as_bytes());
+    Ok(request.send().pipeline.get_accel())
+}

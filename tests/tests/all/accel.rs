@@ -1,0 +1,195 @@
+//! Accelerators on real OpenCL (PoCL's CPU device, installed by the bootstrap script):
+//! `wafer dev` starts a backend in-process and grants its device to functions and jobs
+//! deployed with `accel=1`.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use wafer_tests::{http, DevServer};
+
+use crate::{deploy, deploy_example, start, submit_job};
+
+async fn probe(server: &DevServer, function: &str, case: &str) -> Value {
+    let response = http()
+        .get(server.url(&format!("/fn/{function}?case={case}")))
+        .send()
+        .await
+        .expect("probe");
+    assert_eq!(response.status(), StatusCode::OK, "{case}");
+    response.json().await.expect("probe JSON")
+}
+
+fn expect_kind(answer: &Value, kind: &str) {
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert_eq!(answer["kind"], kind, "{answer}");
+    assert!(
+        answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn granted_guests_run_kernels_and_bad_calls_get_typed_errors() {
+    let (_dir, server) = start(&[]);
+    deploy_example(&server, "accel-probe", "accel=1&accel_memory_mb=16").await;
+
+    // The node offers the device, with its attributes.
+    let nodes: Value = http()
+        .get(server.url("/v1/nodes"))
+        .send()
+        .await
+        .expect("nodes")
+        .json()
+        .await
+        .expect("nodes JSON");
+    let agent = &nodes["agents"][0];
+    assert!(
+        agent["resources"]["accelerators"].as_u64() >= Some(1),
+        "{nodes}"
+    );
+    assert_eq!(agent["attributes"]["accel.type"], "cpu", "{nodes}");
+
+    let device = probe(&server, "accel-probe", "device").await;
+    assert_eq!(device["ok"], true, "{device}");
+    assert_eq!(device["device"]["type"], "cpu", "{device}");
+    assert!(
+        device["device"]["compute_units"].as_u64() >= Some(1),
+        "{device}"
+    );
+
+    // Vector add, checked element by element against the CPU inside the guest.
+    let added = probe(&server, "accel-probe", "vecadd&n=100000").await;
+    assert_eq!(added["ok"], true, "{added}");
+    assert_eq!(added["matches"], true, "{added}");
+
+    // A kernel that does not compile: the build log reaches the guest.
+    let broken = probe(&server, "accel-probe", "compile_error").await;
+    expect_kind(&broken, "Compile");
+    assert!(
+        broken["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("undefined_name")),
+        "{broken}"
+    );
+    expect_kind(
+        &probe(&server, "accel-probe", "arg_count").await,
+        "ArgCount",
+    );
+    expect_kind(&probe(&server, "accel-probe", "arg_type").await, "ArgType");
+    expect_kind(
+        &probe(&server, "accel-probe", "small_buffer").await,
+        "BufferTooSmall",
+    );
+    expect_kind(
+        &probe(&server, "accel-probe", "work_size").await,
+        "WorkSize",
+    );
+
+    // The grant's 16 MiB: 8 buffers of 1 MiB fit, 32 do not.
+    let fits = probe(&server, "accel-probe", "memory&mb=8").await;
+    assert_eq!(fits["buffers"], 8, "{fits}");
+    expect_kind(
+        &probe(&server, "accel-probe", "memory&mb=32").await,
+        "MemoryLimit",
+    );
+
+    // Pointers outside guest memory are refused, not followed.
+    let pointers = probe(&server, "accel-probe", "bad_pointer").await;
+    assert_eq!(pointers["ok"], true, "{pointers}");
+    for code in pointers["codes"].as_array().expect("codes") {
+        assert_eq!(
+            code, -10,
+            "an out-of-range pointer is `invalid`: {pointers}"
+        );
+    }
+
+    // Two functions on one device: what one wrote, the other never sees (fresh buffers
+    // are zeroed, and handles it was not given are refused).
+    deploy_example(&server, "accel-probe", "accel=1").await;
+    let wasm = wafer_tests::example("accel-probe").expect("built");
+    let second = deploy(&server, "accel-probe-2", wasm.clone(), "accel=1").await;
+    assert_eq!(second.status(), StatusCode::CREATED);
+    for _ in 0..3 {
+        let filled = probe(&server, "accel-probe", "fill").await;
+        assert_eq!(filled["wrote"], true, "{filled}");
+        let other = probe(&server, "accel-probe-2", "leak").await;
+        assert_eq!(other["zeroed"], true, "{other}");
+        assert_eq!(other["foreign_readable"], 0, "{other}");
+    }
+
+    // Without a grant: a clean error, and the node keeps serving.
+    let plain = deploy(&server, "ungranted", wasm, "").await;
+    assert_eq!(plain.status(), StatusCode::CREATED);
+    let refused = probe(&server, "ungranted", "vecadd").await;
+    expect_kind(&refused, "NotGranted");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no accelerator granted")),
+        "{refused}"
+    );
+    let again = probe(&server, "accel-probe", "vecadd&n=64").await;
+    assert_eq!(again["matches"], true, "{again}");
+}
+
+#[tokio::test]
+async fn mandelbrot_renders_a_png_and_matmul_matches_the_cpu() {
+    let (_dir, server) = start(&[]);
+    deploy_example(&server, "mandelbrot", "accel=1&timeout_ms=60000").await;
+    let response = http()
+        .get(server.url("/fn/mandelbrot?width=300&height=200&iterations=200&zoom=1.5"))
+        .send()
+        .await
+        .expect("render");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers().get("content-type").map(|v| v.as_bytes()),
+        Some(&b"image/png"[..])
+    );
+    let bytes = response.bytes().await.expect("png");
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes.to_vec()));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).expect("a frame");
+    assert_eq!((frame.width, frame.height), (300, 200));
+    let first = &pixels[..4];
+    let colours = pixels[..frame.buffer_size()]
+        .chunks(4)
+        .filter(|p| *p != first)
+        .count();
+    assert!(
+        colours > 1000,
+        "the image is not one colour ({colours} pixels differ)"
+    );
+
+    deploy_example(&server, "matmul", "accel=1&memory_mb=256&timeout_ms=120000").await;
+    let job = submit_job(
+        &server,
+        serde_json::json!({"function": "matmul", "input": "{\"n\": 96, \"seed\": 7}"}),
+    )
+    .await;
+    let id = job["id"].as_u64().expect("job id");
+    let ended: Value = http()
+        .get(server.url(&format!("/v1/jobs/{id}?wait=120")))
+        .send()
+        .await
+        .expect("wait")
+        .json()
+        .await
+        .expect("job");
+    assert_eq!(ended["state"], "FINISHED", "{ended}");
+    let output: Value = http()
+        .get(server.url(&format!("/v1/jobs/{id}/output")))
+        .send()
+        .await
+        .expect("output")
+        .json()
+        .await
+        .expect("output JSON");
+    assert_eq!(output["n"], 96, "{output}");
+    assert_eq!(output["matches"], true, "{output}");
+    let (device, cpu) = (
+        output["checksum"].as_f64().expect("checksum"),
+        output["cpu_checksum"].as_f64().expect("cpu checksum"),
+    );
+    assert!((device - cpu).abs() < 1e-2, "{output}");
+}
