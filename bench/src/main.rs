@@ -10,11 +10,14 @@
 //! - `route`: invocations routed to an agent under a lease vs run in the gateway;
 //! - `allocator`: the allocator alone with 1,000 and 10,000 simulated agents:
 //!   placements/s and allocation-round latency;
+//! - `accel`: accelerator calls through wafer (guest -> host -> capnp -> OpenCL) against
+//!   direct `ocl` calls, small-kernel calls per second, and what pipelining saves;
 //! - `commit`: Raft commits of small metadata commands on 1- and 3-node wafer clusters
 //!   against etcd 3.4 clusters of the same size, at the same numbers of clients.
 //!
 //! `cargo run --release -p wafer-bench -- all` prints a Markdown report.
 
+mod accel;
 mod allocator;
 mod commit;
 mod jobs;
@@ -52,6 +55,8 @@ enum Cmd {
     Allocator(allocator::AllocatorArgs),
     /// Durable jobs end to end on 3 servers + 2 agents.
     Jobs(jobs::JobsArgs),
+    /// Accelerator calls through wafer vs direct OpenCL.
+    Accel(accel::AccelArgs),
     /// Invocations routed to an agent vs run in the gateway's process.
     Route(route::RouteArgs),
     /// Sets labels on function `meta` through the node at ADDR (its --listen address)
@@ -80,6 +85,8 @@ enum Cmd {
         jobs: jobs::JobsArgs,
         #[command(flatten)]
         route: route::RouteArgs,
+        #[command(flatten)]
+        accel: accel::AccelArgs,
     },
     /// (internal) a plain axum hello-world server; prints its address.
     PlainServer,
@@ -185,6 +192,10 @@ fn main() -> anyhow::Result<()> {
             print_header();
             route::run(&r)
         }
+        Cmd::Accel(a) => {
+            print_header();
+            accel::run(&a)
+        }
         Cmd::All {
             gateway: g,
             instantiate: i,
@@ -192,6 +203,7 @@ fn main() -> anyhow::Result<()> {
             allocator: a,
             jobs: j,
             route: r,
+            accel: x,
         } => {
             print_header();
             gateway(&g)?;
@@ -199,7 +211,8 @@ fn main() -> anyhow::Result<()> {
             commit::run(&c)?;
             allocator::run(&a)?;
             jobs::run(&j)?;
-            route::run(&r)
+            route::run(&r)?;
+            accel::run(&x)
         }
     }
 }

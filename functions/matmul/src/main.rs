@@ -1,6 +1,7 @@
 //! `matmul`: a job that multiplies two N×N matrices on the granted accelerator and
 //! checks the result against the CPU. Input (stdin, JSON, every field optional):
-//! `{"n": 256, "seed": 1, "verify": true}`. Output: JSON with the checksum (sum of the
+//! `{"n": 256, "seed": 1, "verify": true, "repeat": 1}` (`repeat`: how many times the
+//! product is computed on the device, for long-running jobs). Output: JSON with the checksum (sum of the
 //! product's elements) from the device and from the CPU, the largest difference, and
 //! the device time.
 
@@ -63,6 +64,7 @@ fn run() -> Result<serde_json::Value, String> {
     }
     let seed = spec["seed"].as_u64().unwrap_or(1);
     let verify = spec["verify"].as_bool().unwrap_or(true);
+    let repeat = spec["repeat"].as_u64().unwrap_or(1).clamp(1, 100_000);
     let (a, b) = (matrix(n, seed), matrix(n, seed + 1));
     let program = accel::compile(KERNEL, "").map_err(|e| e.to_string())?;
     let kernel = program.kernel("matmul").map_err(|e| e.to_string())?;
@@ -74,24 +76,29 @@ fn run() -> Result<serde_json::Value, String> {
     );
     da.write_f32(0, &a).map_err(|e| e.to_string())?;
     db.write_f32(0, &b).map_err(|e| e.to_string())?;
-    let info = kernel
-        .run(
-            &[
-                Arg::Buffer(&da),
-                Arg::Buffer(&db),
-                Arg::Buffer(&dc),
-                Arg::Uint(n as u32),
-            ],
-            &[n as u64, n as u64],
-            None,
-        )
-        .map_err(|e| e.to_string())?;
+    let mut device_ns = 0;
+    for _ in 0..repeat {
+        let info = kernel
+            .run(
+                &[
+                    Arg::Buffer(&da),
+                    Arg::Buffer(&db),
+                    Arg::Buffer(&dc),
+                    Arg::Uint(n as u32),
+                ],
+                &[n as u64, n as u64],
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+        device_ns += info.device_ns;
+    }
     let c = dc.read_f32(0, n * n).map_err(|e| e.to_string())?;
     let checksum: f64 = c.iter().map(|x| f64::from(*x)).sum();
     let mut out = serde_json::json!({
         "n": n,
         "checksum": checksum,
-        "device_ns": info.device_ns,
+        "device_ns": device_ns,
+        "repeat": repeat,
     });
     if verify {
         let reference = cpu(&a, &b, n);

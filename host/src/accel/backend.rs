@@ -238,7 +238,7 @@ impl accel::Server for AccelService {
             })?;
         let config = &self.backend.config;
         let limit = match p.get_memory_limit() {
-            0 => config.default_session_memory,
+            0 => config.default_session_memory.min(config.max_session_memory),
             n => n,
         };
         if limit > config.max_session_memory {

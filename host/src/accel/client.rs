@@ -17,6 +17,9 @@ use super::backend::MAX_TRANSFER;
 use super::{AccelError, DeviceInfoSummary, DeviceType, ErrorKind};
 use crate::rpc::RpcHandle;
 
+/// How long opening a session waits for a backend to become reachable.
+pub const REATTACH_WAIT: Duration = Duration::from_secs(5);
+
 /// How long an attached backend stays attached without renewing.
 pub const ATTACH_TTL: Duration = Duration::from_secs(6);
 
@@ -261,11 +264,27 @@ impl GuestAccel {
         }
     }
 
-    /// The session, opening it on first use.
+    /// The session, opening it on first use. While no backend is reachable (one that
+    /// restarts attaches again within seconds), it keeps trying for up to
+    /// [`REATTACH_WAIT`], within the guest's deadline.
     async fn session(&mut self) -> Result<u64, AccelError> {
         if let Some(id) = self.session {
             return Ok(id);
         }
+        // No link at all (a node without an agent): nothing to wait for.
+        self.link()?;
+        let until = Instant::now() + REATTACH_WAIT.min(self.remaining());
+        loop {
+            match self.open_session().await {
+                Err(e) if e.kind == ErrorKind::Unavailable && Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_session(&mut self) -> Result<u64, AccelError> {
         let (addr, device) = self.link()?.pick(self.grant.kind)?;
         let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
         let memory = self.grant.memory_bytes;

@@ -287,7 +287,22 @@ async fn keep_registered(
                     // Attempts younger than two heartbeats may not be in the leader's
                     // answer yet: they are not stopped.
                     worker.reconcile(assigned, interval * 2);
-                    tokio::time::sleep(interval).await;
+                    // A change of devices ends the wait: register again at once.
+                    let changed = tokio::select! {
+                        _ = tokio::time::sleep(interval) => false,
+                        changed = infos.changed() => match changed {
+                            Ok(()) => true,
+                            // Nothing can change any more: just wait.
+                            Err(_) => {
+                                tokio::time::sleep(interval).await;
+                                false
+                            }
+                        },
+                    };
+                    if changed {
+                        tracing::info!(agent = %info.id, "its devices changed: registering again");
+                        break;
+                    }
                 }
                 Ok((true, _)) => {
                     tracing::info!(agent = %info.id, "the leader asks this agent to register again");

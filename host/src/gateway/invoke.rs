@@ -134,13 +134,16 @@ async fn run(
 /// Where an invocation runs: on this node when it runs an agent itself or no agent
 /// holds a serverless lease (a cluster without agents still serves); otherwise on an
 /// agent under a lease, taken in turn, the next one when an agent cannot be reached or
-/// is busy, and here when none can. Answers the outcome and the agent that ran it.
+/// is busy, and here when none can. A function granted an accelerator goes only to
+/// agents with a device of its type. Answers the outcome and the agent that ran it.
 async fn route(
     app: &Arc<AppState>,
     function: &Arc<Deployed>,
     invocation: Invocation,
 ) -> Result<(Outcome, Option<crate::state::AgentId>), FunctionError> {
-    let targets = app.scheduler.lease_targets();
+    let all = app.scheduler.lease_targets();
+    let limits = &function.record.spec.limits;
+    let targets: Vec<_> = all.iter().filter(|t| t.serves(limits)).collect();
     if app.local_agent || targets.is_empty() {
         return Ok((app.functions.invoke(function, invocation).await?, None));
     }

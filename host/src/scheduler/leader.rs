@@ -131,6 +131,21 @@ pub struct LeaseTarget {
     pub rpc: String,
     /// Slots leased there.
     pub slots: u64,
+    /// The agent's accelerator devices.
+    pub accelerators: u64,
+    /// `accel.type` of the agent (`gpu`, `cpu` ...), if it has devices.
+    pub accel_type: Option<String>,
+}
+
+impl LeaseTarget {
+    /// Whether a run granted `limits` can get its device on this agent.
+    pub fn serves(&self, limits: &crate::runtime::Limits) -> bool {
+        limits.accel == 0
+            || (self.accelerators >= limits.accel
+                && limits
+                    .accel_type
+                    .is_none_or(|t| self.accel_type.as_deref() == Some(t.as_str())))
+    }
 }
 
 impl Scheduler {
@@ -400,6 +415,11 @@ impl Scheduler {
                     agent: agent.id.clone(),
                     rpc: agent.rpc.clone(),
                     slots: allocation.resources.slots,
+                    accelerators: agent.resources.accelerators,
+                    accel_type: agent
+                        .attributes
+                        .get(crate::accel::ACCEL_TYPE_ATTRIBUTE)
+                        .cloned(),
                 }),
             }
         }

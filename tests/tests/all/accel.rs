@@ -1,11 +1,14 @@
 //! Accelerators on real OpenCL (PoCL's CPU device, installed by the bootstrap script):
 //! `wafer dev` starts a backend in-process and grants its device to functions and jobs
-//! deployed with `accel=1`.
+//! deployed with `accel=1`; in a cluster, `wafer accel --agent` attaches a backend to
+//! one agent, and jobs that ask for a device land only there, across a backend restart.
 
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
+use wafer_tests::cluster::{Cluster, Server};
 use wafer_tests::{http, DevServer};
 
+use crate::accel_rpc::Backend;
 use crate::{deploy, deploy_example, start, submit_job};
 
 async fn probe(server: &DevServer, function: &str, case: &str) -> Value {
@@ -32,21 +35,28 @@ async fn granted_guests_run_kernels_and_bad_calls_get_typed_errors() {
     let (_dir, server) = start(&[]);
     deploy_example(&server, "accel-probe", "accel=1&accel_memory_mb=16").await;
 
-    // The node offers the device, with its attributes.
-    let nodes: Value = http()
-        .get(server.url("/v1/nodes"))
-        .send()
-        .await
-        .expect("nodes")
-        .json()
-        .await
-        .expect("nodes JSON");
-    let agent = &nodes["agents"][0];
-    assert!(
-        agent["resources"]["accelerators"].as_u64() >= Some(1),
-        "{nodes}"
-    );
-    assert_eq!(agent["attributes"]["accel.type"], "cpu", "{nodes}");
+    // The node offers the device, with its attributes (once the agent registered it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let agent = loop {
+        let nodes: Value = http()
+            .get(server.url("/v1/nodes"))
+            .send()
+            .await
+            .expect("nodes")
+            .json()
+            .await
+            .expect("nodes JSON");
+        let agent = nodes["agents"][0].clone();
+        if agent["resources"]["accelerators"].as_u64() >= Some(1) {
+            break agent;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device was never offered: {nodes}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(agent["attributes"]["accel.type"], "cpu", "{agent}");
 
     let device = probe(&server, "accel-probe", "device").await;
     assert_eq!(device["ok"], true, "{device}");
@@ -192,4 +202,186 @@ async fn mandelbrot_renders_a_png_and_matmul_matches_the_cpu() {
         output["cpu_checksum"].as_f64().expect("cpu checksum"),
     );
     assert!((device - cpu).abs() < 1e-2, "{output}");
+}
+
+/// `PUT /v1/functions/{name}?{query}` on a cluster server.
+async fn deploy_on(server: &Server, name: &str, query: &str) -> anyhow::Result<()> {
+    let wasm = wafer_tests::example(name)?;
+    let response = http()
+        .put(server.url(&format!("/v1/functions/{name}?{query}")))
+        .body(wasm)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "deploy {name}: {}",
+        response.text().await?
+    );
+    Ok(())
+}
+
+async fn submit_on(server: &Server, body: Value) -> anyhow::Result<u64> {
+    let response = http()
+        .post(server.url("/v1/jobs"))
+        .json(&body)
+        .send()
+        .await?;
+    let job: Value = response.json().await?;
+    job["id"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no job id in {job}"))
+}
+
+/// Waits until agent `agent` is registered with `count` accelerators on node 1.
+async fn wait_accelerators(cluster: &Cluster, agent: &str, count: u64) -> anyhow::Result<Value> {
+    let answers = cluster
+        .wait_until_at(
+            &[1],
+            "/v1/nodes",
+            &format!("agent {agent} offers {count} accelerators"),
+            |all| {
+                all[0]["agents"].as_array().is_some_and(|agents| {
+                    agents.iter().any(|a| {
+                        a["id"] == agent && a["resources"]["accelerators"].as_u64() == Some(count)
+                    })
+                })
+            },
+        )
+        .await?;
+    Ok(answers[0].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accelerator_jobs_land_on_the_node_with_a_device_and_survive_a_backend_restart(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 3, &["--lease-slots", "0"]).await?;
+    let slots = ["--slots", "2"];
+    let a = cluster.start_agent("a", &slots)?;
+    let b = cluster.start_agent("b", &slots)?;
+    let c = cluster.start_agent("c", &slots)?;
+    cluster
+        .wait_agents(&[1, 2, 3], &[&a.id, &b.id, &c.id], "active")
+        .await?;
+
+    // A backend attaches to agent b, which then offers its device.
+    let backend = Backend::start(&["--agent", &b.rpc]);
+    let nodes = wait_accelerators(&cluster, &b.id, 1).await?;
+    for agent in nodes["agents"].as_array().into_iter().flatten() {
+        if agent["id"] == b.id.as_str() {
+            assert_eq!(agent["attributes"]["accel.type"], "cpu", "{agent}");
+            assert_eq!(agent["attributes"]["accel.cpu"], "1", "{agent}");
+        } else {
+            assert_eq!(agent["resources"]["accelerators"], 0, "{agent}");
+        }
+    }
+
+    // Jobs of a function that asks for a device run only on b.
+    deploy_on(
+        cluster.server(2),
+        "matmul",
+        "accel=1&memory_mb=256&timeout_ms=120000",
+    )
+    .await?;
+    let mut ids = Vec::new();
+    for seed in 0..4u64 {
+        let input = json!({ "n": 48, "seed": seed }).to_string();
+        ids.push(
+            submit_on(
+                cluster.server(1 + seed % 3),
+                json!({ "function": "matmul", "input": input }),
+            )
+            .await?,
+        );
+    }
+    for id in ids {
+        let job = wait_job(&cluster, id, "finishes", |j| j["state"] == "FINISHED").await?;
+        for attempt in job["attempts"].as_array().into_iter().flatten() {
+            assert_eq!(attempt["agent"], b.id.as_str(), "{job:#}");
+        }
+        let output: Value = http()
+            .get(cluster.server(1).url(&format!("/v1/jobs/{id}/output")))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(output["matches"], true, "{output}");
+    }
+
+    // The backend dies mid-job: that attempt fails with a clear error, the job is
+    // retried under its policy, and the backend that comes back registers again.
+    let input = json!({ "n": 384, "seed": 9, "verify": false, "repeat": 60 }).to_string();
+    let id = submit_on(
+        cluster.server(1),
+        json!({ "function": "matmul", "input": input, "max_attempts": 5 }),
+    )
+    .await?;
+    // Killed once the guest holds a session on the device (it is running kernels).
+    wait_session(&backend.addr).await?;
+    drop(backend);
+    let _backend = Backend::start(&["--agent", &b.rpc]);
+    let job = wait_job(&cluster, id, "finishes", |j| j["state"] == "FINISHED").await?;
+    let attempts = job["attempts"].as_array().cloned().unwrap_or_default();
+    assert!(
+        attempts.len() >= 2,
+        "the attempt that lost its backend was retried: {job:#}"
+    );
+    let first = &attempts[0];
+    assert_eq!(first["state"], "FAILED", "{job:#}");
+    assert!(
+        first["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("accelerator backend is unreachable")),
+        "the failure says what happened: {job:#}"
+    );
+    let output: Value = http()
+        .get(cluster.server(1).url(&format!("/v1/jobs/{id}/output")))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(output["n"], 384, "{output}");
+    wait_accelerators(&cluster, &b.id, 1).await?;
+    Ok(())
+}
+
+/// Waits until the backend at `addr` has a session open.
+async fn wait_session(addr: &str) -> anyhow::Result<()> {
+    let secret = wafer::rpc::ClusterSecret::new(wafer_tests::CLUSTER_SECRET)?;
+    tokio::task::LocalSet::new()
+        .run_until(async {
+            let accel = wafer::accel::client::connect(addr, &secret).await?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let reply = accel.devices_request().send().promise.await?;
+                let devices = reply.get()?.get_devices()?;
+                let (_, usage) = wafer::accel::backend::read_device(devices.get(0))?;
+                if usage.sessions > 0 {
+                    return Ok(());
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "no guest opened a session on the backend"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+}
+
+async fn wait_job(
+    cluster: &Cluster,
+    id: u64,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let answers = cluster
+        .wait_until_at(
+            &[1],
+            &format!("/v1/jobs/{id}?consistent=true"),
+            &format!("job {id} {what}"),
+            |all| check(&all[0]),
+        )
+        .await?;
+    Ok(answers[0].clone())
 }

@@ -393,6 +393,8 @@ async fn the_console_works_in_chromium() {
     open_page(&c, "nodes", "Nodes & Raft").await;
     wait_text(&c, "#members", |t| t.contains("leader")).await;
     wait_text(&c, "#agents", |t| t.contains("active")).await;
+    // The dev server's OpenCL device (PoCL's CPU device) and its use.
+    wait_text(&c, "#agents", |t| t.contains("in use") && t.contains("cpu")).await;
 
     // Narrow: nothing but tables scrolls sideways.
     c.set_window_size(390, 800).await.expect("resize");

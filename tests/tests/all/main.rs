@@ -1,6 +1,7 @@
 //! wafer's end-to-end tests: one binary, real `wafer` processes, real HTTP.
 
 mod accel;
+mod accel_rpc;
 mod agents;
 mod api;
 mod auth;

@@ -1,5 +1,5 @@
 //! Nodes and Raft: the servers (role, addresses) with this node's Raft indices, and
-//! the agents (state, address, attributes, last heartbeat).
+//! the agents (state, address, accelerators and their use, attributes, last heartbeat).
 
 use leptos::prelude::*;
 
@@ -46,6 +46,19 @@ pub fn Nodes(ctx: Ctx) -> impl IntoView {
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect::<Vec<_>>()
                     .join(", ");
+                let devices = if a.resources.accelerators == 0 {
+                    "—".to_string()
+                } else {
+                    let attr = |k: &str| a.attributes.get(k).cloned().unwrap_or_default();
+                    format!(
+                        "{}/{} in use · {} ({}, {} MiB)",
+                        a.allocated.accelerators,
+                        a.resources.accelerators,
+                        attr("accel.name"),
+                        attr("accel.type"),
+                        attr("accel.memory_mb")
+                    )
+                };
                 let heartbeat = match a.last_heartbeat_ms {
                     Some(at) => ago(now, at),
                     None => "— (known to the leader)".to_string(),
@@ -55,6 +68,7 @@ pub fn Nodes(ctx: Ctx) -> impl IntoView {
                         <td><strong>{a.id.clone()}</strong></td>
                         <td><span class=format!("state state-{}", a.state)>{a.state.clone()}</span></td>
                         <td><code>{a.rpc.clone()}</code></td>
+                        <td class="devices">{devices}</td>
                         <td>{attributes}</td>
                         <td>{heartbeat}</td>
                         <td>{ago(now, a.registered_at_ms)}</td>
@@ -87,7 +101,7 @@ pub fn Nodes(ctx: Ctx) -> impl IntoView {
         <section aria-labelledby="agents-h2">
             <h2 id="agents-h2">"Agents"</h2>
             <div class="table-wrap"><table id="agents">
-                <thead><tr><th>"agent"</th><th>"state"</th><th>"executor address"</th><th>"attributes"</th><th>"last heartbeat"</th><th>"registered"</th></tr></thead>
+                <thead><tr><th>"agent"</th><th>"state"</th><th>"executor address"</th><th>"accelerators"</th><th>"attributes"</th><th>"last heartbeat"</th><th>"registered"</th></tr></thead>
                 <tbody>{agents}</tbody>
             </table></div>
         </section>
