@@ -36,9 +36,9 @@ for dir in */; do
         [ -f "$wasm" ] || { log "error: $wasm was not built"; exit 1; }
         cp -u "$wasm" "$out/$name.wasm"
     elif ls "$name"/*.c >/dev/null 2>&1; then
-        if [ ! -f "$out/$name.wasm" ] || [ -n "$(find "$name" -name '*.c' -newer "$out/$name.wasm")" ]; then
+        if [ ! -f "$out/$name.wasm" ] || [ -n "$(find "$name" include -name '*.[ch]' -newer "$out/$name.wasm")" ]; then
             log "building C guest $name with clang + wasi-libc"
-            clang --target=wasm32-wasi --sysroot=/usr -O2 -o "$out/$name.wasm" "$name"/*.c
+            clang --target=wasm32-wasi --sysroot=/usr -O2 -I include -o "$out/$name.wasm" "$name"/*.c
         fi
     else
         continue

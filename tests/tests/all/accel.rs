@@ -171,6 +171,31 @@ async fn mandelbrot_renders_a_png_and_matmul_matches_the_cpu() {
         "the image is not one colour ({colours} pixels differ)"
     );
 
+    // C guests call the same imports (functions/include/wafer_accel.h).
+    deploy_example(&server, "saxpy-c", "accel=1").await;
+    let saxpy = http()
+        .get(server.url("/fn/saxpy-c?n=100000&a=3"))
+        .send()
+        .await
+        .expect("saxpy");
+    assert_eq!(saxpy.status(), StatusCode::OK);
+    let text = saxpy.text().await.expect("text");
+    assert!(
+        text.contains("n=100000") && text.contains(" match "),
+        "{text}"
+    );
+    let wasm = wafer_tests::example("saxpy-c").expect("built");
+    let plain = deploy(&server, "saxpy-c-ungranted", wasm, "").await;
+    assert_eq!(plain.status(), StatusCode::CREATED);
+    let refused = http()
+        .get(server.url("/fn/saxpy-c-ungranted"))
+        .send()
+        .await
+        .expect("saxpy");
+    assert_eq!(refused.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let text = refused.text().await.expect("text");
+    assert!(text.contains("no accelerator granted"), "{text}");
+
     deploy_example(&server, "matmul", "accel=1&memory_mb=256&timeout_ms=120000").await;
     let job = submit_job(
         &server,
