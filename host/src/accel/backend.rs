@@ -112,6 +112,11 @@ impl Backend {
 
 type Buffers = Rc<RefCell<CapabilityServerSet<BufferService, buffer::Client>>>;
 
+thread_local! {
+    /// Buffers created on this RPC thread (to pace the server set's cleanup).
+    static BUFFERS_MADE: Cell<u64> = const { Cell::new(0) };
+}
+
 struct AccelService {
     backend: Arc<Backend>,
     buffers: Buffers,
@@ -345,11 +350,22 @@ impl session::Server for SessionService {
                 return Err(e.to_capnp());
             }
         };
-        let buffer = self.buffers.borrow_mut().new_client(BufferService {
-            state: state.clone(),
-            mem,
-            bytes,
-        });
+        let buffer = {
+            let mut buffers = self.buffers.borrow_mut();
+            // The set keeps weak references: drop those of freed buffers now and then.
+            let made = BUFFERS_MADE.with(|n| {
+                n.set(n.get() + 1);
+                n.get()
+            });
+            if made.is_multiple_of(1024) {
+                buffers.gc();
+            }
+            buffers.new_client(BufferService {
+                state: state.clone(),
+                mem,
+                bytes,
+            })
+        };
         results.get().set_buffer(buffer);
         Ok(())
     }

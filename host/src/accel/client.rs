@@ -205,10 +205,31 @@ fn with_session<T>(
     })
 }
 
-fn insert<V>(map: &mut HashMap<u32, V>, next: &mut u32, value: V) -> u32 {
-    *next += 1;
+/// Most programs, kernels and buffers one guest session holds at once.
+pub const MAX_HANDLES: usize = 4096;
+
+/// Keeps `value` under a new handle, unless the session holds too many objects.
+fn insert<V>(
+    count: usize,
+    map: &mut HashMap<u32, V>,
+    next: &mut u32,
+    value: V,
+) -> Result<u32, AccelError> {
+    if count >= MAX_HANDLES {
+        return Err(AccelError::new(
+            ErrorKind::Invalid,
+            format!("a guest holds at most {MAX_HANDLES} programs, kernels and buffers at once"),
+        ));
+    }
+    *next = next.wrapping_add(1).max(1);
     map.insert(*next, value);
-    *next
+    Ok(*next)
+}
+
+impl GuestSession {
+    fn held(&self) -> usize {
+        self.programs.len() + self.kernels.len() + self.buffers.len()
+    }
 }
 
 fn session_client(id: u64) -> Result<session::Client, AccelError> {
@@ -354,7 +375,9 @@ impl GuestAccel {
             request.get().set_options(options.as_str());
             let reply = request.send().promise.await?;
             let program = reply.get()?.get_program()?;
-            with_session(id, |s| Ok(insert(&mut s.programs, &mut s.next, program)))
+            with_session(id, |s| {
+                insert(s.held(), &mut s.programs, &mut s.next, program)
+            })
         })
         .await
     }
@@ -373,7 +396,9 @@ impl GuestAccel {
             request.get().set_name(name.as_str());
             let reply = request.send().promise.await?;
             let kernel = reply.get()?.get_kernel()?;
-            with_session(id, |s| Ok(insert(&mut s.kernels, &mut s.next, kernel)))
+            with_session(id, |s| {
+                insert(s.held(), &mut s.kernels, &mut s.next, kernel)
+            })
         })
         .await
     }
@@ -388,7 +413,7 @@ impl GuestAccel {
             let reply = request.send().promise.await?;
             let buffer = reply.get()?.get_buffer()?;
             with_session(id, |s| {
-                Ok(insert(&mut s.buffers, &mut s.next, (buffer, bytes)))
+                insert(s.held(), &mut s.buffers, &mut s.next, (buffer, bytes))
             })
         })
         .await

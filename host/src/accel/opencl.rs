@@ -893,9 +893,21 @@ fn int_bytes(
     Ok(v.to_le_bytes()[..size].to_vec())
 }
 
+/// Longest program source accepted (compiling is not bounded by a run's deadline).
+pub const MAX_SOURCE_BYTES: usize = 1 << 20;
+
 /// Refuses sources that include files: a backend compiles what any granted guest sends,
 /// and an `#include` could read the backend's files into a build log.
 fn check_source(source: &str) -> Result<(), AccelError> {
+    if source.len() > MAX_SOURCE_BYTES {
+        return Err(AccelError::new(
+            ErrorKind::Invalid,
+            format!(
+                "a program's source has at most {MAX_SOURCE_BYTES} bytes, this one {}",
+                source.len()
+            ),
+        ));
+    }
     // Join continued lines, then look for the directive (and its digraph spelling).
     let joined = source.replace("\\\r\n", "").replace("\\\n", "");
     let mentions_include = joined.lines().any(|line| {
@@ -974,6 +986,7 @@ mod tests {
         assert!(check_source("#include \"/etc/passwd\"\n__kernel void k() {}").is_err());
         assert!(check_source("  #  inc\\\nlude <x>").is_err());
         assert!(check_source("%:include <x>").is_err());
+        assert!(check_source(&" ".repeat(MAX_SOURCE_BYTES + 1)).is_err());
         assert!(check_source("__kernel void k(__global float* a) { a[0] = 1; }").is_ok());
         assert_eq!(
             check_options("-D N=4 -cl-fast-relaxed-math -w")
