@@ -139,5 +139,16 @@ mod tests {
             ..Resources::ZERO
         };
         assert_eq!(gpu_task.dominant_share(&total), 0.0);
+        // With devices in the cluster, a device is usually the dominant share.
+        let with_devices = Resources {
+            accelerators: 4,
+            ..total
+        };
+        let job = Resources {
+            accelerators: 1,
+            ..Resources::new(1, 100)
+        };
+        assert!((job.dominant_share(&with_devices) - 0.25).abs() < 1e-9);
+        assert_eq!(with_devices.count_of(&job), 4);
     }
 }
