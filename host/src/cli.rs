@@ -66,6 +66,15 @@ struct LimitArgs {
     /// Environment variable for the function (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// Accelerator devices each run is granted (0 or 1).
+    #[arg(long = "accel", value_name = "N")]
+    accel: Option<u64>,
+    /// The kind of device asked for: cpu, gpu, accelerator or other [default: any].
+    #[arg(long = "accel-type", value_name = "TYPE")]
+    accel_type: Option<crate::accel::DeviceType>,
+    /// Device memory of the grant, MiB [default: 256].
+    #[arg(long = "accel-memory", value_name = "MB")]
+    accel_memory_mb: Option<u64>,
 }
 
 impl LimitArgs {
@@ -75,6 +84,15 @@ impl LimitArgs {
         }
         if let Some(ms) = self.timeout_ms {
             spec.limits.timeout_ms = ms;
+        }
+        if let Some(n) = self.accel {
+            spec.limits.accel = n;
+        }
+        if let Some(kind) = self.accel_type {
+            spec.limits.accel_type = Some(kind);
+        }
+        if let Some(mb) = self.accel_memory_mb {
+            spec.limits.accel_memory_mb = mb;
         }
         for pair in &self.env {
             let (k, v) = pair
