@@ -191,6 +191,8 @@ struct JobSpec {
   constraints @2 :List(Text);
   # Attempts allowed to fail (0: the default, 3).
   maxAttempts @3 :UInt32;
+  # Accelerator devices each attempt is granted (0: as its function says; at most 1).
+  accel @4 :UInt64;
 }
 
 # A job and its attempts.

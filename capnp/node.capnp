@@ -85,6 +85,9 @@ struct Command {
       constraints @27 :List(Text);
       maxAttempts @28 :UInt32;
       atMs @29 :UInt64;
+      # Accelerator devices each attempt holds, when the job asks for more than its
+      # function's `accel` (0: as the function says).
+      accel @55 :UInt64;
     }
     # Framework `framework` places job `job` on agent `agent` (an accepted offer): a
     # new attempt, with the job's resources allocated; rejected if they are not free,

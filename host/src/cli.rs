@@ -422,6 +422,13 @@ enum JobsCommand {
         /// Attempts allowed to fail before the job fails.
         #[arg(long, default_value_t = 3)]
         max_attempts: u32,
+        /// Grant each attempt an accelerator device (0 or 1) [default: as the
+        /// function says].
+        #[arg(long, value_name = "N")]
+        accel: Option<u64>,
+        /// The kind of device: cpu, gpu, accelerator or other [default: any].
+        #[arg(long = "accel-type", value_name = "TYPE")]
+        accel_type: Option<crate::accel::DeviceType>,
         /// Wait until it ends and print its output.
         #[arg(long)]
         wait: bool,
@@ -1203,6 +1210,8 @@ async fn jobs_command(client: &Client, command: JobsCommand) -> anyhow::Result<E
             data,
             constraints,
             max_attempts,
+            accel,
+            accel_type,
             wait,
         } => {
             let input = match data {
@@ -1214,6 +1223,12 @@ async fn jobs_command(client: &Client, command: JobsCommand) -> anyhow::Result<E
                 "constraints": constraints,
                 "max_attempts": max_attempts,
             });
+            if let Some(n) = accel {
+                request["accel"] = n.into();
+            }
+            if let Some(kind) = accel_type {
+                request["accel_type"] = kind.as_str().into();
+            }
             match String::from_utf8(input) {
                 Ok(text) => request["input"] = text.into(),
                 Err(bytes) => {

@@ -40,6 +40,13 @@ pub struct JobRequest {
     /// Attempts allowed to fail (default 3).
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// Accelerator devices each attempt is granted (0 or 1; default: as the function
+    /// says).
+    #[serde(default)]
+    pub accel: Option<u64>,
+    /// The kind of device (`cpu`, `gpu` ...): a constraint on `accel.type`.
+    #[serde(default)]
+    pub accel_type: Option<crate::accel::DeviceType>,
 }
 
 fn job_id(text: &str) -> Result<JobId, ApiError> {
@@ -68,7 +75,7 @@ pub async fn submit(
     let request: JobRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "expected {{\"function\": NAME, \"input\": TEXT, \"constraints\": [\"k=v\"], \
-             \"max_attempts\": N}}: {e}"
+             \"max_attempts\": N, \"accel\": 0|1, \"accel_type\": TYPE}}: {e}"
         ))
     })?;
     let function: FunctionName = request.function.parse()?;
@@ -86,18 +93,26 @@ pub async fn submit(
         ),
         (None, None) => bytes::Bytes::new(),
     };
-    let constraints = request
+    let mut constraints = request
         .constraints
         .iter()
         .map(|c| c.parse::<Constraint>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()))?;
+    if let Some(kind) = request.accel_type {
+        constraints.push(
+            format!("{}={}", crate::accel::ACCEL_TYPE_ATTRIBUTE, kind.as_str())
+                .parse::<Constraint>()
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()))?,
+        );
+    }
     let record = submit_job(
         &app,
         function,
         input,
         constraints,
         request.max_attempts.unwrap_or(DEFAULT_ATTEMPTS),
+        request.accel.unwrap_or(0),
     )
     .await?;
     Ok((StatusCode::CREATED, Json(record)).into_response())
@@ -111,6 +126,7 @@ pub(crate) async fn submit_job(
     input: bytes::Bytes,
     constraints: Vec<Constraint>,
     max_attempts: u32,
+    accel: u64,
 ) -> Result<JobRecord, ApiError> {
     let committed = commit(
         app,
@@ -120,6 +136,7 @@ pub(crate) async fn submit_job(
             constraints,
             max_attempts,
             at_ms: now_ms(),
+            accel,
         },
     )
     .await?;

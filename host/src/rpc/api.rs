@@ -336,6 +336,7 @@ impl cluster::Server for ClusterService {
                 bytes::Bytes::copy_from_slice(spec.get_input()?),
                 constraints,
                 max_attempts,
+                spec.get_accel(),
             )
             .await
         }

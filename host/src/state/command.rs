@@ -118,6 +118,9 @@ pub enum Command {
         max_attempts: u32,
         /// When, ms since the Unix epoch.
         at_ms: u64,
+        /// Accelerator devices each attempt holds when the job asks for more than its
+        /// function's `accel` (0: as the function says).
+        accel: u64,
     },
     /// `framework` places `job` on `agent` (a new attempt, its resources allocated).
     LaunchJob {
@@ -565,12 +568,14 @@ impl Command {
                 constraints,
                 max_attempts,
                 at_ms,
+                accel,
             } => {
                 let mut submit = builder.init_submit_job();
                 submit.set_function(function.as_str());
                 submit.set_input(input);
                 submit.set_max_attempts(*max_attempts);
                 submit.set_at_ms(*at_ms);
+                submit.set_accel(*accel);
                 let mut list = submit.init_constraints(constraints.len() as u32);
                 for (i, c) in constraints.iter().enumerate() {
                     list.set(i as u32, c.to_string().as_str());
@@ -802,6 +807,7 @@ impl Command {
                     constraints,
                     max_attempts: submit.get_max_attempts(),
                     at_ms: submit.get_at_ms(),
+                    accel: submit.get_accel(),
                 }
             }
             command::LaunchJob(launch) => Command::LaunchJob {
@@ -1029,6 +1035,7 @@ mod tests {
                 )?],
                 max_attempts: 3,
                 at_ms: 9,
+                accel: 1,
             },
             Command::LaunchJob {
                 job: JobId(1),

@@ -108,7 +108,16 @@ pub(super) fn apply(
             constraints,
             max_attempts,
             at_ms,
-        } => submit(txn, function, input, constraints, *max_attempts, *at_ms)?,
+            accel,
+        } => submit(
+            txn,
+            function,
+            input,
+            constraints,
+            *max_attempts,
+            *at_ms,
+            *accel,
+        )?,
         Command::LaunchJob {
             job,
             framework,
@@ -154,12 +163,21 @@ fn submit(
     constraints: &[Constraint],
     max_attempts: u32,
     at_ms: u64,
+    accel: u64,
 ) -> Result<CommandResponse, StateError> {
     let reject = |why| Ok(CommandResponse::Rejected(why));
-    let (spec, size) = match function_and_input(txn, function, input)? {
+    let (mut spec, size) = match function_and_input(txn, function, input)? {
         Ok(found) => found,
         Err(why) => return reject(why),
     };
+    if accel > 1 {
+        return reject(Rejection::InvalidJob(format!(
+            "an attempt is granted at most 1 accelerator, not {accel}"
+        )));
+    }
+    // The job's own request raises the function's (the attempt's limits follow the
+    // job's resources at placement).
+    spec.spec.limits.accel = spec.spec.limits.accel.max(accel);
     if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
         return reject(Rejection::InvalidJob(format!(
             "a job makes 1 to {MAX_ATTEMPTS} attempts, not {max_attempts}"
@@ -357,7 +375,11 @@ fn launch(
         framework: framework.clone(),
         allocation: allocation.id,
         module: function.digest,
-        limits: function.spec.limits,
+        limits: crate::runtime::Limits {
+            // What the job asked for (it may raise the function's device count).
+            accel: record.resources.accelerators,
+            ..function.spec.limits
+        },
         env: function.spec.env.clone(),
         state: TaskState::Starting,
         reason: None,
@@ -860,6 +882,7 @@ mod tests {
             constraints: constraint.map(|c| vec![id(c)]).unwrap_or_default(),
             max_attempts,
             at_ms: 1,
+            accel: 0,
         }
     }
 
@@ -938,7 +961,8 @@ mod tests {
                     input: bytes::Bytes::new(),
                     constraints: Vec::new(),
                     max_attempts: 1,
-                    at_ms: 1
+                    at_ms: 1,
+                    accel: 0,
                 }
             )?,
             CommandResponse::Rejected(Rejection::NotFound(_))

@@ -227,6 +227,59 @@ async fn mandelbrot_renders_a_png_and_matmul_matches_the_cpu() {
         output["cpu_checksum"].as_f64().expect("cpu checksum"),
     );
     assert!((device - cpu).abs() < 1e-2, "{output}");
+
+    // A job may ask for the device itself, for a function deployed without one.
+    let wasm = wafer_tests::example("matmul").expect("built");
+    let plain = deploy(
+        &server,
+        "matmul-plain",
+        wasm,
+        "memory_mb=256&timeout_ms=120000",
+    )
+    .await;
+    assert_eq!(plain.status(), StatusCode::CREATED);
+    let wait = |id: u64| {
+        let url = server.url(&format!("/v1/jobs/{id}?wait=120"));
+        async move {
+            http()
+                .get(url)
+                .send()
+                .await
+                .expect("wait")
+                .json::<Value>()
+                .await
+                .expect("job")
+        }
+    };
+    let asked = submit_job(
+        &server,
+        serde_json::json!({"function": "matmul-plain", "input": "{\"n\": 32}", "accel": 1, "accel_type": "cpu"}),
+    )
+    .await;
+    let asked = wait(asked["id"].as_u64().expect("id")).await;
+    assert_eq!(asked["state"], "FINISHED", "{asked}");
+    assert_eq!(asked["resources"]["accelerators"], 1, "{asked}");
+    assert_eq!(asked["attempts"][0]["limits"]["accel"], 1, "{asked}");
+    let unasked = submit_job(
+        &server,
+        serde_json::json!({"function": "matmul-plain", "input": "{\"n\": 32}", "max_attempts": 1}),
+    )
+    .await;
+    let unasked = wait(unasked["id"].as_u64().expect("id")).await;
+    assert_eq!(unasked["state"], "FAILED", "{unasked}");
+    assert!(
+        unasked["attempts"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no accelerator granted")),
+        "{unasked}"
+    );
+    let refused = http()
+        .post(server.url("/v1/jobs"))
+        .json(&serde_json::json!({"function": "matmul-plain", "accel": 2}))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
 }
 
 /// `PUT /v1/functions/{name}?{query}` on a cluster server.
