@@ -117,10 +117,11 @@ impl AccelLink {
             .min_by_key(|d| opened.get(&d.index).copied().unwrap_or(0))
             .map(|d| (attached.addr.clone(), d.index))
             .ok_or_else(|| {
+                // Not worth waiting for: the grant asks for what this node lacks.
                 AccelError::new(
-                    ErrorKind::Unavailable,
+                    ErrorKind::NotGranted,
                     format!(
-                        "the attached backend has no {} device",
+                        "no accelerator granted: this node has no {} device",
                         kind.map_or("", DeviceType::as_str)
                     ),
                 )
