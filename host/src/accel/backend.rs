@@ -475,29 +475,23 @@ impl kernel::Server for KernelService {
         let mut kept = Vec::new();
         for (i, arg) in p.get_args()?.iter().enumerate() {
             use wafer_proto::accel_capnp::arg::Which;
-            let value = match arg.which()? {
+            let (value, buffer) = match arg.which()? {
                 Which::Buffer(client) => {
                     let (server, client) = self
                         .own_buffer(i, client?)
                         .await
                         .map_err(|e| e.to_capnp())?;
-                    kept.push(Some(client));
-                    Arg::Buffer(server.mem.clone(), server.bytes)
+                    (Arg::Buffer(server.mem.clone(), server.bytes), Some(client))
                 }
-                other => {
-                    kept.push(None);
-                    match other {
-                        Which::Int(v) => Arg::Int(v),
-                        Which::Uint(v) => Arg::Uint(v),
-                        Which::Long(v) => Arg::Long(v),
-                        Which::Ulong(v) => Arg::Ulong(v),
-                        Which::Float(v) => Arg::Float(v),
-                        Which::Double(v) => Arg::Double(v),
-                        Which::Local(v) => Arg::Local(v),
-                        Which::Buffer(_) => unreachable!("matched above"),
-                    }
-                }
+                Which::Int(v) => (Arg::Int(v), None),
+                Which::Uint(v) => (Arg::Uint(v), None),
+                Which::Long(v) => (Arg::Long(v), None),
+                Which::Ulong(v) => (Arg::Ulong(v), None),
+                Which::Float(v) => (Arg::Float(v), None),
+                Which::Double(v) => (Arg::Double(v), None),
+                Which::Local(v) => (Arg::Local(v), None),
             };
+            kept.push(buffer);
             args.push(value);
         }
         let global: Vec<u64> = p.get_global()?.iter().collect();
