@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,11 @@ pub struct DeviceInfoSummary {
 
 type Job = Box<dyn FnOnce(&CommandQueue) + Send>;
 
+/// States of one device call (see [`Device::exec`]).
+const RUNNING: u8 = 0;
+const DONE: u8 = 1;
+const LATE: u8 = 2;
+
 /// One OpenCL device and the thread that owns its queue.
 pub struct Device {
     /// What it is.
@@ -97,8 +102,8 @@ pub struct Device {
     id: DeviceId,
     context: Context,
     jobs: Mutex<std::sync::mpsc::Sender<Job>>,
-    /// Set while a kernel that passed its deadline still runs.
-    busy: Arc<AtomicBool>,
+    /// Kernel runs past their deadline that still occupy the device.
+    late_runs: Arc<AtomicU32>,
     /// Bytes held by buffers now.
     allocated: AtomicU64,
     /// Sessions open now.
@@ -228,7 +233,7 @@ impl Device {
             id,
             context,
             jobs: Mutex::new(jobs),
-            busy: Arc::new(AtomicBool::new(false)),
+            late_runs: Arc::new(AtomicU32::new(0)),
             allocated: AtomicU64::new(0),
             sessions: AtomicU32::new(0),
             programs: Mutex::new(HashMap::new()),
@@ -237,7 +242,7 @@ impl Device {
 
     /// Whether a kernel past its deadline still occupies the device.
     pub fn busy(&self) -> bool {
-        self.busy.load(Ordering::Relaxed)
+        self.late_runs.load(Ordering::Acquire) > 0
     }
 
     /// Bytes held by buffers now.
@@ -269,13 +274,16 @@ impl Device {
         F: FnOnce(&CommandQueue) -> Result<T, AccelError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let late = Arc::new(AtomicBool::new(false));
-        let job_late = late.clone();
-        let busy = self.busy.clone();
+        // RUNNING until the job ends (DONE) or its caller gives up first (LATE); the
+        // one that moves it on second settles the late count, so a run that ends just
+        // as its deadline passes is never counted as still running.
+        let call = Arc::new(AtomicU8::new(RUNNING));
+        let job_call = call.clone();
+        let late_runs = self.late_runs.clone();
         let job: Job = Box::new(move |queue| {
             let _ = tx.send(f(queue));
-            if job_late.load(Ordering::Acquire) {
-                busy.store(false, Ordering::Release);
+            if job_call.swap(DONE, Ordering::AcqRel) == LATE {
+                late_runs.fetch_sub(1, Ordering::AcqRel);
             }
         });
         self.jobs
@@ -287,9 +295,12 @@ impl Device {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(device_error("the device thread", "dropped a call")),
             Err(_) => {
-                if is_run {
-                    self.busy.store(true, Ordering::Release);
-                    late.store(true, Ordering::Release);
+                if is_run
+                    && call
+                        .compare_exchange(RUNNING, LATE, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    self.late_runs.fetch_add(1, Ordering::AcqRel);
                 }
                 Err(AccelError::new(
                     ErrorKind::Timeout,
