@@ -18,7 +18,7 @@ use anyhow::bail;
 use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
 use futures_util::AsyncReadExt;
 use wafer::state::Command as StateCommand;
-use wafer_proto::node_capnp::node;
+use wafer_proto::node_capnp;
 use wafer_tests::cluster::Cluster;
 
 use crate::load::Stats;
@@ -78,7 +78,9 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
                 let addr = cluster.server(leader).rpc.clone();
                 deploy_target(&cluster.server(leader).base()).await?;
                 for &clients in &args.clients {
-                    wafer.push(wafer_load(&addr, clients, duration).await?);
+                    wafer.push(
+                        wafer_load(&addr, wafer_tests::CLUSTER_SECRET, clients, duration).await?,
+                    );
                 }
             }
             let mut etcd_stats: Vec<Option<Stats>> = Vec::new();
@@ -118,12 +120,17 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
 }
 
 /// Drives the node at `addr` (which has a function `meta`) and prints the result.
-pub fn load_one(addr: &str, clients: usize, duration: Duration) -> anyhow::Result<()> {
+pub fn load_one(
+    addr: &str,
+    secret: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
-    let stats = local.block_on(&rt, wafer_load(addr, clients, duration))?;
+    let stats = local.block_on(&rt, wafer_load(addr, secret, clients, duration))?;
     println!(
         "{addr}: {:.0} commits/s, p50 / p99 {}",
         stats.rps(),
@@ -207,7 +214,12 @@ async fn deploy_target(base: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wafer_load(addr: &str, clients: usize, duration: Duration) -> anyhow::Result<Stats> {
+async fn wafer_load(
+    addr: &str,
+    secret: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<Stats> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (reader, writer) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
@@ -218,7 +230,10 @@ async fn wafer_load(addr: &str, clients: usize, duration: Duration) -> anyhow::R
         wafer::state::reader_options(),
     ));
     let mut system = RpcSystem::new(network, None);
-    let node: node::Client = system.bootstrap(rpc_twoparty_capnp::Side::Server);
+    let door: node_capnp::door::Client = system.bootstrap(rpc_twoparty_capnp::Side::Server);
+    let mut request = door.node_request();
+    request.get().set_secret(secret.as_bytes());
+    let node = request.send().pipeline.get_node();
     let rpc = tokio::task::spawn_local(system);
     let name: wafer::state::FunctionName = "meta".parse()?;
     let stats = drive(clients, duration, move |client, seq| {

@@ -67,6 +67,9 @@ enum Cmd {
         /// Concurrent clients.
         #[arg(long, default_value_t = 64)]
         clients: usize,
+        /// The cluster's secret (as given to `wafer server --secret`).
+        #[arg(long, env = "WAFER_CLUSTER_SECRET")]
+        secret: String,
         /// Seconds of measured load (after 1 s of warm-up).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
@@ -174,8 +177,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::CommitLoad {
             addr,
             clients,
+            secret,
             seconds,
-        } => commit::load_one(&addr, clients, Duration::from_secs(seconds)),
+        } => commit::load_one(&addr, &secret, clients, Duration::from_secs(seconds)),
         Cmd::Commit(c) => {
             print_header();
             commit::run(&c)
