@@ -63,14 +63,15 @@ impl AccelLink {
     }
 
     /// Records that the backend at `addr` with `devices` is attached (now). Answers
-    /// whether the set of devices changed (so the agent registers again).
+    /// whether the set of devices changed, or the backend comes back after its
+    /// attachment lapsed (so the agent registers again).
     pub fn attach(&self, addr: String, devices: Vec<DeviceInfoSummary>) -> bool {
         let Ok(mut attached) = self.attached.write() else {
             return false;
         };
-        let changed = attached
-            .as_ref()
-            .is_none_or(|a| a.addr != addr || a.devices != devices);
+        let changed = attached.as_ref().is_none_or(|a| {
+            a.addr != addr || a.devices != devices || a.renewed.elapsed() >= ATTACH_TTL
+        });
         if changed {
             tracing::info!(
                 backend = addr,

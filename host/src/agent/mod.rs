@@ -199,6 +199,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
             tracing::error!(error = %e, "the executor RPC server stopped");
         }
     });
+    tokio::spawn(withdraw_lapsed_devices(Arc::downgrade(&identity)));
     let (registration_tx, registration) = tokio::sync::watch::channel(Registration::Pending);
     tokio::spawn(keep_registered(
         rpc,
@@ -408,6 +409,29 @@ impl Identity {
     fn attach(&self, addr: String, devices: Vec<crate::accel::DeviceInfoSummary>) {
         if self.link.attach(addr, devices.clone()) {
             self.info.send_replace(with_devices(&self.base, &devices));
+        }
+    }
+}
+
+/// How often the agent checks that its accelerator backend still renews its attachment.
+const LAPSE_CHECK: Duration = Duration::from_secs(1);
+
+/// Withdraws the devices of a backend whose attachment lapsed (it died or lost its
+/// connection): the agent registers again without them, so they are no longer offered.
+/// A backend that attaches again brings them back. Ends with the agent.
+async fn withdraw_lapsed_devices(identity: std::sync::Weak<Identity>) {
+    let mut tick = tokio::time::interval(LAPSE_CHECK);
+    loop {
+        tick.tick().await;
+        let Some(identity) = identity.upgrade() else {
+            return;
+        };
+        let registered_devices = *identity.info.borrow() != identity.base;
+        if registered_devices && identity.link.attached().is_none() {
+            tracing::warn!(
+                "the accelerator backend stopped renewing its attachment: its devices are withdrawn"
+            );
+            identity.info.send_replace(identity.base.clone());
         }
     }
 }

@@ -35,7 +35,8 @@ pub struct AgentRecord {
     pub rpc: String,
     /// Its capacity.
     pub resources: Resources,
-    /// The sum of its allocations (never more than `resources`).
+    /// The sum of its allocations: never more than `resources`, except devices
+    /// withdrawn while tasks held them (their backend went away) until those end.
     pub allocated: Resources,
     /// Attributes that placement constraints match (`zone`, `arch`, labels ...).
     pub attributes: BTreeMap<String, String>,

@@ -271,7 +271,14 @@ fn register_agent(
         None => None,
     };
     let allocated = previous.as_ref().map(|p| p.allocated).unwrap_or_default();
-    if !allocated.fits_in(resources) {
+    // Devices can go away while tasks hold them (their backend died): the capacity
+    // drops at once, so no new task gets them, and the held ones stay allocated until
+    // their tasks end. Slots and memory cannot shrink below what is allocated.
+    let held_devices_aside = Resources {
+        accelerators: 0,
+        ..allocated
+    };
+    if !held_devices_aside.fits_in(resources) {
         return Ok(CommandResponse::Rejected(
             Rejection::CapacityBelowAllocated {
                 agent: id.clone(),
@@ -643,6 +650,100 @@ mod tests {
             resources: Resources::new(slots, 100),
             at_ms: 2,
         }
+    }
+
+    #[test]
+    fn withdrawn_devices_leave_the_capacity_while_held_ones_stay_allocated(
+    ) -> Result<(), StateError> {
+        let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
+        let state = State::open(&dir.path().join("s.redb"))?;
+        let with_devices = |accelerators: u64| Command::RegisterAgent {
+            agent: id("a1"),
+            rpc: "127.0.0.1:9".into(),
+            resources: Resources {
+                accelerators,
+                ..Resources::new(4, 1024)
+            },
+            attributes: BTreeMap::new(),
+            running: Vec::new(),
+            at_ms: 1,
+        };
+        run(&state, with_devices(2))?;
+        run(
+            &state,
+            Command::RegisterFramework {
+                id: id("f"),
+                name: "f".into(),
+                role: id("r"),
+                at_ms: 1,
+            },
+        )?;
+        let held = Resources {
+            accelerators: 1,
+            ..Resources::new(1, 100)
+        };
+        let CommandResponse::Allocated(allocation) = run(
+            &state,
+            Command::Accept {
+                framework: id("f"),
+                agent: id("a1"),
+                resources: held,
+                at_ms: 2,
+            },
+        )?
+        else {
+            panic!("the device was not allocated");
+        };
+        let devices = |state: &State| -> Result<u64, StateError> {
+            Ok(state.scheduling()?.agents[&id("a1")].resources.accelerators)
+        };
+        // The backend went away: both devices leave the capacity at once (nothing
+        // more can be allocated), the held one stays allocated until released.
+        assert!(matches!(
+            run(&state, with_devices(0))?,
+            CommandResponse::AgentRegistered(_)
+        ));
+        assert_eq!(devices(&state)?, 0);
+        assert_eq!(
+            state.scheduling()?.agents[&id("a1")].allocated.accelerators,
+            1
+        );
+        assert!(matches!(
+            run(
+                &state,
+                Command::Accept {
+                    framework: id("f"),
+                    agent: id("a1"),
+                    resources: held,
+                    at_ms: 3,
+                },
+            )?,
+            CommandResponse::Rejected(Rejection::InsufficientResources { .. })
+        ));
+        run(
+            &state,
+            Command::Release {
+                allocation: allocation.id,
+            },
+        )?;
+        let view = state.scheduling()?;
+        assert_eq!(view.agents[&id("a1")].allocated, Resources::default());
+        assert!(view.overcommitted().is_empty());
+        // Slots cannot shrink below what is allocated.
+        run(
+            &state,
+            Command::Accept {
+                framework: id("f"),
+                agent: id("a1"),
+                resources: Resources::new(3, 100),
+                at_ms: 4,
+            },
+        )?;
+        assert!(matches!(
+            run(&state, register("a1", 2))?,
+            CommandResponse::Rejected(Rejection::CapacityBelowAllocated { .. })
+        ));
+        Ok(())
     }
 
     #[test]

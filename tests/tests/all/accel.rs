@@ -386,8 +386,9 @@ async fn accelerator_jobs_land_on_the_node_with_a_device_and_survive_a_backend_r
         assert_eq!(output["matches"], true, "{output}");
     }
 
-    // The backend dies mid-job: that attempt fails with a clear error, the job is
-    // retried under its policy, and the backend that comes back registers again.
+    // The backend dies mid-job: that attempt fails with a clear error, the agent
+    // withdraws the device once no task holds it (nothing offers one meanwhile), the
+    // job is retried under its policy, and the backend that comes back registers again.
     let input = json!({ "n": 384, "seed": 9, "verify": false, "repeat": 60 }).to_string();
     let id = submit_on(
         cluster.server(1),
@@ -397,6 +398,12 @@ async fn accelerator_jobs_land_on_the_node_with_a_device_and_survive_a_backend_r
     // Killed once the guest holds a session on the device (it is running kernels).
     wait_session(&backend.addr).await?;
     drop(backend);
+    wait_accelerators(&cluster, &b.id, 0).await?;
+    let waiting = wait_job(&cluster, id, "is waiting for a device", |j| {
+        j["state"] != "RUNNING"
+    })
+    .await?;
+    assert_ne!(waiting["state"], "FINISHED", "{waiting:#}");
     let _backend = Backend::start(&["--agent", &b.rpc]);
     let job = wait_job(&cluster, id, "finishes", |j| j["state"] == "FINISHED").await?;
     let attempts = job["attempts"].as_array().cloned().unwrap_or_default();
