@@ -79,7 +79,9 @@ const KINDS: [ErrorKind; 13] = [
 ];
 
 impl ErrorKind {
-    fn from_code(code: i64) -> ErrorKind {
+    /// The kind of a negative code returned by an accelerator import (an unknown
+    /// code is [`ErrorKind::Device`]).
+    pub fn from_code(code: i64) -> ErrorKind {
         usize::try_from(-code - 1)
             .ok()
             .and_then(|i| KINDS.get(i).copied())

@@ -194,6 +194,16 @@ fn unknown(what: &str, handle: u32) -> AccelError {
     )
 }
 
+impl GuestSession {
+    /// Buffer `handle` and its size in bytes.
+    fn buffer(&self, handle: u32) -> Result<(buffer::Client, u64), AccelError> {
+        self.buffers
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| unknown("buffer", handle))
+    }
+}
+
 fn with_session<T>(
     id: u64,
     f: impl FnOnce(&mut GuestSession) -> Result<T, AccelError>,
@@ -424,15 +434,8 @@ impl GuestAccel {
     /// The size of buffer `handle`.
     pub async fn buffer_size(&mut self, handle: u32) -> Result<u64, AccelError> {
         let id = self.session().await?;
-        self.call(move |_| async move {
-            with_session(id, |s| {
-                s.buffers
-                    .get(&handle)
-                    .map(|b| b.1)
-                    .ok_or_else(|| unknown("buffer", handle))
-            })
-        })
-        .await
+        self.call(move |_| async move { with_session(id, |s| Ok(s.buffer(handle)?.1)) })
+            .await
     }
 
     /// Writes `data` into buffer `handle` at `offset`.
@@ -444,12 +447,7 @@ impl GuestAccel {
     ) -> Result<(), AccelError> {
         let id = self.session().await?;
         self.call(move |_| async move {
-            let buffer = with_session(id, |s| {
-                s.buffers
-                    .get(&handle)
-                    .map(|b| b.0.clone())
-                    .ok_or_else(|| unknown("buffer", handle))
-            })?;
+            let buffer = with_session(id, |s| Ok(s.buffer(handle)?.0))?;
             // Large writes go in pieces, all sent before the first answer.
             let mut pending = Vec::new();
             for (i, piece) in data.chunks(MAX_TRANSFER as usize).enumerate() {
@@ -475,12 +473,7 @@ impl GuestAccel {
     ) -> Result<Vec<u8>, AccelError> {
         let id = self.session().await?;
         self.call(move |_| async move {
-            let buffer = with_session(id, |s| {
-                s.buffers
-                    .get(&handle)
-                    .map(|b| b.0.clone())
-                    .ok_or_else(|| unknown("buffer", handle))
-            })?;
+            let buffer = with_session(id, |s| Ok(s.buffer(handle)?.0))?;
             let mut pending = Vec::new();
             let mut at = 0;
             while at < len {
@@ -519,12 +512,7 @@ impl GuestAccel {
                 let mut buffers = HashMap::new();
                 for arg in &args {
                     if let GuestArg::Buffer(b) = arg {
-                        let buffer = s
-                            .buffers
-                            .get(b)
-                            .map(|x| x.0.clone())
-                            .ok_or_else(|| unknown("buffer", *b))?;
-                        buffers.insert(*b, buffer);
+                        buffers.insert(*b, s.buffer(*b)?.0);
                     }
                 }
                 Ok((kernel, buffers))

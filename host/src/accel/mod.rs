@@ -148,4 +148,12 @@ mod tests {
         let gone = capnp::Error::disconnected("EOF".into());
         assert_eq!(AccelError::from_capnp(&gone).kind, ErrorKind::Unavailable);
     }
+
+    #[test]
+    fn guests_read_every_code_as_the_same_kind() {
+        for (kind, _) in KINDS {
+            let guest = wafer_guest::accel::ErrorKind::from_code(i64::from(kind.code()));
+            assert_eq!(format!("{guest:?}"), format!("{kind:?}"), "code {}", kind.code());
+        }
+    }
 }

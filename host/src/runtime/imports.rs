@@ -192,6 +192,28 @@ fn decode_sizes(bytes: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// Adds an async accelerator import `name` to `linker`: `body`, an async block over
+/// `caller` and the arguments, answers `Result<i64, AccelError>`, which [`finish`]
+/// turns into the import's return value (`ret`).
+macro_rules! accel_import {
+    (
+        $linker:ident,
+        $name:literal,
+        |$caller:ident, ($($arg:ident: $ty:ty),*)| -> $ret:ty $body:block
+    ) => {
+        $linker.func_wrap_async(
+            "wafer",
+            $name,
+            |mut $caller: Caller<'_, InstanceState>, ($($arg,)*): ($($ty,)*)| {
+                Box::new(async move {
+                    let result: Result<i64, AccelError> = async $body.await;
+                    finish(&mut $caller, result) as $ret
+                })
+            },
+        )?;
+    };
+}
+
 /// Adds the accelerator imports of the `wafer` module (see `wafer_guest::accel` for
 /// their contract). Each returns a handle, a size or 0 on success and a negative
 /// error code on failure, whose message `accel_error` copies out. Every pointer and
@@ -210,152 +232,74 @@ pub fn add_accel_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Resu
             }
         },
     )?;
-    linker.func_wrap_async(
-        "wafer",
-        "accel_device",
-        |mut caller: Caller<'_, InstanceState>, (ptr, cap): (u32, u32)| {
-            Box::new(async move {
-                let result = async {
-                    check_guest(&mut caller, ptr, 0, "accel_device")?;
-                    let json = granted(&mut caller)?.device().await?;
-                    let n = json.len().min(cap as usize);
-                    write_guest(&mut caller, ptr, &json.as_bytes()[..n], "accel_device")?;
-                    Ok(json.len() as i64)
-                }
-                .await;
-                finish(&mut caller, result) as i32
-            })
-        },
-    )?;
-    linker.func_wrap_async(
-        "wafer",
-        "accel_compile",
-        |mut caller: Caller<'_, InstanceState>, (sp, sl, op, ol): (u32, u32, u32, u32)| {
-            Box::new(async move {
-                let result = async {
-                    let source = read_text(&mut caller, sp, sl, "accel_compile source")?;
-                    let options = read_text(&mut caller, op, ol, "accel_compile options")?;
-                    let handle = granted(&mut caller)?.compile(source, options).await?;
-                    Ok(i64::from(handle))
-                }
-                .await;
-                finish(&mut caller, result) as i32
-            })
-        },
-    )?;
-    linker.func_wrap_async(
-        "wafer",
-        "accel_kernel",
-        |mut caller: Caller<'_, InstanceState>, (program, np, nl): (u32, u32, u32)| {
-            Box::new(async move {
-                let result = async {
-                    let name = read_text(&mut caller, np, nl, "accel_kernel name")?;
-                    let handle = granted(&mut caller)?.kernel(program, name).await?;
-                    Ok(i64::from(handle))
-                }
-                .await;
-                finish(&mut caller, result) as i32
-            })
-        },
-    )?;
-    linker.func_wrap_async(
-        "wafer",
-        "accel_alloc",
-        |mut caller: Caller<'_, InstanceState>, (bytes,): (u64,)| {
-            Box::new(async move {
-                let result = async {
-                    let handle = granted(&mut caller)?.alloc(bytes).await?;
-                    Ok(i64::from(handle))
-                }
-                .await;
-                finish(&mut caller, result) as i32
-            })
-        },
-    )?;
-    linker.func_wrap_async(
-        "wafer",
-        "accel_write",
-        |mut caller: Caller<'_, InstanceState>,
-         (buffer, offset, ptr, len): (u32, u64, u32, u32)| {
-            Box::new(async move {
-                let result = async {
-                    let data = read_guest(&mut caller, ptr, len, "accel_write")?;
-                    granted(&mut caller)?.write(buffer, offset, data).await?;
-                    Ok(0)
-                }
-                .await;
-                finish(&mut caller, result) as i32
-            })
-        },
-    )?;
-    linker.func_wrap_async(
-        "wafer",
-        "accel_read",
-        |mut caller: Caller<'_, InstanceState>,
-         (buffer, offset, ptr, len): (u32, u64, u32, u32)| {
-            Box::new(async move {
-                let result = async {
-                    check_guest(&mut caller, ptr, u64::from(len), "accel_read")?;
-                    let data = granted(&mut caller)?
-                        .read(buffer, offset, u64::from(len))
-                        .await?;
-                    write_guest(&mut caller, ptr, &data, "accel_read")?;
-                    Ok(0)
-                }
-                .await;
-                finish(&mut caller, result) as i32
-            })
-        },
-    )?;
-    linker.func_wrap_async(
-        "wafer",
-        "accel_run",
-        |mut caller: Caller<'_, InstanceState>,
-         (kernel, args_ptr, nargs, global_ptr, local_ptr, dims): (u32, u32, u32, u32, u32, u32)| {
-            Box::new(async move {
-                let result = async {
-                    if !(1..=3).contains(&dims) {
-                        return Err(AccelError::new(
-                            ErrorKind::WorkSize,
-                            format!("a run has 1 to 3 dimensions, not {dims}"),
-                        ));
-                    }
-                    let nargs = nargs.min(1024);
-                    let args = read_guest(
-                        &mut caller,
-                        args_ptr,
-                        nargs * ARG_RECORD as u32,
-                        "accel_run arguments",
-                    )?;
-                    let args = decode_args(&args)?;
-                    let global =
-                        decode_sizes(&read_guest(&mut caller, global_ptr, dims * 8, "accel_run global")?);
-                    let local = if local_ptr == 0 {
-                        Vec::new()
-                    } else {
-                        decode_sizes(&read_guest(&mut caller, local_ptr, dims * 8, "accel_run local")?)
-                    };
-                    let ns = granted(&mut caller)?.run(kernel, args, global, local).await?;
-                    Ok(ns.min(i64::MAX as u64) as i64)
-                }
-                .await;
-                finish(&mut caller, result)
-            })
-        },
-    )?;
-    linker.func_wrap_async(
-        "wafer",
-        "accel_release",
-        |mut caller: Caller<'_, InstanceState>, (handle,): (u32,)| {
-            Box::new(async move {
-                let result = async {
-                    granted(&mut caller)?.release(handle).await?;
-                    Ok(0)
-                }
-                .await;
-                finish(&mut caller, result) as i32
-            })
-        },
-    )?;
+    accel_import!(linker, "accel_device", |caller, (ptr: u32, cap: u32)| -> i32 {
+        check_guest(&mut caller, ptr, 0, "accel_device")?;
+        let json = granted(&mut caller)?.device().await?;
+        let n = json.len().min(cap as usize);
+        write_guest(&mut caller, ptr, &json.as_bytes()[..n], "accel_device")?;
+        Ok(json.len() as i64)
+    });
+    accel_import!(linker, "accel_compile", |caller, (sp: u32, sl: u32, op: u32, ol: u32)| -> i32 {
+        let source = read_text(&mut caller, sp, sl, "accel_compile source")?;
+        let options = read_text(&mut caller, op, ol, "accel_compile options")?;
+        let handle = granted(&mut caller)?.compile(source, options).await?;
+        Ok(i64::from(handle))
+    });
+    accel_import!(linker, "accel_kernel", |caller, (program: u32, np: u32, nl: u32)| -> i32 {
+        let name = read_text(&mut caller, np, nl, "accel_kernel name")?;
+        let handle = granted(&mut caller)?.kernel(program, name).await?;
+        Ok(i64::from(handle))
+    });
+    accel_import!(linker, "accel_alloc", |caller, (bytes: u64)| -> i32 {
+        let handle = granted(&mut caller)?.alloc(bytes).await?;
+        Ok(i64::from(handle))
+    });
+    accel_import!(linker, "accel_write", |caller,
+        (buffer: u32, offset: u64, ptr: u32, len: u32)| -> i32 {
+        let data = read_guest(&mut caller, ptr, len, "accel_write")?;
+        granted(&mut caller)?.write(buffer, offset, data).await?;
+        Ok(0)
+    });
+    accel_import!(linker, "accel_read", |caller,
+        (buffer: u32, offset: u64, ptr: u32, len: u32)| -> i32 {
+        check_guest(&mut caller, ptr, u64::from(len), "accel_read")?;
+        let data = granted(&mut caller)?
+            .read(buffer, offset, u64::from(len))
+            .await?;
+        write_guest(&mut caller, ptr, &data, "accel_read")?;
+        Ok(0)
+    });
+    accel_import!(linker, "accel_run", |caller,
+        (kernel: u32, args_ptr: u32, nargs: u32, global_ptr: u32, local_ptr: u32, dims: u32)|
+        -> i64 {
+        if !(1..=3).contains(&dims) {
+            return Err(AccelError::new(
+                ErrorKind::WorkSize,
+                format!("a run has 1 to 3 dimensions, not {dims}"),
+            ));
+        }
+        let nargs = nargs.min(1024);
+        let args = read_guest(
+            &mut caller,
+            args_ptr,
+            nargs * ARG_RECORD as u32,
+            "accel_run arguments",
+        )?;
+        let args = decode_args(&args)?;
+        let global = read_guest(&mut caller, global_ptr, dims * 8, "accel_run global")?;
+        let global = decode_sizes(&global);
+        let local = if local_ptr == 0 {
+            Vec::new()
+        } else {
+            let local = read_guest(&mut caller, local_ptr, dims * 8, "accel_run local")?;
+            decode_sizes(&local)
+        };
+        let ns = granted(&mut caller)?.run(kernel, args, global, local).await?;
+        Ok(ns.min(i64::MAX as u64) as i64)
+    });
+    accel_import!(linker, "accel_release", |caller, (handle: u32)| -> i32 {
+        granted(&mut caller)?.release(handle).await?;
+        Ok(0)
+    });
     Ok(())
 }
