@@ -216,30 +216,28 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
     };
     let addr = node.http.local_addr()?;
     // The first line on stdout is machine-readable: tests and scripts wait for it.
-    println!(
+    say!(
         "wafer dev: listening on http://{addr} api {}",
         node.api.local_addr()?
     );
-    println!("  data folder: {}", config.data.display());
+    say!("  data folder: {}", config.data.display());
     if crate::gateway::console::built() {
-        println!("  console: http://{addr}/ (log in with the admin token)");
+        say!("  console: http://{addr}/ (log in with the admin token)");
     } else {
-        println!(
-            "  console: not built into this binary (run scripts/console.sh, then build again)"
-        );
+        say!("  console: not built into this binary (run scripts/console.sh, then build again)");
     }
     let token_file = config.data.join(server::ADMIN_TOKEN_FILE);
     match &new_token {
-        Some(secret) => println!(
+        Some(secret) => say!(
             "  admin token: {secret} (kept in {}; the CLI reads it from there)",
             token_file.display()
         ),
-        None => println!("  admin token: in {}", token_file.display()),
+        None => say!("  admin token: in {}", token_file.display()),
     }
     match &accel {
         Some((accel_addr, devices)) => {
             for d in devices {
-                println!(
+                say!(
                     "  accelerator: {} ({}, {}) served on {accel_addr}",
                     d.name,
                     d.vendor,
@@ -247,19 +245,19 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
                 );
             }
         }
-        None => println!(
-            "  accelerators: none (no OpenCL platform; install pocl-opencl-icd for the CPU)"
-        ),
+        None => {
+            say!("  accelerators: none (no OpenCL platform; install pocl-opencl-icd for the CPU)")
+        }
     }
     for name in &examples {
-        println!("  example: http://{addr}/fn/{name}");
+        say!("  example: http://{addr}/fn/{name}");
     }
     if config.public_invoke {
-        println!(
+        say!(
             "  try: curl 'http://{addr}/fn/hello?name=you'   |   wafer --server http://{addr} fns"
         );
     } else {
-        println!(
+        say!(
             "  try: curl -H \"Authorization: Bearer $(cat {})\" 'http://{addr}/fn/hello?name=you'   |   wafer --server http://{addr} fns",
             token_file.display()
         );

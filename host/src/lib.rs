@@ -2,6 +2,15 @@
 //! state, gateway) and the command-line client; `wafer dev` runs all of it in one process.
 #![warn(missing_docs)]
 
+/// `println!` for a daemon's ready lines that ignores a closed stdout: whoever read
+/// them may have gone (`wafer server | head -1`), and that must not stop the daemon.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod accel;
 pub mod agent;
 pub mod auth;

@@ -447,20 +447,20 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     start_agent(&node, config.agent.clone()).await?;
     // The first line on stdout is machine-readable: tests and scripts wait for it. It
     // comes once the node is a member and caught up (or, with --wait, at once).
-    println!(
+    say!(
         "wafer server {}: listening on http://{} rpc {} api {}",
         config.id,
         addr.http,
         addr.rpc,
         node.api.local_addr()?
     );
-    println!("  data folder: {}", config.data.display());
+    say!("  data folder: {}", config.data.display());
     if let Some(secret) = admin_token {
         let file = config.data.join(ADMIN_TOKEN_FILE);
         if config.admin_token.as_deref() == Some(secret.as_str()) {
-            println!("  admin token: as given (kept in {})", file.display());
+            say!("  admin token: as given (kept in {})", file.display());
         } else {
-            println!("  admin token: {secret} (kept in {})", file.display());
+            say!("  admin token: {secret} (kept in {})", file.display());
         }
     }
     serve(node).await?;

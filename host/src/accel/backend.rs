@@ -751,9 +751,9 @@ pub async fn run(config: AccelConfig) -> anyhow::Result<()> {
         keep_attached(rpc, agent.clone(), advertised.clone(), devices.clone());
     }
     // The first line on stdout is machine-readable: tests and scripts wait for it.
-    println!("wafer accel: {} devices; rpc {addr}", devices.len());
+    say!("wafer accel: {} devices; rpc {addr}", devices.len());
     for d in &devices {
-        println!(
+        say!(
             "  device {}: {} ({}, {}, {} compute units, {} MiB) on {}",
             d.index,
             d.name,
@@ -765,7 +765,7 @@ pub async fn run(config: AccelConfig) -> anyhow::Result<()> {
         );
     }
     if let Some(agent) = &config.agent {
-        println!("  attaching to agent {agent} as {advertised}");
+        say!("  attaching to agent {agent} as {advertised}");
     }
     crate::server::shutdown_signal().await;
     tracing::info!("wafer accel stopped");

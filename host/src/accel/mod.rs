@@ -153,7 +153,12 @@ mod tests {
     fn guests_read_every_code_as_the_same_kind() {
         for (kind, _) in KINDS {
             let guest = wafer_guest::accel::ErrorKind::from_code(i64::from(kind.code()));
-            assert_eq!(format!("{guest:?}"), format!("{kind:?}"), "code {}", kind.code());
+            assert_eq!(
+                format!("{guest:?}"),
+                format!("{kind:?}"),
+                "code {}",
+                kind.code()
+            );
         }
     }
 }

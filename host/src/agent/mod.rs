@@ -226,11 +226,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(agent = %agent.id, servers, "registering with the cluster");
     agent.registered().await?;
     // The first line on stdout is machine-readable: tests and scripts wait for it.
-    println!(
+    say!(
         "wafer agent {}: registered; executor rpc {}",
-        agent.id, agent.rpc
+        agent.id,
+        agent.rpc
     );
-    println!("  data folder: {}", data.display());
+    say!("  data folder: {}", data.display());
     crate::server::shutdown_signal().await;
     tracing::info!("wafer agent stopped");
     Ok(())
