@@ -196,6 +196,13 @@ where
         total.merge(&task.await??)?;
     }
     total.elapsed = duration;
+    // A benchmark of nothing but failures is a broken benchmark, not a result.
+    if total.hist.is_empty() && total.errors > 0 {
+        bail!(
+            "every one of {} commits failed (see the first error above)",
+            total.errors
+        );
+    }
     Ok(total)
 }
 

@@ -643,6 +643,15 @@ mod tests {
         }
     }
 
+    fn register_framework(framework: &str, role: &str) -> Command {
+        Command::RegisterFramework {
+            id: id(framework),
+            name: framework.into(),
+            role: id(role),
+            at_ms: 1,
+        }
+    }
+
     fn accept(framework: &str, agent: &str, slots: u64) -> Command {
         Command::Accept {
             framework: id(framework),
@@ -669,15 +678,7 @@ mod tests {
             at_ms: 1,
         };
         run(&state, with_devices(2))?;
-        run(
-            &state,
-            Command::RegisterFramework {
-                id: id("f"),
-                name: "f".into(),
-                role: id("r"),
-                at_ms: 1,
-            },
-        )?;
+        run(&state, register_framework("f", "r"))?;
         let held = Resources {
             accelerators: 1,
             ..Resources::new(1, 100)
@@ -758,15 +759,7 @@ mod tests {
             run(&state, accept("f", "a1", 1))?,
             CommandResponse::Rejected(Rejection::UnknownFramework(_))
         ));
-        run(
-            &state,
-            Command::RegisterFramework {
-                id: id("f"),
-                name: "f".into(),
-                role: id("r"),
-                at_ms: 1,
-            },
-        )?;
+        run(&state, register_framework("f", "r"))?;
         // Two accepts of the same offer: the second finds the resources gone.
         assert!(matches!(
             run(&state, accept("f", "a1", 3))?,
