@@ -427,12 +427,20 @@ async fn withdraw_lapsed_devices(identity: std::sync::Weak<Identity>) {
         let Some(identity) = identity.upgrade() else {
             return;
         };
-        let registered_devices = *identity.info.borrow() != identity.base;
-        if registered_devices && identity.link.attached().is_none() {
+        // Checked under the lock of `info`, which a re-attaching backend's devices
+        // also take after it renewed: its devices are never overwritten by a stale
+        // "lapsed".
+        let withdrawn = identity.info.send_if_modified(|info| {
+            let lapsed = *info != identity.base && identity.link.attached().is_none();
+            if lapsed {
+                *info = identity.base.clone();
+            }
+            lapsed
+        });
+        if withdrawn {
             tracing::warn!(
                 "the accelerator backend stopped renewing its attachment: its devices are withdrawn"
             );
-            identity.info.send_replace(identity.base.clone());
         }
     }
 }
