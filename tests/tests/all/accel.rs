@@ -387,8 +387,9 @@ async fn accelerator_jobs_land_on_the_node_with_a_device_and_survive_a_backend_r
     }
 
     // The backend dies mid-job: that attempt fails with a clear error, the agent
-    // withdraws the device once no task holds it (nothing offers one meanwhile), the
-    // job is retried under its policy, and the backend that comes back registers again.
+    // withdraws the device once the attachment lapses (nothing offers one meanwhile,
+    // so the job waits), the job is retried under its policy, and the backend that
+    // comes back registers again.
     let input = json!({ "n": 384, "seed": 9, "verify": false, "repeat": 60 }).to_string();
     let id = submit_on(
         cluster.server(1),
