@@ -15,8 +15,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use capnp_rpc::{rpc_twoparty_capnp, twoparty, RpcSystem};
-use futures_util::AsyncReadExt;
 use wafer::state::Command as StateCommand;
 use wafer_proto::node_capnp;
 use wafer_tests::cluster::Cluster;
@@ -227,21 +225,10 @@ async fn wafer_load(
     clients: usize,
     duration: Duration,
 ) -> anyhow::Result<Stats> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (reader, writer) = tokio_util::compat::TokioAsyncReadCompatExt::compat(stream).split();
-    let network = Box::new(twoparty::VatNetwork::new(
-        reader,
-        writer,
-        rpc_twoparty_capnp::Side::Client,
-        wafer::state::reader_options(),
-    ));
-    let mut system = RpcSystem::new(network, None);
-    let door: node_capnp::door::Client = system.bootstrap(rpc_twoparty_capnp::Side::Server);
+    let door: node_capnp::door::Client = wafer::rpc::connect(addr).await?;
     let mut request = door.node_request();
     request.get().set_secret(secret.as_bytes());
     let node = request.send().pipeline.get_node();
-    let rpc = tokio::task::spawn_local(system);
     let name: wafer::state::FunctionName = "meta".parse()?;
     let stats = drive(clients, duration, move |client, seq| {
         let command = StateCommand::SetLabels {
@@ -261,7 +248,6 @@ async fn wafer_load(
         }
     })
     .await;
-    rpc.abort();
     stats
 }
 

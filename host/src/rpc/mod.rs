@@ -274,10 +274,8 @@ impl Peers {
 }
 
 /// Connects to `addr` and returns its bootstrap capability (the connection runs on
-/// the RPC thread's `LocalSet`).
-pub(crate) async fn connect<C: capnp::capability::FromClientHook>(
-    addr: &str,
-) -> Result<C, RpcError> {
+/// the current `LocalSet`: the RPC thread's, in the daemons).
+pub async fn connect<C: capnp::capability::FromClientHook>(addr: &str) -> Result<C, RpcError> {
     let unreachable = |message: String| RpcError::Unreachable {
         addr: addr.to_string(),
         message,
