@@ -81,6 +81,23 @@ interface Session {
 
   # The device this session runs on.
   device @3 () -> (device :Device);
+
+  # Runs `runs` one after another on the device, in order, in one call: a chain of
+  # kernels costs one round trip instead of one per kernel. Each run is checked as in
+  # `Kernel.run` before any is started; when one fails its checks, none runs and the
+  # call fails with that run's kind, the message starting `run I of N: `. The call waits
+  # for the last run; it is bounded by the session's deadline times the number of runs.
+  # At most 4096 runs per call (`invalid`).
+  runAll @4 (runs :List(Run)) -> (infos :List(RunInfo));
+}
+
+# One run of `Session.runAll`: the parameters of `Kernel.run` and the kernel.
+struct Run {
+  # A kernel of the same session.
+  kernel @0 :Kernel;
+  args @1 :List(Arg);
+  global @2 :List(UInt64);
+  local @3 :List(UInt64);
 }
 
 interface Program {

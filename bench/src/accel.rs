@@ -2,8 +2,10 @@
 //! OpenCL, `functions/accel-bench` in a real instance under a grant) against the same
 //! kernel called directly with `ocl` in this process, on every device type present, in
 //! the same run: a 16M-float saxpy and a 1024x1024 matmul (wall time per call,
-//! including the kernel), small-kernel calls per second, and what promise pipelining
-//! saves on a compile -> kernel -> run -> read chain over capnp.
+//! including the kernel), small-kernel calls per second, the same calls queued in
+//! chains (`Kernel::enqueue` + one `accel::finish`, against enqueue x N + one finish
+//! directly), and what promise pipelining saves on a compile -> kernel -> run -> read
+//! chain over capnp.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +33,10 @@ pub struct AccelArgs {
     /// Calls of the one-item kernel.
     #[arg(long = "accel-tiny-runs", default_value_t = 2000)]
     tiny_runs: usize,
+    /// Timed chains of queued calls per case and path (each of `--accel-runs` calls,
+    /// of `--accel-tiny-runs` for the one-item kernel).
+    #[arg(long = "accel-chains", default_value_t = 5)]
+    chains: usize,
     /// Folder of the built guests (accel-bench, accel-probe, matmul; scripts/bootstrap.sh).
     #[arg(long = "accel-guests", default_value = "target/functions")]
     guests: std::path::PathBuf,
@@ -147,12 +153,15 @@ fn median(mut values: Vec<u64>) -> u64 {
     values.get(values.len() / 2).copied().unwrap_or(0)
 }
 
-/// Times `runs` calls of a kernel straight through `ocl` on the device named `name`.
+/// Times `runs` calls of a kernel straight through `ocl` on the device named `name`,
+/// each waited for; or, with `chains` > 0, `chains` times `runs` calls enqueued and
+/// waited for once (answering the time per call of each chain).
 fn direct(
     device: &DeviceInfoSummary,
     case: &str,
     n: usize,
     runs: usize,
+    chains: usize,
 ) -> anyhow::Result<Vec<u64>> {
     let (platform, dev) = ocl::Platform::list()
         .into_iter()
@@ -206,6 +215,21 @@ fn direct(
         }
     };
     let mut times = Vec::with_capacity(runs);
+    if chains > 0 {
+        // SAFETY: as below.
+        unsafe { kernel.enq()? };
+        pq.queue().finish()?;
+        for _ in 0..chains {
+            let started = Instant::now();
+            for _ in 0..runs {
+                // SAFETY: every argument is set, with buffers sized for the work size.
+                unsafe { kernel.enq()? };
+            }
+            pq.queue().finish()?;
+            times.push(started.elapsed().as_nanos() as u64 / runs.max(1) as u64);
+        }
+        return Ok(times);
+    }
     // One untimed call first, as the guest's first call also pays for warm-up.
     for i in 0..=runs {
         let started = Instant::now();
@@ -219,7 +243,8 @@ fn direct(
     Ok(times)
 }
 
-/// Runs the guest once for `case`; answers each timed call's wall time, ns.
+/// Runs the guest once for `case`; answers each timed call's wall time, ns (with
+/// `chains` > 0: each chain's wall time per call).
 async fn through_wafer(
     runtime: &Runtime,
     prepared: &wafer::runtime::Prepared,
@@ -227,9 +252,17 @@ async fn through_wafer(
     case: &str,
     n: usize,
     runs: usize,
+    chains: usize,
 ) -> anyhow::Result<Vec<u64>> {
     let limits = grant(kind, 8192);
-    let input = serde_json::json!({ "case": case, "n": n, "runs": runs + 1 }).to_string();
+    // One untimed call or chain first (skipped below), which pays for warm-up.
+    let (runs, chains) = if chains > 0 {
+        (runs, chains + 1)
+    } else {
+        (runs + 1, 0)
+    };
+    let input =
+        serde_json::json!({ "case": case, "n": n, "runs": runs, "chains": chains }).to_string();
     let outcome = runtime
         .invoke(
             prepared,
@@ -392,34 +425,41 @@ pub fn run(args: &AccelArgs) -> anyhow::Result<()> {
             }
             seen.push(device.kind);
             let label = format!("{} ({})", device.name, device.kind.as_str());
-            for (case, n, runs, what) in [
-                ("saxpy", args.saxpy_n, args.runs, format!("saxpy {}M floats", args.saxpy_n >> 20)),
-                ("matmul", args.matmul_n, args.runs.min(10), format!("matmul {0}x{0}", args.matmul_n)),
-                ("tiny", 1, args.tiny_runs, "one-item kernel".to_string()),
-            ] {
-                let direct_ns = {
-                    let device = device.clone();
-                    tokio::task::spawn_blocking(move || direct(&device, case, n, runs)).await??
-                };
-                let wafer_ns = through_wafer(&runtime, &prepared, device.kind, case, n, runs).await?;
-                let (d, w) = (median(direct_ns.clone()), median(wafer_ns.clone()));
-                let shown = |ns: u64| {
-                    if ns >= 1_000_000 {
-                        format!("{:.2} ms", ns as f64 / 1e6)
+            for chains in [0, args.chains] {
+                for (case, n, runs, what) in [
+                    ("saxpy", args.saxpy_n, args.runs, format!("saxpy {}M floats", args.saxpy_n >> 20)),
+                    ("matmul", args.matmul_n, args.runs.min(10), format!("matmul {0}x{0}", args.matmul_n)),
+                    ("tiny", 1, args.tiny_runs, "one-item kernel".to_string()),
+                ] {
+                    let direct_ns = {
+                        let device = device.clone();
+                        tokio::task::spawn_blocking(move || direct(&device, case, n, runs, chains)).await??
+                    };
+                    let wafer_ns = through_wafer(&runtime, &prepared, device.kind, case, n, runs, chains).await?;
+                    let (d, w) = (median(direct_ns.clone()), median(wafer_ns.clone()));
+                    let shown = |ns: u64| {
+                        if ns >= 1_000_000 {
+                            format!("{:.2} ms", ns as f64 / 1e6)
+                        } else {
+                            format!("{:.1} µs", ns as f64 / 1e3)
+                        }
+                    };
+                    let ratio = w as f64 / d.max(1) as f64;
+                    let what = if chains > 0 {
+                        format!("{what}, queued in chains of {runs} (per call)")
                     } else {
-                        format!("{:.1} µs", ns as f64 / 1e3)
+                        what
+                    };
+                    if case == "tiny" {
+                        let per_s = |ns: u64| 1e9 / ns.max(1) as f64;
+                        println!(
+                            "| {label} | {what}: calls/s | {:.0} | {:.0} | {ratio:.2}x |",
+                            per_s(d),
+                            per_s(w)
+                        );
+                    } else {
+                        println!("| {label} | {what} | {} | {} | {ratio:.2}x |", shown(d), shown(w));
                     }
-                };
-                let ratio = w as f64 / d.max(1) as f64;
-                if case == "tiny" {
-                    let per_s = |v: &[u64]| v.len() as f64 / (v.iter().sum::<u64>().max(1) as f64 / 1e9);
-                    println!(
-                        "| {label} | {what}: calls/s | {:.0} | {:.0} | {ratio:.2}x |",
-                        per_s(&direct_ns),
-                        per_s(&wafer_ns)
-                    );
-                } else {
-                    println!("| {label} | {what} | {} | {} | {ratio:.2}x |", shown(d), shown(w));
                 }
             }
         }

@@ -75,6 +75,14 @@ int32_t wafer_accel_read(uint32_t buffer, uint64_t offset, void *ptr, size_t len
 int64_t wafer_accel_run(uint32_t kernel, const wafer_accel_arg *args, size_t nargs,
                         const uint64_t *global, const uint64_t *local, size_t dims)
     WAFER_IMPORT("accel_run");
+/* Queues a run like wafer_accel_run without waiting: queued runs go to the device
+ * together, in order, with the next read, write, run, finish or release of an object
+ * they use, which also returns their errors. Returns 0 or an error code. */
+int32_t wafer_accel_enqueue(uint32_t kernel, const wafer_accel_arg *args, size_t nargs,
+                            const uint64_t *global, const uint64_t *local, size_t dims)
+    WAFER_IMPORT("accel_enqueue");
+/* Sends the queued runs and waits for them; returns their device time in ns, added up. */
+int64_t wafer_accel_finish(void) WAFER_IMPORT("accel_finish");
 /* Frees a program, kernel or buffer. */
 int32_t wafer_accel_release(uint32_t handle) WAFER_IMPORT("accel_release");
 

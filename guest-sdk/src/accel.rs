@@ -126,6 +126,15 @@ mod host {
             local: *const u64,
             dims: usize,
         ) -> i64;
+        pub fn accel_enqueue(
+            kernel: u32,
+            args: *const u8,
+            nargs: usize,
+            global: *const u64,
+            local: *const u64,
+            dims: usize,
+        ) -> i32;
+        pub fn accel_finish() -> i64;
         pub fn accel_release(handle: u32) -> i32;
     }
 }
@@ -295,15 +304,59 @@ pub struct RunInfo {
 
 impl Kernel {
     /// Runs the kernel over `global` work-items (1 to 3 dimensions) in work-groups of
-    /// `local` (`None`: the driver chooses), and waits for it. Arguments are checked
-    /// against the kernel's parameters first: count, kinds, buffer sizes (one element
-    /// per work-item at least) and work sizes each fail with their own kind.
+    /// `local` (`None`: the driver chooses), and waits for it (after any runs queued
+    /// with [`enqueue`](Self::enqueue), whose errors it answers too). Arguments are
+    /// checked against the kernel's parameters first: count, kinds, buffer sizes (one
+    /// element per work-item at least) and work sizes each fail with their own kind.
     pub fn run(
         &self,
         args: &[Arg<'_>],
         global: &[u64],
         local: Option<&[u64]>,
     ) -> Result<RunInfo, Error> {
+        Ok(RunInfo {
+            device_ns: self.submit(args, global, local, false)? as u64,
+        })
+    }
+
+    /// Queues a run like [`run`](Self::run) without waiting for it. Queued runs go to
+    /// the device together, in order, with the next call that must come after them (a
+    /// buffer read or write, a `run`, [`finish`], or dropping an object they use), so a
+    /// chain of kernels costs one round trip to the backend instead of one per kernel.
+    /// Their errors (with `run I of N: ` before the message) are answered by that call;
+    /// when one fails its checks, none of the runs sent with it runs. Runs that no later
+    /// call sends never run.
+    ///
+    /// ```no_run
+    /// # use wafer_guest::accel::{self, Arg};
+    /// # fn main() -> Result<(), accel::Error> {
+    /// let program = accel::compile("__kernel void inc(__global int* x) { x[get_global_id(0)] += 1; }", "")?;
+    /// let inc = program.kernel("inc")?;
+    /// let x = accel::alloc(4 * 1024)?;
+    /// for _ in 0..100 {
+    ///     inc.enqueue(&[Arg::Buffer(&x)], &[1024], None)?;
+    /// }
+    /// let mut out = [0u8; 4];
+    /// x.read(0, &mut out)?; // sends the 100 runs, then reads: 100
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn enqueue(
+        &self,
+        args: &[Arg<'_>],
+        global: &[u64],
+        local: Option<&[u64]>,
+    ) -> Result<(), Error> {
+        self.submit(args, global, local, true).map(|_| ())
+    }
+
+    fn submit(
+        &self,
+        args: &[Arg<'_>],
+        global: &[u64],
+        local: Option<&[u64]>,
+        queued: bool,
+    ) -> Result<i64, Error> {
         let records: Vec<u8> = args.iter().flat_map(|a| a.record()).collect();
         if let Some(local) = local {
             if local.len() != global.len() {
@@ -318,26 +371,52 @@ impl Kernel {
             }
         }
         #[cfg(target_arch = "wasm32")]
-        // SAFETY: every pointer and length describes a live slice the host only reads.
-        let code = unsafe {
-            host::accel_run(
-                self.0,
-                records.as_ptr(),
-                args.len(),
-                global.as_ptr(),
-                local.map_or(std::ptr::null(), |l| l.as_ptr()),
-                global.len(),
-            )
+        let code = {
+            let local = local.map_or(std::ptr::null(), |l| l.as_ptr());
+            // SAFETY: every pointer and length describes a live slice the host only reads.
+            unsafe {
+                if queued {
+                    i64::from(host::accel_enqueue(
+                        self.0,
+                        records.as_ptr(),
+                        args.len(),
+                        global.as_ptr(),
+                        local,
+                        global.len(),
+                    ))
+                } else {
+                    host::accel_run(
+                        self.0,
+                        records.as_ptr(),
+                        args.len(),
+                        global.as_ptr(),
+                        local,
+                        global.len(),
+                    )
+                }
+            }
         };
         #[cfg(not(target_arch = "wasm32"))]
         let code = {
-            let _ = (records, local);
+            let _ = (records, local, queued);
             outside()
         };
-        Ok(RunInfo {
-            device_ns: check(code)? as u64,
-        })
+        check(code)
     }
+}
+
+/// Sends the runs queued with [`Kernel::enqueue`] and waits for them. Answers their
+/// device time added up (0 when none was queued); a run that failed is answered as
+/// its error.
+pub fn finish() -> Result<RunInfo, Error> {
+    #[cfg(target_arch = "wasm32")]
+    // SAFETY: no pointers.
+    let code = unsafe { host::accel_finish() };
+    #[cfg(not(target_arch = "wasm32"))]
+    let code = outside();
+    Ok(RunInfo {
+        device_ns: check(code)? as u64,
+    })
 }
 
 impl Buffer {

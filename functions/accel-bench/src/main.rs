@@ -1,8 +1,11 @@
 //! `accel-bench`: the guest side of `wafer-bench accel`. Input (stdin, JSON):
-//! `{"case": "saxpy" | "matmul" | "tiny", "n": N, "runs": R}`. It prepares the buffers
-//! once, then times R kernel calls one by one (each call goes guest -> host -> capnp
-//! -> OpenCL and waits for the kernel), and answers JSON with every call's wall time
-//! and device time in ns. `tiny` runs a one-item kernel R times (calls per second).
+//! `{"case": "saxpy" | "matmul" | "tiny", "n": N, "runs": R, "chains": C}`. It prepares
+//! the buffers once, then times R kernel calls one by one (each call goes guest -> host
+//! -> capnp -> OpenCL and waits for the kernel), and answers JSON with every call's wall
+//! time and device time in ns. `tiny` runs a one-item kernel R times (calls per
+//! second). With `chains` > 0 it times C chains of R calls queued with
+//! `Kernel::enqueue` and sent by one `accel::finish` each, and answers each chain's
+//! wall and device time per call.
 
 use std::io::Read;
 use std::time::Instant;
@@ -36,6 +39,27 @@ fn time_runs(
     Ok((wall, device))
 }
 
+fn time_chains(
+    kernel: &Kernel,
+    args: &[Arg<'_>],
+    global: &[u64],
+    runs: usize,
+    chains: usize,
+) -> Result<(Vec<u64>, Vec<u64>), accel::Error> {
+    let (mut wall, mut device) = (Vec::with_capacity(chains), Vec::with_capacity(chains));
+    let per_call = |ns: u64| ns / runs.max(1) as u64;
+    for _ in 0..chains {
+        let started = Instant::now();
+        for _ in 0..runs {
+            kernel.enqueue(args, global, None)?;
+        }
+        let info = accel::finish()?;
+        wall.push(per_call(started.elapsed().as_nanos() as u64));
+        device.push(per_call(info.device_ns));
+    }
+    Ok((wall, device))
+}
+
 fn run() -> Result<serde_json::Value, String> {
     let mut input = String::new();
     std::io::stdin()
@@ -45,6 +69,14 @@ fn run() -> Result<serde_json::Value, String> {
     let case = spec["case"].as_str().unwrap_or("saxpy").to_string();
     let n = spec["n"].as_u64().unwrap_or(1 << 24) as usize;
     let runs = spec["runs"].as_u64().unwrap_or(10) as usize;
+    let chains = spec["chains"].as_u64().unwrap_or(0) as usize;
+    let time = |kernel: &Kernel, args: &[Arg<'_>], global: &[u64]| {
+        if chains > 0 {
+            time_chains(kernel, args, global, runs, chains)
+        } else {
+            time_runs(kernel, args, global, runs)
+        }
+    };
     let e = |e: accel::Error| format!("{:?}: {}", e.kind, e.message);
     let program = accel::compile(SOURCE, "").map_err(e)?;
     let (wall, device) = match case.as_str() {
@@ -52,11 +84,10 @@ fn run() -> Result<serde_json::Value, String> {
             let kernel = program.kernel("saxpy").map_err(e)?;
             let x = filled(n, 1.0).map_err(e)?;
             let y = filled(n, 2.0).map_err(e)?;
-            time_runs(
+            time(
                 &kernel,
                 &[Arg::Buffer(&x), Arg::Buffer(&y), Arg::Float(0.5)],
                 &[n as u64],
-                runs,
             )
             .map_err(e)?
         }
@@ -65,7 +96,7 @@ fn run() -> Result<serde_json::Value, String> {
             let a = filled(n * n, 0.5).map_err(e)?;
             let b = filled(n * n, 0.25).map_err(e)?;
             let c = filled(n * n, 0.0).map_err(e)?;
-            time_runs(
+            time(
                 &kernel,
                 &[
                     Arg::Buffer(&a),
@@ -74,14 +105,13 @@ fn run() -> Result<serde_json::Value, String> {
                     Arg::Uint(n as u32),
                 ],
                 &[n as u64, n as u64],
-                runs,
             )
             .map_err(e)?
         }
         "tiny" => {
             let kernel = program.kernel("tiny").map_err(e)?;
             let x = filled(1, 0.0).map_err(e)?;
-            time_runs(&kernel, &[Arg::Buffer(&x)], &[1], runs).map_err(e)?
+            time(&kernel, &[Arg::Buffer(&x)], &[1]).map_err(e)?
         }
         other => return Err(format!("unknown case {other:?}")),
     };

@@ -5,7 +5,9 @@
 //! Cases: `device`, `vecadd` (`n`), `compile_error`, `arg_count`, `arg_type`,
 //! `small_buffer`, `work_size`, `memory` (`mb`: allocate 1 MiB buffers up to that),
 //! `fill` (writes 0xAB into a buffer), `leak` (a fresh buffer is all zero, and handles
-//! it did not get are refused), `bad_pointer` (raw imports with ranges outside memory).
+//! it did not get are refused), `bad_pointer` (raw imports with ranges outside memory),
+//! `queue` (`runs` queued increments, then a queued chain of two kernels, read back),
+//! `queue_error` (a queued run that fails its checks between two good ones).
 
 use serde_json::{json, Value};
 use wafer_guest::accel::{self, Arg, Error};
@@ -49,6 +51,68 @@ fn vecadd(n: usize) -> Result<Value, Error> {
     let c = dc.read_f32(0, n)?;
     let matches = c.iter().enumerate().all(|(i, x)| *x == a[i] + b[i]);
     Ok(json!({ "ok": true, "matches": matches, "n": n, "device_ns": info.device_ns }))
+}
+
+const STEPS: &str = "__kernel void inc(__global int* x) { x[get_global_id(0)] += 1; }
+__kernel void twice(__global int* x) { x[get_global_id(0)] *= 2; }";
+
+/// Reads `n` ints of `buffer`.
+fn ints(buffer: &accel::Buffer, n: usize) -> Result<Vec<i32>, Error> {
+    let mut bytes = vec![0u8; n * 4];
+    buffer.read(0, &mut bytes)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// `runs` queued increments of every element, read back; then twice, inc, twice queued
+/// and sent by `finish`.
+fn queue(runs: u64) -> Result<Value, Error> {
+    const N: usize = 1024;
+    let program = accel::compile(STEPS, "")?;
+    let (inc, twice) = (program.kernel("inc")?, program.kernel("twice")?);
+    let x = accel::alloc((N * 4) as u64)?;
+    let idle = accel::finish()?;
+    for _ in 0..runs {
+        inc.enqueue(&[Arg::Buffer(&x)], &[N as u64], None)?;
+    }
+    let after_runs = ints(&x, N)?;
+    twice.enqueue(&[Arg::Buffer(&x)], &[N as u64], None)?;
+    inc.enqueue(&[Arg::Buffer(&x)], &[N as u64], None)?;
+    twice.enqueue(&[Arg::Buffer(&x)], &[N as u64], None)?;
+    let finished = accel::finish()?;
+    let after_chain = ints(&x, N)?;
+    Ok(json!({
+        "ok": true,
+        "idle_device_ns": idle.device_ns,
+        "after_runs": after_runs.iter().all(|v| i64::from(*v) == runs as i64),
+        "first": after_runs[0],
+        "after_chain": after_chain.iter().all(|v| *v == after_chain[0]),
+        "chained": after_chain[0],
+        "chain_device_ns": finished.device_ns,
+    }))
+}
+
+/// inc, a run with too few arguments, inc: queued, then sent by `finish`.
+fn queue_error() -> Result<Value, Error> {
+    let program = accel::compile(STEPS, "")?;
+    let inc = program.kernel("inc")?;
+    let x = accel::alloc(64)?;
+    inc.enqueue(&[Arg::Buffer(&x)], &[16], None)?;
+    inc.enqueue(&[], &[16], None)?;
+    inc.enqueue(&[Arg::Buffer(&x)], &[16], None)?;
+    let e = accel::finish().err();
+    // Nothing of the three ran, and the queue is empty again.
+    let untouched = ints(&x, 16)?.iter().all(|v| *v == 0);
+    let again = accel::finish()?;
+    Ok(json!({
+        "ok": e.is_none(),
+        "kind": e.as_ref().map(|e| format!("{:?}", e.kind)),
+        "message": e.map(|e| e.message),
+        "untouched": untouched,
+        "again_device_ns": again.device_ns,
+    }))
 }
 
 fn case(req: &Request) -> Result<Value, Error> {
@@ -141,6 +205,8 @@ fn case(req: &Request) -> Result<Value, Error> {
             drop(buffer);
             Ok(json!({ "ok": true, "codes": codes }))
         }
+        "queue" => queue(number("runs", 300)),
+        "queue_error" => queue_error(),
         other => Ok(
             json!({ "ok": false, "kind": "Usage", "message": format!("unknown case {other:?}") }),
         ),

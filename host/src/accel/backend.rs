@@ -1,8 +1,8 @@
 //! `wafer accel`: serves the machine's OpenCL devices as `capnp/accel.capnp` behind the
 //! cluster-secret door. Sessions, programs, kernels and buffers are capability objects
 //! on the RPC thread; device work goes to each device's own thread (`opencl.rs`).
-//! Buffers passed back to `Kernel.run` are recognised through a `CapabilityServerSet`,
-//! so a run can use only buffers of its own session.
+//! Buffers and kernels handed back in runs are recognised through `CapabilityServerSet`s,
+//! so a run can use only objects of its own session.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
@@ -13,17 +13,20 @@ use std::time::{Duration, Instant};
 use capnp_rpc::CapabilityServerSet;
 use ocl::core;
 use wafer_proto::accel_capnp::{
-    accel, buffer, done, kernel, program, session, AddressSpace as WireSpace,
+    accel, arg, buffer, done, kernel, program, session, AddressSpace as WireSpace,
     DeviceType as WireType,
 };
 
-use super::opencl::{self, AddressSpace, Arg, Device, Param};
+use super::opencl::{self, AddressSpace, Arg, Device, Launch, Param};
 use super::{AccelError, DeviceInfoSummary, ErrorKind};
 use crate::rpc::{door::DoorService, ClusterSecret, RpcHandle};
 
 /// Largest piece of a buffer one `write` or `read` carries (a capnp `Data` holds less
 /// than 512 MiB).
 pub const MAX_TRANSFER: u64 = 256 << 20;
+
+/// Most runs one `Session.runAll` carries.
+pub const MAX_RUNS: u32 = 4096;
 
 /// Limits a backend applies to every session.
 #[derive(Debug, Clone)]
@@ -102,7 +105,7 @@ impl Backend {
         rpc.serve_with(listener, crate::state::reader_options(), move || {
             let accel: accel::Client = capnp_rpc::new_client(AccelService {
                 backend: self,
-                buffers: Rc::new(RefCell::new(CapabilityServerSet::new())),
+                servers: Rc::new(Servers::default()),
             });
             move |peer: SocketAddr| DoorService::accel(accel.clone(), secret.clone(), peer).client
         })
@@ -110,16 +113,56 @@ impl Backend {
     }
 }
 
-type Buffers = Rc<RefCell<CapabilityServerSet<BufferService, buffer::Client>>>;
+/// Servers of one kind whose clients can be recognised when they come back in a call.
+struct ServerSet<S, C: capnp::capability::FromServer<S>> {
+    set: RefCell<CapabilityServerSet<S, C>>,
+    made: Cell<u64>,
+}
 
-thread_local! {
-    /// Buffers created on this RPC thread (to pace the server set's cleanup).
-    static BUFFERS_MADE: Cell<u64> = const { Cell::new(0) };
+impl<S, C: capnp::capability::FromServer<S>> Default for ServerSet<S, C> {
+    fn default() -> Self {
+        ServerSet {
+            set: RefCell::new(CapabilityServerSet::new()),
+            made: Cell::new(0),
+        }
+    }
+}
+
+impl<S, C> ServerSet<S, C>
+where
+    C: capnp::capability::FromServer<S> + capnp::capability::FromClientHook,
+{
+    /// A client of `server`, recognisable later.
+    fn add(&self, server: S) -> C {
+        let mut set = self.set.borrow_mut();
+        // The set keeps weak references: drop those of freed servers now and then.
+        let made = self.made.get() + 1;
+        self.made.set(made);
+        if made.is_multiple_of(1024) {
+            set.gc();
+        }
+        set.new_client(server)
+    }
+
+    /// The server behind `client` when it is one of this set's, with the resolved client.
+    async fn local(&self, client: C) -> (Option<Rc<S>>, C) {
+        let resolved = capnp::capability::get_resolved_cap(client).await;
+        let server = self.set.borrow().get_local_server_of_resolved(&resolved);
+        (server, resolved)
+    }
+}
+
+/// The objects served on one RPC thread that calls hand back: buffers (run arguments)
+/// and kernels (`Session.runAll`).
+#[derive(Default)]
+struct Servers {
+    buffers: ServerSet<BufferService, buffer::Client>,
+    kernels: ServerSet<KernelService, kernel::Client>,
 }
 
 struct AccelService {
     backend: Arc<Backend>,
-    buffers: Buffers,
+    servers: Rc<Servers>,
 }
 
 fn write_device(w: wafer_proto::accel_capnp::device::Builder<'_>, device: &Device) {
@@ -272,7 +315,7 @@ impl accel::Server for AccelService {
             .get()
             .set_session(capnp_rpc::new_client(SessionService {
                 state,
-                buffers: self.buffers.clone(),
+                servers: self.servers.clone(),
             }));
         Ok(())
     }
@@ -293,7 +336,7 @@ impl Drop for SessionState {
 
 struct SessionService {
     state: Rc<SessionState>,
-    buffers: Buffers,
+    servers: Rc<Servers>,
 }
 
 impl session::Server for SessionService {
@@ -314,7 +357,7 @@ impl session::Server for SessionService {
             .get()
             .set_program(capnp_rpc::new_client(ProgramService {
                 state: self.state.clone(),
-                buffers: self.buffers.clone(),
+                servers: self.servers.clone(),
                 program,
             }));
         Ok(())
@@ -350,22 +393,11 @@ impl session::Server for SessionService {
                 return Err(e.to_capnp());
             }
         };
-        let buffer = {
-            let mut buffers = self.buffers.borrow_mut();
-            // The set keeps weak references: drop those of freed buffers now and then.
-            let made = BUFFERS_MADE.with(|n| {
-                n.set(n.get() + 1);
-                n.get()
-            });
-            if made.is_multiple_of(1024) {
-                buffers.gc();
-            }
-            buffers.new_client(BufferService {
-                state: state.clone(),
-                mem,
-                bytes,
-            })
-        };
+        let buffer = self.servers.buffers.add(BufferService {
+            state: state.clone(),
+            mem,
+            bytes,
+        });
         results.get().set_buffer(buffer);
         Ok(())
     }
@@ -389,11 +421,99 @@ impl session::Server for SessionService {
         write_device(results.get().init_device(), &self.state.device);
         Ok(())
     }
+
+    async fn run_all(
+        self: Rc<Self>,
+        params: session::RunAllParams,
+        mut results: session::RunAllResults,
+    ) -> Result<(), capnp::Error> {
+        let started = Instant::now();
+        let runs = params.get()?.get_runs()?;
+        let count = runs.len();
+        if count > MAX_RUNS {
+            return Err(AccelError::new(
+                ErrorKind::Invalid,
+                format!("one call carries at most {MAX_RUNS} runs, not {count}"),
+            )
+            .to_capnp());
+        }
+        let mut launches = Vec::with_capacity(count as usize);
+        let mut kept = Vec::with_capacity(count as usize);
+        for (i, run) in runs.iter().enumerate() {
+            let numbered = |e: AccelError| {
+                if count > 1 {
+                    e.prefixed(&format!("run {} of {count}", i + 1))
+                } else {
+                    e
+                }
+                .to_capnp()
+            };
+            let (server, _) = self.servers.kernels.local(run.get_kernel()?).await;
+            let kernel = match server {
+                Some(kernel) if Rc::ptr_eq(&kernel.state, &self.state) => kernel,
+                _ => {
+                    return Err(numbered(AccelError::new(
+                        ErrorKind::Invalid,
+                        "the kernel is not one of this session",
+                    )))
+                }
+            };
+            let args = read_args(run.get_args()?)?;
+            let global: Vec<u64> = run.get_global()?.iter().collect();
+            let local: Vec<u64> = run.get_local()?.iter().collect();
+            let (launch, buffers) = kernel
+                .check(args, &global, &local)
+                .await
+                .map_err(numbered)?;
+            launches.push(launch);
+            kept.push(buffers);
+        }
+        let deadline = self.state.timeout.saturating_mul(count.max(1));
+        let times = self
+            .state
+            .device
+            .run_all(launches, deadline)
+            .await
+            .map_err(|e| e.to_capnp())?;
+        drop(kept);
+        let total = opencl::elapsed_ns(started);
+        let mut infos = results.get().init_infos(times.len() as u32);
+        for (i, device_ns) in times.into_iter().enumerate() {
+            let mut info = infos.reborrow().get(i as u32);
+            info.set_device_ns(device_ns);
+            info.set_total_ns(total);
+        }
+        Ok(())
+    }
+}
+
+/// A run argument as received: a buffer still to be recognised, or a value.
+enum WireArg {
+    Buffer(buffer::Client),
+    Value(Arg),
+}
+
+fn read_args(list: capnp::struct_list::Reader<'_, arg::Owned>) -> capnp::Result<Vec<WireArg>> {
+    use wafer_proto::accel_capnp::arg::Which;
+    list.iter()
+        .map(|arg| {
+            Ok(match arg.which()? {
+                Which::Buffer(client) => WireArg::Buffer(client?),
+                Which::Int(v) => WireArg::Value(Arg::Int(v)),
+                Which::Uint(v) => WireArg::Value(Arg::Uint(v)),
+                Which::Long(v) => WireArg::Value(Arg::Long(v)),
+                Which::Ulong(v) => WireArg::Value(Arg::Ulong(v)),
+                Which::Float(v) => WireArg::Value(Arg::Float(v)),
+                Which::Double(v) => WireArg::Value(Arg::Double(v)),
+                Which::Local(v) => WireArg::Value(Arg::Local(v)),
+            })
+        })
+        .collect()
 }
 
 struct ProgramService {
     state: Rc<SessionState>,
-    buffers: Buffers,
+    servers: Rc<Servers>,
     program: core::Program,
 }
 
@@ -409,15 +529,14 @@ impl program::Server for ProgramService {
             .device
             .kernel(&self.program, &name)
             .map_err(|e| e.to_capnp())?;
-        results
-            .get()
-            .set_kernel(capnp_rpc::new_client(KernelService {
-                state: self.state.clone(),
-                buffers: self.buffers.clone(),
-                kernel,
-                params,
-                group_limit,
-            }));
+        let kernel = self.servers.kernels.add(KernelService {
+            state: self.state.clone(),
+            servers: self.servers.clone(),
+            kernel,
+            params,
+            group_limit,
+        });
+        results.get().set_kernel(kernel);
         Ok(())
     }
 
@@ -435,31 +554,57 @@ impl program::Server for ProgramService {
 
 struct KernelService {
     state: Rc<SessionState>,
-    buffers: Buffers,
+    servers: Rc<Servers>,
     kernel: core::Kernel,
     params: Vec<Param>,
     group_limit: u64,
 }
 
 impl KernelService {
-    /// The session's buffer behind `client`, or `invalid`.
-    async fn own_buffer(
+    /// Checks a run of this kernel: its buffers must be the session's own, its
+    /// arguments fit the parameters and its work sizes the device. Answers the run
+    /// ready to enqueue and the buffer arguments (to keep them until it ends).
+    async fn check(
         &self,
-        index: usize,
-        client: buffer::Client,
-    ) -> Result<(Rc<BufferService>, buffer::Client), AccelError> {
-        let resolved = capnp::capability::get_resolved_cap(client).await;
-        let server = self
-            .buffers
-            .borrow()
-            .get_local_server_of_resolved(&resolved);
-        match server {
-            Some(server) if Rc::ptr_eq(&server.state, &self.state) => Ok((server, resolved)),
-            _ => Err(AccelError::new(
-                ErrorKind::Invalid,
-                format!("argument {index} is not a buffer of this session"),
-            )),
+        args: Vec<WireArg>,
+        global: &[u64],
+        local: &[u64],
+    ) -> Result<(Launch, Vec<Option<buffer::Client>>), AccelError> {
+        let mut values = Vec::with_capacity(args.len());
+        let mut kept = Vec::with_capacity(args.len());
+        for (i, arg) in args.into_iter().enumerate() {
+            match arg {
+                WireArg::Buffer(client) => {
+                    let (server, client) = self.servers.buffers.local(client).await;
+                    match server {
+                        Some(server) if Rc::ptr_eq(&server.state, &self.state) => {
+                            values.push(Arg::Buffer(server.mem.clone(), server.bytes));
+                            kept.push(Some(client));
+                        }
+                        _ => {
+                            return Err(AccelError::new(
+                                ErrorKind::Invalid,
+                                format!("argument {i} is not a buffer of this session"),
+                            ))
+                        }
+                    }
+                }
+                WireArg::Value(value) => {
+                    values.push(value);
+                    kept.push(None);
+                }
+            }
         }
+        let launch = opencl::check_run(
+            &self.state.device.info,
+            self.group_limit,
+            &self.params,
+            self.kernel.clone(),
+            values,
+            global,
+            local,
+        )?;
+        Ok((launch, kept))
     }
 }
 
@@ -471,55 +616,22 @@ impl kernel::Server for KernelService {
     ) -> Result<(), capnp::Error> {
         let started = Instant::now();
         let p = params.get()?;
-        let mut args = Vec::new();
-        let mut kept = Vec::new();
-        for (i, arg) in p.get_args()?.iter().enumerate() {
-            use wafer_proto::accel_capnp::arg::Which;
-            let (value, buffer) = match arg.which()? {
-                Which::Buffer(client) => {
-                    let (server, client) = self
-                        .own_buffer(i, client?)
-                        .await
-                        .map_err(|e| e.to_capnp())?;
-                    (Arg::Buffer(server.mem.clone(), server.bytes), Some(client))
-                }
-                Which::Int(v) => (Arg::Int(v), None),
-                Which::Uint(v) => (Arg::Uint(v), None),
-                Which::Long(v) => (Arg::Long(v), None),
-                Which::Ulong(v) => (Arg::Ulong(v), None),
-                Which::Float(v) => (Arg::Float(v), None),
-                Which::Double(v) => (Arg::Double(v), None),
-                Which::Local(v) => (Arg::Local(v), None),
-            };
-            kept.push(buffer);
-            args.push(value);
-        }
+        let args = read_args(p.get_args()?)?;
         let global: Vec<u64> = p.get_global()?.iter().collect();
         let local: Vec<u64> = p.get_local()?.iter().collect();
-        let device = &self.state.device;
-        let (values, global, local, dims) = opencl::check_run(
-            &device.info,
-            self.group_limit,
-            &self.params,
-            args,
-            &global,
-            &local,
-        )
-        .map_err(|e| e.to_capnp())?;
-        let device_ns = device
-            .run(
-                self.kernel.clone(),
-                values,
-                global,
-                local,
-                dims,
-                self.state.timeout,
-            )
+        let (launch, kept) = self
+            .check(args, &global, &local)
+            .await
+            .map_err(|e| e.to_capnp())?;
+        let times = self
+            .state
+            .device
+            .run_all(vec![launch], self.state.timeout)
             .await
             .map_err(|e| e.to_capnp())?;
         let mut r = results.get();
         let mut info = r.reborrow().init_info();
-        info.set_device_ns(device_ns);
+        info.set_device_ns(times.first().copied().unwrap_or(0));
         info.set_total_ns(opencl::elapsed_ns(started));
         r.set_done(capnp_rpc::new_client(DoneService { args: kept }));
         Ok(())

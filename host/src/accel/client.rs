@@ -4,6 +4,10 @@
 //! guest's programs, kernels and buffers as small numbers (handles) that only that
 //! guest's instance can use. The capnp objects live on the agent's RPC thread, in a
 //! table keyed by session; the guest's calls reach them through the `Send` RPC handle.
+//!
+//! Kernel runs go to the backend in batches (`Session.runAll`): a guest may queue runs
+//! ([`GuestAccel::enqueue`]) that are sent together with the next call that must come
+//! after them, so a chain of kernels costs one round trip.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -11,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use wafer_proto::accel_capnp::{accel, buffer, kernel, program, session};
+use wafer_proto::accel_capnp::{accel, buffer, kernel, program, run, session};
 
 use super::backend::MAX_TRANSFER;
 use super::{AccelError, DeviceInfoSummary, DeviceType, ErrorKind};
@@ -160,12 +164,41 @@ pub enum GuestArg {
     Local(u64),
 }
 
+/// A kernel run as a guest asked for it, in handles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestRun {
+    /// The kernel's handle.
+    pub kernel: u32,
+    /// One argument per kernel parameter.
+    pub args: Vec<GuestArg>,
+    /// Global work size, 1 to 3 dimensions.
+    pub global: Vec<u64>,
+    /// Local work size (empty: the driver chooses).
+    pub local: Vec<u64>,
+}
+
+impl GuestRun {
+    /// Whether the run uses the object behind `handle`.
+    fn uses(&self, handle: u32) -> bool {
+        self.kernel == handle
+            || self
+                .args
+                .iter()
+                .any(|a| matches!(a, GuestArg::Buffer(b) if *b == handle))
+    }
+}
+
+/// Most runs a guest queues before they are sent without waiting for a later call.
+pub const MAX_QUEUED: usize = 256;
+
 /// A guest instance's accelerator access: its grant (if any) and its session.
 pub struct GuestAccel {
     link: Option<AccelLink>,
     grant: Grant,
     deadline: Instant,
     session: Option<u64>,
+    /// Runs queued by the guest and not yet sent.
+    queued: Vec<GuestRun>,
     /// The message of the last failed call, for `wafer.accel_error`.
     pub last_error: String,
 }
@@ -244,6 +277,42 @@ impl GuestSession {
     }
 }
 
+/// Writes `guest` as a `Run` of session `s` (its handles replaced by capabilities).
+fn write_run(
+    s: &GuestSession,
+    mut w: run::Builder<'_>,
+    guest: &GuestRun,
+) -> Result<(), AccelError> {
+    let kernel = s
+        .kernels
+        .get(&guest.kernel)
+        .ok_or_else(|| unknown("kernel", guest.kernel))?;
+    w.set_kernel(kernel.clone());
+    let mut list = w.reborrow().init_args(guest.args.len() as u32);
+    for (i, arg) in guest.args.iter().enumerate() {
+        let mut a = list.reborrow().get(i as u32);
+        match *arg {
+            GuestArg::Buffer(b) => a.set_buffer(s.buffer(b)?.0),
+            GuestArg::Int(v) => a.set_int(v),
+            GuestArg::Uint(v) => a.set_uint(v),
+            GuestArg::Long(v) => a.set_long(v),
+            GuestArg::Ulong(v) => a.set_ulong(v),
+            GuestArg::Float(v) => a.set_float(v),
+            GuestArg::Double(v) => a.set_double(v),
+            GuestArg::Local(v) => a.set_local(v),
+        }
+    }
+    let mut g = w.reborrow().init_global(guest.global.len() as u32);
+    for (i, v) in guest.global.iter().enumerate() {
+        g.set(i as u32, *v);
+    }
+    let mut l = w.init_local(guest.local.len() as u32);
+    for (i, v) in guest.local.iter().enumerate() {
+        l.set(i as u32, *v);
+    }
+    Ok(())
+}
+
 fn session_client(id: u64) -> Result<session::Client, AccelError> {
     with_session(id, |s| {
         s.session
@@ -261,6 +330,7 @@ impl GuestAccel {
             grant,
             deadline,
             session: None,
+            queued: Vec::new(),
             last_error: String::new(),
         }
     }
@@ -445,6 +515,7 @@ impl GuestAccel {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<(), AccelError> {
+        self.flush().await?;
         let id = self.session().await?;
         self.call(move |_| async move {
             let buffer = with_session(id, |s| Ok(s.buffer(handle)?.0))?;
@@ -471,6 +542,7 @@ impl GuestAccel {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, AccelError> {
+        self.flush().await?;
         let id = self.session().await?;
         self.call(move |_| async move {
             let buffer = with_session(id, |s| Ok(s.buffer(handle)?.0))?;
@@ -493,68 +565,69 @@ impl GuestAccel {
         .await
     }
 
-    /// Runs kernel `handle`; answers the device time in ns.
-    pub async fn run(
-        &mut self,
-        handle: u32,
-        args: Vec<GuestArg>,
-        global: Vec<u64>,
-        local: Vec<u64>,
-    ) -> Result<u64, AccelError> {
+    /// Runs `run` after the queued runs and waits for it; answers its device time in ns.
+    /// An error of a queued run before it is answered here.
+    pub async fn run(&mut self, run: GuestRun) -> Result<u64, AccelError> {
+        self.queued.push(run);
+        let times = self.flush().await?;
+        Ok(times.last().copied().unwrap_or(0))
+    }
+
+    /// Queues `run` without waiting: it is sent with the next call that must come after
+    /// it (a read, write, run, [`finish`](Self::finish), or the release of an object it
+    /// uses), or at once when [`MAX_QUEUED`] runs wait. Its errors are answered by that
+    /// call. Queued runs that no later call sends never run.
+    pub async fn enqueue(&mut self, run: GuestRun) -> Result<(), AccelError> {
+        self.queued.push(run);
+        if self.queued.len() >= MAX_QUEUED {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the queued runs and waits for them; answers the sum of their device times
+    /// in ns (0 when none was queued).
+    pub async fn finish(&mut self) -> Result<u64, AccelError> {
+        Ok(self.flush().await?.iter().sum())
+    }
+
+    /// Sends the queued runs in one `Session.runAll` and waits for the last; answers
+    /// each run's device time in ns.
+    async fn flush(&mut self) -> Result<Vec<u64>, AccelError> {
+        if self.queued.is_empty() {
+            return Ok(Vec::new());
+        }
+        let runs = std::mem::take(&mut self.queued);
         let id = self.session().await?;
         self.call(move |_| async move {
-            let (kernel, buffers) = with_session(id, |s| {
-                let kernel = s
-                    .kernels
-                    .get(&handle)
-                    .cloned()
-                    .ok_or_else(|| unknown("kernel", handle))?;
-                let mut buffers = HashMap::new();
-                for arg in &args {
-                    if let GuestArg::Buffer(b) = arg {
-                        buffers.insert(*b, s.buffer(*b)?.0);
-                    }
-                }
-                Ok((kernel, buffers))
-            })?;
-            let mut request = kernel.run_request();
-            {
-                let mut p = request.get();
-                let mut list = p.reborrow().init_args(args.len() as u32);
-                for (i, arg) in args.iter().enumerate() {
-                    let mut w = list.reborrow().get(i as u32);
-                    match *arg {
-                        GuestArg::Buffer(b) => {
-                            if let Some(buffer) = buffers.get(&b) {
-                                w.set_buffer(buffer.clone());
-                            }
+            let count = runs.len();
+            let session = session_client(id)?;
+            let mut request = session.run_all_request();
+            with_session(id, |s| {
+                let mut list = request.get().init_runs(count as u32);
+                for (i, guest) in runs.iter().enumerate() {
+                    write_run(s, list.reborrow().get(i as u32), guest).map_err(|e| {
+                        if count > 1 {
+                            e.prefixed(&format!("run {} of {count}", i + 1))
+                        } else {
+                            e
                         }
-                        GuestArg::Int(v) => w.set_int(v),
-                        GuestArg::Uint(v) => w.set_uint(v),
-                        GuestArg::Long(v) => w.set_long(v),
-                        GuestArg::Ulong(v) => w.set_ulong(v),
-                        GuestArg::Float(v) => w.set_float(v),
-                        GuestArg::Double(v) => w.set_double(v),
-                        GuestArg::Local(v) => w.set_local(v),
-                    }
+                    })?;
                 }
-                let mut g = p.reborrow().init_global(global.len() as u32);
-                for (i, v) in global.iter().enumerate() {
-                    g.set(i as u32, *v);
-                }
-                let mut l = p.init_local(local.len() as u32);
-                for (i, v) in local.iter().enumerate() {
-                    l.set(i as u32, *v);
-                }
-            }
+                Ok(())
+            })?;
             let reply = request.send().promise.await?;
-            Ok(reply.get()?.get_info()?.get_device_ns())
+            let infos = reply.get()?.get_infos()?;
+            Ok(infos.iter().map(|i| i.get_device_ns()).collect())
         })
         .await
     }
 
     /// Drops the object behind `handle` (a program, kernel or buffer).
     pub async fn release(&mut self, handle: u32) -> Result<(), AccelError> {
+        if self.queued.iter().any(|run| run.uses(handle)) {
+            self.flush().await?;
+        }
         let id = self.session().await?;
         self.call(move |_| async move {
             with_session(id, |s| {

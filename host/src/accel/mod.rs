@@ -96,6 +96,14 @@ impl AccelError {
         }
     }
 
+    /// The same error with `context: ` before its message (e.g. "run 2 of 3").
+    pub fn prefixed(self, context: &str) -> AccelError {
+        AccelError {
+            kind: self.kind,
+            message: format!("{context}: {}", self.message),
+        }
+    }
+
     /// The Cap'n Proto exception that carries it.
     pub fn to_capnp(&self) -> capnp::Error {
         capnp::Error::failed(format!("{PREFIX}{}: {}", self.kind.name(), self.message))

@@ -538,17 +538,14 @@ impl Device {
         .await
     }
 
-    /// Runs `kernel` with checked `args` over `global` in groups of `local`, waiting at
-    /// most `deadline`. Answers the device time in ns.
-    pub async fn run(
+    /// Runs `launches` one after another (in the device's queue order), waiting at most
+    /// `deadline` for the last to end. Answers each run's device time in ns. When one
+    /// cannot be enqueued, the runs before it still end before the error is answered.
+    pub async fn run_all(
         &self,
-        kernel: core::Kernel,
-        args: Vec<Value>,
-        global: [usize; 3],
-        local: Option<[usize; 3]>,
-        dims: u32,
+        launches: Vec<Launch>,
         deadline: Duration,
-    ) -> Result<u64, AccelError> {
+    ) -> Result<Vec<u64>, AccelError> {
         if self.busy() {
             return Err(AccelError::new(
                 ErrorKind::Busy,
@@ -559,57 +556,98 @@ impl Device {
             ));
         }
         self.exec(deadline, true, move |queue| {
-            for (i, arg) in args.iter().enumerate() {
-                let i = i as u32;
-                let set = match arg {
-                    Value::Buffer(mem) => core::set_kernel_arg(&kernel, i, ArgVal::mem(mem)),
-                    Value::Bytes(bytes) => {
-                        // SAFETY: a private argument of exactly the parameter's size.
-                        let (size, ptr) = (bytes.len(), bytes.as_ptr());
-                        let err = unsafe {
-                            ocl::ffi::clSetKernelArg(kernel.as_ptr(), i, size, ptr as *const _)
-                        };
-                        if err == 0 {
-                            Ok(())
+            let mut events = Vec::with_capacity(launches.len());
+            let count = launches.len();
+            for (n, launch) in launches.iter().enumerate() {
+                match enqueue(queue, launch) {
+                    Ok(event) => events.push(event),
+                    Err(e) => {
+                        // Let the runs already enqueued end before their buffers may go.
+                        let _ = core::finish(queue);
+                        return Err(if count > 1 {
+                            e.prefixed(&format!("run {} of {count}", n + 1))
                         } else {
-                            return Err(device_error(
-                                "setting an argument",
-                                format!("OpenCL status {err}"),
-                            ));
-                        }
+                            e
+                        });
                     }
-                    Value::Local(bytes) => {
-                        core::set_kernel_arg(&kernel, i, ArgVal::local::<u8>(bytes))
-                    }
-                };
-                set.map_err(|e| device_error("setting an argument", first_line(&e)))?;
+                }
             }
-            let mut event = Event::null();
-            // SAFETY: every argument is set, with buffers that live as long as the kernel.
-            unsafe {
-                core::enqueue_kernel(
-                    queue,
-                    &kernel,
-                    dims,
-                    None,
-                    &global,
-                    local,
-                    None::<Event>,
-                    Some(&mut event),
-                )
+            if let Some(last) = events.last() {
+                core::wait_for_event(last)
+                    .map_err(|e| device_error("running the kernel", first_line(&e)))?;
             }
-            .map_err(|e| classify_enqueue(&e))?;
-            core::wait_for_event(&event)
-                .map_err(|e| device_error("running the kernel", first_line(&e)))?;
-            let time = |what| {
-                core::get_event_profiling_info(&event, what)
-                    .and_then(|t| t.time())
-                    .unwrap_or(0)
-            };
-            Ok(time(ProfilingInfo::End).saturating_sub(time(ProfilingInfo::Start)))
+            Ok(events
+                .iter()
+                .map(|event| {
+                    let time = |what| {
+                        core::get_event_profiling_info(event, what)
+                            .and_then(|t| t.time())
+                            .unwrap_or(0)
+                    };
+                    time(ProfilingInfo::End).saturating_sub(time(ProfilingInfo::Start))
+                })
+                .collect())
         })
         .await
     }
+}
+
+/// A checked kernel run, ready to enqueue.
+#[derive(Debug)]
+pub struct Launch {
+    /// The kernel (its arguments are set from `values` on the device thread).
+    pub kernel: core::Kernel,
+    /// One value per parameter.
+    pub values: Vec<Value>,
+    /// Global work size, padded to 3 dimensions.
+    pub global: [usize; 3],
+    /// Local work size, padded to 3 dimensions; `None`: the driver chooses.
+    pub local: Option<[usize; 3]>,
+    /// Dimensions used (1 to 3).
+    pub dims: u32,
+}
+
+/// Sets `launch`'s arguments and enqueues it on `queue`; answers its event.
+fn enqueue(queue: &CommandQueue, launch: &Launch) -> Result<Event, AccelError> {
+    let kernel = &launch.kernel;
+    for (i, arg) in launch.values.iter().enumerate() {
+        let i = i as u32;
+        let set = match arg {
+            Value::Buffer(mem) => core::set_kernel_arg(kernel, i, ArgVal::mem(mem)),
+            Value::Bytes(bytes) => {
+                // SAFETY: a private argument of exactly the parameter's size.
+                let (size, ptr) = (bytes.len(), bytes.as_ptr());
+                let err =
+                    unsafe { ocl::ffi::clSetKernelArg(kernel.as_ptr(), i, size, ptr as *const _) };
+                if err == 0 {
+                    Ok(())
+                } else {
+                    return Err(device_error(
+                        "setting an argument",
+                        format!("OpenCL status {err}"),
+                    ));
+                }
+            }
+            Value::Local(bytes) => core::set_kernel_arg(kernel, i, ArgVal::local::<u8>(bytes)),
+        };
+        set.map_err(|e| device_error("setting an argument", first_line(&e)))?;
+    }
+    let mut event = Event::null();
+    // SAFETY: every argument is set, with buffers that live as long as the kernel.
+    unsafe {
+        core::enqueue_kernel(
+            queue,
+            kernel,
+            launch.dims,
+            None,
+            &launch.global,
+            launch.local,
+            None::<Event>,
+            Some(&mut event),
+        )
+    }
+    .map_err(|e| classify_enqueue(&e))?;
+    Ok(event)
 }
 
 fn classify_enqueue(e: &ocl::core::Error) -> AccelError {
@@ -748,20 +786,17 @@ fn type_size(type_name: &str) -> Option<usize> {
     Some(size * width)
 }
 
-/// A run's checked arguments, global and local sizes (padded to 3 dimensions) and its
-/// number of dimensions.
-pub type CheckedRun = (Vec<Value>, [usize; 3], Option<[usize; 3]>, u32);
-
 /// Checks `args` against `params` and the work sizes against the device, and turns
-/// them into values to set.
+/// them into a run of `kernel` ready to enqueue.
 pub fn check_run(
     device: &DeviceInfoSummary,
     kernel_group_limit: u64,
     params: &[Param],
+    kernel: core::Kernel,
     args: Vec<Arg>,
     global: &[u64],
     local: &[u64],
-) -> Result<CheckedRun, AccelError> {
+) -> Result<Launch, AccelError> {
     if args.len() != params.len() {
         return Err(AccelError::new(
             ErrorKind::ArgCount,
@@ -884,7 +919,13 @@ pub fn check_run(
         };
         values.push(value);
     }
-    Ok((values, global_dims, local_dims, global.len() as u32))
+    Ok(Launch {
+        kernel,
+        values,
+        global: global_dims,
+        local: local_dims,
+        dims: global.len() as u32,
+    })
 }
 
 fn int_bytes(

@@ -4,7 +4,7 @@
 use wasmtime::{Caller, Extern, Linker, Memory};
 
 use super::InstanceState;
-use crate::accel::client::{GuestAccel, GuestArg};
+use crate::accel::client::{GuestAccel, GuestArg, GuestRun};
 use crate::accel::{AccelError, ErrorKind};
 
 /// Adds `wafer.log(level: i32, ptr: i32, len: i32)`: one UTF-8 log line from guest
@@ -181,6 +181,50 @@ fn decode_args(bytes: &[u8]) -> Result<Vec<GuestArg>, AccelError> {
         .collect()
 }
 
+/// Reads the run that `accel_run` and `accel_enqueue` describe out of guest memory:
+/// `nargs` argument records at `args_ptr`, `dims` global sizes at `global_ptr` and as
+/// many local sizes at `local_ptr` (0: none).
+fn read_run(
+    caller: &mut Caller<'_, InstanceState>,
+    kernel: u32,
+    args_ptr: u32,
+    nargs: u32,
+    global_ptr: u32,
+    local_ptr: u32,
+    dims: u32,
+) -> Result<GuestRun, AccelError> {
+    if !(1..=3).contains(&dims) {
+        return Err(AccelError::new(
+            ErrorKind::WorkSize,
+            format!("a run has 1 to 3 dimensions, not {dims}"),
+        ));
+    }
+    let nargs = nargs.min(1024);
+    let args = read_guest(
+        caller,
+        args_ptr,
+        nargs * ARG_RECORD as u32,
+        "the run's arguments",
+    )?;
+    let global = read_guest(caller, global_ptr, dims * 8, "the run's global size")?;
+    let local = if local_ptr == 0 {
+        Vec::new()
+    } else {
+        decode_sizes(&read_guest(
+            caller,
+            local_ptr,
+            dims * 8,
+            "the run's local size",
+        )?)
+    };
+    Ok(GuestRun {
+        kernel,
+        args: decode_args(&args)?,
+        global: decode_sizes(&global),
+        local,
+    })
+}
+
 fn decode_sizes(bytes: &[u8]) -> Vec<u64> {
     bytes
         .chunks_exact(8)
@@ -272,29 +316,19 @@ pub fn add_accel_to_linker(linker: &mut Linker<InstanceState>) -> wasmtime::Resu
     accel_import!(linker, "accel_run", |caller,
         (kernel: u32, args_ptr: u32, nargs: u32, global_ptr: u32, local_ptr: u32, dims: u32)|
         -> i64 {
-        if !(1..=3).contains(&dims) {
-            return Err(AccelError::new(
-                ErrorKind::WorkSize,
-                format!("a run has 1 to 3 dimensions, not {dims}"),
-            ));
-        }
-        let nargs = nargs.min(1024);
-        let args = read_guest(
-            &mut caller,
-            args_ptr,
-            nargs * ARG_RECORD as u32,
-            "accel_run arguments",
-        )?;
-        let args = decode_args(&args)?;
-        let global = read_guest(&mut caller, global_ptr, dims * 8, "accel_run global")?;
-        let global = decode_sizes(&global);
-        let local = if local_ptr == 0 {
-            Vec::new()
-        } else {
-            let local = read_guest(&mut caller, local_ptr, dims * 8, "accel_run local")?;
-            decode_sizes(&local)
-        };
-        let ns = granted(&mut caller)?.run(kernel, args, global, local).await?;
+        let run = read_run(&mut caller, kernel, args_ptr, nargs, global_ptr, local_ptr, dims)?;
+        let ns = granted(&mut caller)?.run(run).await?;
+        Ok(ns.min(i64::MAX as u64) as i64)
+    });
+    accel_import!(linker, "accel_enqueue", |caller,
+        (kernel: u32, args_ptr: u32, nargs: u32, global_ptr: u32, local_ptr: u32, dims: u32)|
+        -> i32 {
+        let run = read_run(&mut caller, kernel, args_ptr, nargs, global_ptr, local_ptr, dims)?;
+        granted(&mut caller)?.enqueue(run).await?;
+        Ok(0)
+    });
+    accel_import!(linker, "accel_finish", |caller, ()| -> i64 {
+        let ns = granted(&mut caller)?.finish().await?;
         Ok(ns.min(i64::MAX as u64) as i64)
     });
     accel_import!(linker, "accel_release", |caller, (handle: u32)| -> i32 {

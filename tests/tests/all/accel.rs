@@ -94,6 +94,29 @@ async fn granted_guests_run_kernels_and_bad_calls_get_typed_errors() {
         "WorkSize",
     );
 
+    // Queued runs: 300 increments (past the 256 that are sent without waiting for a
+    // later call) all ran before the read, and a queued chain of two kernels sent by
+    // `finish` ran in order.
+    let queued = probe(&server, "accel-probe", "queue&runs=300").await;
+    assert_eq!(queued["ok"], true, "{queued}");
+    assert_eq!(queued["idle_device_ns"], 0, "nothing queued: {queued}");
+    assert_eq!(queued["first"], 300, "{queued}");
+    assert_eq!(queued["after_runs"], true, "{queued}");
+    assert_eq!(queued["chained"], (300 * 2 + 1) * 2, "{queued}");
+    assert_eq!(queued["after_chain"], true, "{queued}");
+    // A queued run that fails its checks: the error names it, and no run of its batch
+    // ran (not even the one before it).
+    let failed = probe(&server, "accel-probe", "queue_error").await;
+    expect_kind(&failed, "ArgCount");
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("run 2 of 3: ")),
+        "{failed}"
+    );
+    assert_eq!(failed["untouched"], true, "{failed}");
+    assert_eq!(failed["again_device_ns"], 0, "{failed}");
+
     // The grant's 16 MiB: 8 buffers of 1 MiB fit, 32 do not.
     let fits = probe(&server, "accel-probe", "memory&mb=8").await;
     assert_eq!(fits["buffers"], 8, "{fits}");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use wafer::accel::client::connect;
 use wafer::accel::{AccelError, ErrorKind};
 use wafer::rpc::ClusterSecret;
-use wafer_proto::accel_capnp::{accel, buffer, session};
+use wafer_proto::accel_capnp::{accel, buffer, kernel, session};
 use wafer_tests::{spawn_until_ready, wafer_bin, CLUSTER_SECRET};
 
 /// A `wafer accel` process; killed when dropped.
@@ -157,6 +157,46 @@ async fn run(
     }
     let reply = request.send().promise.await?;
     Ok(reply.get()?.get_info()?.get_device_ns())
+}
+
+fn kernel_of(session: &session::Client, source: &str, name: &str) -> kernel::Client {
+    let mut compile = session.compile_request();
+    compile.get().set_source(source);
+    let program = compile.send().pipeline.get_program();
+    let mut kernel = program.kernel_request();
+    kernel.get().set_name(name);
+    kernel.send().pipeline.get_kernel()
+}
+
+/// `Session.runAll` of `runs` (kernel, arguments, global size); answers each run's
+/// device time.
+async fn run_all(
+    session: &session::Client,
+    runs: &[(&kernel::Client, &[A<'_>], u64)],
+) -> Result<Vec<u64>, AccelError> {
+    let mut request = session.run_all_request();
+    let mut list = request.get().init_runs(runs.len() as u32);
+    for (i, (kernel, args, global)) in runs.iter().enumerate() {
+        let mut w = list.reborrow().get(i as u32);
+        w.set_kernel((*kernel).clone());
+        let mut a = w.reborrow().init_args(args.len() as u32);
+        for (j, arg) in args.iter().enumerate() {
+            let mut a = a.reborrow().get(j as u32);
+            match arg {
+                A::Buf(b) => a.set_buffer((*b).clone()),
+                A::F(v) => a.set_float(*v),
+                A::U(v) => a.set_uint(*v),
+            }
+        }
+        w.init_global(1).set(0, *global);
+    }
+    let reply = request.send().promise.await?;
+    Ok(reply
+        .get()?
+        .get_infos()?
+        .iter()
+        .map(|i| i.get_device_ns())
+        .collect())
 }
 
 fn kind(result: Result<impl std::fmt::Debug, AccelError>) -> ErrorKind {
@@ -407,6 +447,85 @@ async fn bad_calls_fail_with_their_kind() {
         // And fresh buffers never show another session's data.
         let fresh = alloc(&session, 64);
         assert_eq!(read(&fresh, 0, 64).await.expect("read"), vec![0; 64]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn run_all_runs_a_chain_in_order_and_checks_every_run_first() {
+    let backend = Backend::start(&[]);
+    local(async {
+        let accel = connect(&backend.addr, &secret()).await.expect("connects");
+        let session = open(&accel, 0, 0);
+        let n = 10_000usize;
+        let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..n).map(|i| 0.5 * i as f32).collect();
+        let bytes = (n * 4) as u64;
+        let (da, db, dc) = (
+            alloc(&session, bytes),
+            alloc(&session, bytes),
+            alloc(&session, bytes),
+        );
+        write(&da, &floats(&a)).await.expect("write a");
+        write(&db, &floats(&b)).await.expect("write b");
+        let (add, scale) = (
+            kernel_of(&session, ADD, "add"),
+            kernel_of(&session, ADD, "scale"),
+        );
+        // c = a + b, c *= 3, c *= -2: in this order, in one call.
+        let times = run_all(
+            &session,
+            &[
+                (&add, &[A::Buf(&da), A::Buf(&db), A::Buf(&dc)], n as u64),
+                (&scale, &[A::Buf(&dc), A::F(3.0)], n as u64),
+                (&scale, &[A::Buf(&dc), A::F(-2.0)], n as u64),
+            ],
+        )
+        .await
+        .expect("the chain runs");
+        assert_eq!(times.len(), 3, "{times:?}");
+        let c = from_bytes(&read(&dc, 0, bytes).await.expect("read"));
+        for i in 0..n {
+            assert_eq!(c[i], (a[i] + b[i]) * 3.0 * -2.0, "element {i}");
+        }
+        assert_eq!(
+            run_all(&session, &[]).await.expect("nothing to run"),
+            Vec::<u64>::new()
+        );
+
+        // A run that fails its checks: none of the call's runs ran, and the error
+        // names the run.
+        let failed = run_all(
+            &session,
+            &[
+                (&scale, &[A::Buf(&dc), A::F(10.0)], n as u64),
+                (&scale, &[A::Buf(&dc)], n as u64),
+            ],
+        )
+        .await
+        .expect_err("the second run has too few arguments");
+        assert_eq!(failed.kind, ErrorKind::ArgCount, "{failed:?}");
+        assert!(failed.message.starts_with("run 2 of 2: "), "{failed:?}");
+        let unchanged = from_bytes(&read(&dc, 0, bytes).await.expect("read"));
+        assert_eq!(unchanged, c, "no run of the failed call ran");
+
+        // Kernels and buffers of another session are refused, and so is an oversize call.
+        let other = open(&accel, 0, 0);
+        let foreign = kernel_of(&other, ADD, "scale");
+        let refused = run_all(&session, &[(&foreign, &[A::Buf(&dc), A::F(1.0)], 16)])
+            .await
+            .expect_err("a foreign kernel");
+        assert_eq!(refused.kind, ErrorKind::Invalid, "{refused:?}");
+        assert!(
+            refused.message.contains("not one of this session"),
+            "{refused:?}"
+        );
+        let theirs = alloc(&other, 64);
+        let refused = run_all(&session, &[(&scale, &[A::Buf(&theirs), A::F(1.0)], 16)]).await;
+        assert_eq!(kind(refused), ErrorKind::Invalid);
+        let one = [A::Buf(&dc), A::F(1.0)];
+        let many: Vec<(&kernel::Client, &[A<'_>], u64)> = vec![(&scale, &one, 16); 4097];
+        assert_eq!(kind(run_all(&session, &many).await), ErrorKind::Invalid);
     })
     .await;
 }
