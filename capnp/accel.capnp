@@ -87,8 +87,10 @@ interface Session {
   # `Kernel.run` before any is started; when one fails its checks, none runs and the
   # call fails with that run's kind, the message starting `run I of N: `. The call waits
   # for the last run; it is bounded by the session's deadline times the number of runs.
-  # At most 4096 runs per call (`invalid`).
-  runAll @4 (runs :List(Run)) -> (infos :List(RunInfo));
+  # At most 4096 runs per call (`invalid`). `info.deviceNs` is the device time from the
+  # first run's start to the last run's end (only those two are timed, so the runs in
+  # between cost no profiling).
+  runAll @4 (runs :List(Run)) -> (info :RunInfo);
 }
 
 # One run of `Session.runAll`: the parameters of `Kernel.run` and the kernel.

@@ -155,13 +155,16 @@ fn median(mut values: Vec<u64>) -> u64 {
 
 /// Times `runs` calls of a kernel straight through `ocl` on the device named `name`,
 /// each waited for; or, with `chains` > 0, `chains` times `runs` calls enqueued and
-/// waited for once (answering the time per call of each chain).
+/// waited for once (answering the time per call of each chain). `profiled`: on a
+/// queue with profiling on, the first and last call of a chain with an event, as the
+/// backend enqueues a chain.
 fn direct(
     device: &DeviceInfoSummary,
     case: &str,
     n: usize,
     runs: usize,
     chains: usize,
+    profiled: bool,
 ) -> anyhow::Result<Vec<u64>> {
     let (platform, dev) = ocl::Platform::list()
         .into_iter()
@@ -179,6 +182,11 @@ fn direct(
         .device(dev)
         .src(KERNELS)
         .dims(items)
+        .queue_properties(if profiled {
+            ocl::flags::QUEUE_PROFILING_ENABLE
+        } else {
+            ocl::flags::CommandQueueProperties::empty()
+        })
         .build()?;
     let buffer = |value: f32| -> anyhow::Result<ocl::Buffer<f32>> {
         Ok(ocl::Buffer::builder()
@@ -221,9 +229,14 @@ fn direct(
         pq.queue().finish()?;
         for _ in 0..chains {
             let started = Instant::now();
-            for _ in 0..runs {
+            for i in 0..runs {
                 // SAFETY: every argument is set, with buffers sized for the work size.
-                unsafe { kernel.enq()? };
+                if profiled && (i == 0 || i + 1 == runs) {
+                    let mut event = ocl::Event::empty();
+                    unsafe { kernel.cmd().enew(&mut event).enq()? };
+                } else {
+                    unsafe { kernel.enq()? };
+                }
             }
             pq.queue().finish()?;
             times.push(started.elapsed().as_nanos() as u64 / runs.max(1) as u64);
@@ -253,7 +266,7 @@ async fn through_wafer(
     n: usize,
     runs: usize,
     chains: usize,
-) -> anyhow::Result<Vec<u64>> {
+) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
     let limits = grant(kind, 8192);
     // One untimed call or chain first (skipped below), which pays for warm-up.
     let (runs, chains) = if chains > 0 {
@@ -281,14 +294,16 @@ async fn through_wafer(
             String::from_utf8_lossy(&outcome.log)
         )
     })?;
-    let wall: Vec<u64> = answer["wall_ns"]
-        .as_array()
-        .context("no wall_ns")?
-        .iter()
-        .filter_map(|v| v.as_u64())
-        .skip(1)
-        .collect();
-    Ok(wall)
+    let timed = |key: &str| -> anyhow::Result<Vec<u64>> {
+        Ok(answer[key]
+            .as_array()
+            .with_context(|| format!("no {key}"))?
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .skip(1)
+            .collect())
+    };
+    Ok((timed("wall_ns")?, timed("device_ns")?))
 }
 
 /// The latency of compile (cached) -> kernel -> run -> done.buffer -> read of a one-item
@@ -419,6 +434,8 @@ pub fn run(args: &AccelArgs) -> anyhow::Result<()> {
         println!("| device | case | direct | through wafer | ratio |");
         println!("|---|---|---|---|---|");
         let mut seen = Vec::new();
+        // Chains straight through `ocl` on a profiling queue, as the backend enqueues them.
+        let mut profiled_rows = Vec::new();
         for device in &devices {
             if seen.contains(&device.kind) {
                 continue;
@@ -433,9 +450,9 @@ pub fn run(args: &AccelArgs) -> anyhow::Result<()> {
                 ] {
                     let direct_ns = {
                         let device = device.clone();
-                        tokio::task::spawn_blocking(move || direct(&device, case, n, runs, chains)).await??
+                        tokio::task::spawn_blocking(move || direct(&device, case, n, runs, chains, false)).await??
                     };
-                    let wafer_ns = through_wafer(&runtime, &prepared, device.kind, case, n, runs, chains).await?;
+                    let (wafer_ns, device_ns) = through_wafer(&runtime, &prepared, device.kind, case, n, runs, chains).await?;
                     let (d, w) = (median(direct_ns.clone()), median(wafer_ns.clone()));
                     let shown = |ns: u64| {
                         if ns >= 1_000_000 {
@@ -458,10 +475,35 @@ pub fn run(args: &AccelArgs) -> anyhow::Result<()> {
                             per_s(w)
                         );
                     } else {
-                        println!("| {label} | {what} | {} | {} | {ratio:.2}x |", shown(d), shown(w));
+                        println!(
+                            "| {label} | {what} | {} | {} (device {}) | {ratio:.2}x |",
+                            shown(d),
+                            shown(w),
+                            shown(median(device_ns))
+                        );
+                    }
+                    if chains > 0 {
+                        let device = device.clone();
+                        let profiled = median(
+                            tokio::task::spawn_blocking(move || direct(&device, case, n, runs, chains, true)).await??,
+                        );
+                        profiled_rows.push(format!(
+                            "| {label} | {what} | {} | {} | {:.2}x |",
+                            shown(d),
+                            shown(profiled),
+                            profiled as f64 / d.max(1) as f64
+                        ));
                     }
                 }
             }
+        }
+        println!();
+        println!("Direct chains on a queue with profiling on and an event on the first and last call (as the backend enqueues a chain) vs the plain direct chains above:");
+        println!();
+        println!("| device | case | direct | direct, profiled | ratio |");
+        println!("|---|---|---|---|---|");
+        for row in profiled_rows {
+            println!("{row}");
         }
         println!();
         println!("## Pipelining over capnp");

@@ -81,7 +81,8 @@ int64_t wafer_accel_run(uint32_t kernel, const wafer_accel_arg *args, size_t nar
 int32_t wafer_accel_enqueue(uint32_t kernel, const wafer_accel_arg *args, size_t nargs,
                             const uint64_t *global, const uint64_t *local, size_t dims)
     WAFER_IMPORT("accel_enqueue");
-/* Sends the queued runs and waits for them; returns their device time in ns, added up. */
+/* Sends the queued runs and waits for them; returns their device time in ns (from the
+ * first one's start to the last one's end). */
 int64_t wafer_accel_finish(void) WAFER_IMPORT("accel_finish");
 /* Frees a program, kernel or buffer. */
 int32_t wafer_accel_release(uint32_t handle) WAFER_IMPORT("accel_release");

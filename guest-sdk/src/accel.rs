@@ -406,8 +406,8 @@ impl Kernel {
 }
 
 /// Sends the runs queued with [`Kernel::enqueue`] and waits for them. Answers their
-/// device time added up (0 when none was queued); a run that failed is answered as
-/// its error.
+/// device time, from the first one's start to the last one's end (0 when none was
+/// queued); a run that failed is answered as its error.
 pub fn finish() -> Result<RunInfo, Error> {
     #[cfg(target_arch = "wasm32")]
     // SAFETY: no pointers.

@@ -469,20 +469,16 @@ impl session::Server for SessionService {
             kept.push(buffers);
         }
         let deadline = self.state.timeout.saturating_mul(count.max(1));
-        let times = self
+        let device_ns = self
             .state
             .device
             .run_all(launches, deadline)
             .await
             .map_err(|e| e.to_capnp())?;
         drop(kept);
-        let total = opencl::elapsed_ns(started);
-        let mut infos = results.get().init_infos(times.len() as u32);
-        for (i, device_ns) in times.into_iter().enumerate() {
-            let mut info = infos.reborrow().get(i as u32);
-            info.set_device_ns(device_ns);
-            info.set_total_ns(total);
-        }
+        let mut info = results.get().init_info();
+        info.set_device_ns(device_ns);
+        info.set_total_ns(opencl::elapsed_ns(started));
         Ok(())
     }
 }
@@ -623,7 +619,7 @@ impl kernel::Server for KernelService {
             .check(args, &global, &local)
             .await
             .map_err(|e| e.to_capnp())?;
-        let times = self
+        let device_ns = self
             .state
             .device
             .run_all(vec![launch], self.state.timeout)
@@ -631,7 +627,7 @@ impl kernel::Server for KernelService {
             .map_err(|e| e.to_capnp())?;
         let mut r = results.get();
         let mut info = r.reborrow().init_info();
-        info.set_device_ns(times.first().copied().unwrap_or(0));
+        info.set_device_ns(device_ns);
         info.set_total_ns(opencl::elapsed_ns(started));
         r.set_done(capnp_rpc::new_client(DoneService { args: kept }));
         Ok(())

@@ -565,12 +565,12 @@ impl GuestAccel {
         .await
     }
 
-    /// Runs `run` after the queued runs and waits for it; answers its device time in ns.
-    /// An error of a queued run before it is answered here.
+    /// Runs `run` after the queued runs and waits for it; answers the device time in ns
+    /// (from the first queued run's start when there were some). An error of a queued
+    /// run before it is answered here.
     pub async fn run(&mut self, run: GuestRun) -> Result<u64, AccelError> {
         self.queued.push(run);
-        let times = self.flush().await?;
-        Ok(times.last().copied().unwrap_or(0))
+        self.flush().await
     }
 
     /// Queues `run` without waiting: it is sent with the next call that must come after
@@ -585,17 +585,17 @@ impl GuestAccel {
         Ok(())
     }
 
-    /// Sends the queued runs and waits for them; answers the sum of their device times
-    /// in ns (0 when none was queued).
+    /// Sends the queued runs and waits for them; answers their device time in ns, from
+    /// the first one's start to the last one's end (0 when none was queued).
     pub async fn finish(&mut self) -> Result<u64, AccelError> {
-        Ok(self.flush().await?.iter().sum())
+        self.flush().await
     }
 
     /// Sends the queued runs in one `Session.runAll` and waits for the last; answers
-    /// each run's device time in ns.
-    async fn flush(&mut self) -> Result<Vec<u64>, AccelError> {
+    /// their device time in ns.
+    async fn flush(&mut self) -> Result<u64, AccelError> {
         if self.queued.is_empty() {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let runs = std::mem::take(&mut self.queued);
         let id = self.session().await?;
@@ -617,8 +617,7 @@ impl GuestAccel {
                 Ok(())
             })?;
             let reply = request.send().promise.await?;
-            let infos = reply.get()?.get_infos()?;
-            Ok(infos.iter().map(|i| i.get_device_ns()).collect())
+            Ok(reply.get()?.get_info()?.get_device_ns())
         })
         .await
     }

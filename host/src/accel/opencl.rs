@@ -539,13 +539,14 @@ impl Device {
     }
 
     /// Runs `launches` one after another (in the device's queue order), waiting at most
-    /// `deadline` for the last to end. Answers each run's device time in ns. When one
-    /// cannot be enqueued, the runs before it still end before the error is answered.
+    /// `deadline` for the last to end. Answers the device time from the first one's
+    /// start to the last one's end, ns (only those two carry an event). When one cannot
+    /// be enqueued, the runs before it still end before the error is answered.
     pub async fn run_all(
         &self,
         launches: Vec<Launch>,
         deadline: Duration,
-    ) -> Result<Vec<u64>, AccelError> {
+    ) -> Result<u64, AccelError> {
         if self.busy() {
             return Err(AccelError::new(
                 ErrorKind::Busy,
@@ -556,11 +557,13 @@ impl Device {
             ));
         }
         self.exec(deadline, true, move |queue| {
-            let mut events = Vec::with_capacity(launches.len());
             let count = launches.len();
+            let (mut first, mut last) = (None, None);
             for (n, launch) in launches.iter().enumerate() {
-                match enqueue(queue, launch) {
-                    Ok(event) => events.push(event),
+                let timed = n == 0 || n + 1 == count;
+                match enqueue(queue, launch, timed) {
+                    Ok(event) if n == 0 => first = event,
+                    Ok(event) => last = event,
                     Err(e) => {
                         // Let the runs already enqueued end before their buffers may go.
                         let _ = core::finish(queue);
@@ -572,21 +575,18 @@ impl Device {
                     }
                 }
             }
-            if let Some(last) = events.last() {
-                core::wait_for_event(last)
-                    .map_err(|e| device_error("running the kernel", first_line(&e)))?;
-            }
-            Ok(events
-                .iter()
-                .map(|event| {
-                    let time = |what| {
-                        core::get_event_profiling_info(event, what)
-                            .and_then(|t| t.time())
-                            .unwrap_or(0)
-                    };
-                    time(ProfilingInfo::End).saturating_sub(time(ProfilingInfo::Start))
-                })
-                .collect())
+            let Some(first) = first else {
+                return Ok(0);
+            };
+            let last = last.unwrap_or_else(|| first.clone());
+            core::wait_for_event(&last)
+                .map_err(|e| device_error("running the kernel", first_line(&e)))?;
+            let time = |event: &Event, what| {
+                core::get_event_profiling_info(event, what)
+                    .and_then(|t| t.time())
+                    .unwrap_or(0)
+            };
+            Ok(time(&last, ProfilingInfo::End).saturating_sub(time(&first, ProfilingInfo::Start)))
         })
         .await
     }
@@ -607,8 +607,12 @@ pub struct Launch {
     pub dims: u32,
 }
 
-/// Sets `launch`'s arguments and enqueues it on `queue`; answers its event.
-fn enqueue(queue: &CommandQueue, launch: &Launch) -> Result<Event, AccelError> {
+/// Sets `launch`'s arguments and enqueues it on `queue`; answers its event when `timed`.
+fn enqueue(
+    queue: &CommandQueue,
+    launch: &Launch,
+    timed: bool,
+) -> Result<Option<Event>, AccelError> {
     let kernel = &launch.kernel;
     for (i, arg) in launch.values.iter().enumerate() {
         let i = i as u32;
@@ -643,11 +647,11 @@ fn enqueue(queue: &CommandQueue, launch: &Launch) -> Result<Event, AccelError> {
             &launch.global,
             launch.local,
             None::<Event>,
-            Some(&mut event),
+            timed.then_some(&mut event),
         )
     }
     .map_err(|e| classify_enqueue(&e))?;
-    Ok(event)
+    Ok(timed.then_some(event))
 }
 
 fn classify_enqueue(e: &ocl::core::Error) -> AccelError {

@@ -168,12 +168,12 @@ fn kernel_of(session: &session::Client, source: &str, name: &str) -> kernel::Cli
     kernel.send().pipeline.get_kernel()
 }
 
-/// `Session.runAll` of `runs` (kernel, arguments, global size); answers each run's
-/// device time.
+/// `Session.runAll` of `runs` (kernel, arguments, global size); answers their device
+/// time.
 async fn run_all(
     session: &session::Client,
     runs: &[(&kernel::Client, &[A<'_>], u64)],
-) -> Result<Vec<u64>, AccelError> {
+) -> Result<u64, AccelError> {
     let mut request = session.run_all_request();
     let mut list = request.get().init_runs(runs.len() as u32);
     for (i, (kernel, args, global)) in runs.iter().enumerate() {
@@ -191,12 +191,7 @@ async fn run_all(
         w.init_global(1).set(0, *global);
     }
     let reply = request.send().promise.await?;
-    Ok(reply
-        .get()?
-        .get_infos()?
-        .iter()
-        .map(|i| i.get_device_ns())
-        .collect())
+    Ok(reply.get()?.get_info()?.get_device_ns())
 }
 
 fn kind(result: Result<impl std::fmt::Debug, AccelError>) -> ErrorKind {
@@ -473,7 +468,7 @@ async fn run_all_runs_a_chain_in_order_and_checks_every_run_first() {
             kernel_of(&session, ADD, "scale"),
         );
         // c = a + b, c *= 3, c *= -2: in this order, in one call.
-        let times = run_all(
+        let device_ns = run_all(
             &session,
             &[
                 (&add, &[A::Buf(&da), A::Buf(&db), A::Buf(&dc)], n as u64),
@@ -483,15 +478,12 @@ async fn run_all_runs_a_chain_in_order_and_checks_every_run_first() {
         )
         .await
         .expect("the chain runs");
-        assert_eq!(times.len(), 3, "{times:?}");
+        assert!(device_ns > 0, "the chain took no device time");
         let c = from_bytes(&read(&dc, 0, bytes).await.expect("read"));
         for i in 0..n {
             assert_eq!(c[i], (a[i] + b[i]) * 3.0 * -2.0, "element {i}");
         }
-        assert_eq!(
-            run_all(&session, &[]).await.expect("nothing to run"),
-            Vec::<u64>::new()
-        );
+        assert_eq!(run_all(&session, &[]).await.expect("nothing to run"), 0);
 
         // A run that fails its checks: none of the call's runs ran, and the error
         // names the run.
