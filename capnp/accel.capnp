@@ -86,7 +86,8 @@ interface Session {
   # kernels costs one round trip instead of one per kernel. Each run is checked as in
   # `Kernel.run` before any is started; when one fails its checks, none runs and the
   # call fails with that run's kind, the message starting `run I of N: `. The call waits
-  # for the last run; it is bounded by the session's deadline times the number of runs.
+  # for the last run; the session's deadline bounds the whole call (past it, `timeout`,
+  # and the device is `busy` until the runs already enqueued end).
   # At most 4096 runs per call (`invalid`). `info.deviceNs` is the device time from the
   # first run's start to the last run's end (only those two are timed, so the runs in
   # between cost no profiling).

@@ -642,8 +642,9 @@ pub fn main() -> ExitCode {
 }
 
 /// Lets a client command die quietly when its output pipe closes (`wafer fns | head`),
-/// as command-line tools do, instead of panicking in `println!`. Servers keep Rust's
-/// default (SIGPIPE ignored; a closed socket is an error to handle).
+/// as command-line tools do, instead of panicking in `println!`. Daemons (`dev`,
+/// `server`, `agent`, `accel`) keep Rust's default (SIGPIPE ignored): a closed socket
+/// or stdout is an error to handle, not a reason to die.
 fn default_sigpipe() {
     #[cfg(unix)]
     // SAFETY: `signal` only sets the process-wide disposition of SIGPIPE back to the
@@ -655,7 +656,13 @@ fn default_sigpipe() {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = Client::new(&cli.server, client_token(cli.token).as_deref())?;
-    if !matches!(cli.command, Command::Dev { .. } | Command::Server { .. }) {
+    if !matches!(
+        cli.command,
+        Command::Dev { .. }
+            | Command::Server { .. }
+            | Command::Agent { .. }
+            | Command::Accel { .. }
+    ) {
         default_sigpipe();
     }
     match cli.command {

@@ -155,6 +155,46 @@ pub fn spawn_until_ready<T: Send + 'static>(
     }
 }
 
+/// Starts `wafer ARGS` with its stdout a pipe whose reader is already gone and stderr
+/// in `log`, and waits until the log shows `ready` (logged after the ready lines met the
+/// closed pipe). Answers the process, or an error with the log when it exited first or
+/// never got ready.
+pub async fn spawn_with_closed_stdout(
+    args: &[String],
+    log: &Path,
+    ready: &str,
+) -> anyhow::Result<Child> {
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let mut child = Command::new(wafer_bin()?)
+        .args(args)
+        .env("WAFER_CLUSTER_SECRET", CLUSTER_SECRET)
+        .env("RUST_LOG", "info")
+        .stdout(writer)
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + START_DEADLINE;
+    let failed = loop {
+        if let Some(status) = child.try_wait()? {
+            break format!("exited ({status})");
+        }
+        if std::fs::read_to_string(log)?.contains(ready) {
+            return Ok(child);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break "never got ready".to_string();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    bail!(
+        "wafer {} {failed} with a closed stdout; its log:\n{log}",
+        args.join(" ")
+    )
+}
+
 /// A `wafer dev` process; killed when dropped.
 pub struct DevServer {
     child: Child,

@@ -468,11 +468,10 @@ impl session::Server for SessionService {
             launches.push(launch);
             kept.push(buffers);
         }
-        let deadline = self.state.timeout.saturating_mul(count.max(1));
         let device_ns = self
             .state
             .device
-            .run_all(launches, deadline)
+            .run_all(launches, self.state.timeout)
             .await
             .map_err(|e| e.to_capnp())?;
         drop(kept);
@@ -875,6 +874,7 @@ pub async fn run(config: AccelConfig) -> anyhow::Result<()> {
     if let Some(agent) = &config.agent {
         say!("  attaching to agent {agent} as {advertised}");
     }
+    tracing::info!(%addr, devices = devices.len(), "wafer accel ready");
     crate::server::shutdown_signal().await;
     tracing::info!("wafer accel stopped");
     Ok(())

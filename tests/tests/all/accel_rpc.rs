@@ -522,6 +522,40 @@ async fn run_all_runs_a_chain_in_order_and_checks_every_run_first() {
     .await;
 }
 
+#[tokio::test]
+async fn a_closed_stdout_does_not_stop_the_backend() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = ["accel", "--listen", &addr].map(String::from);
+    let mut child = wafer_tests::spawn_with_closed_stdout(
+        &args,
+        &dir.path().join("accel.log"),
+        "wafer accel ready",
+    )
+    .await?;
+    let mut devices = None;
+    local(async {
+        if let Ok(accel) = connect(&addr, &secret()).await {
+            if let Ok(reply) = accel.devices_request().send().promise.await {
+                devices = reply
+                    .get()
+                    .and_then(|r| r.get_devices())
+                    .map(|d| d.len())
+                    .ok();
+            }
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    anyhow::ensure!(
+        devices.is_some_and(|n| n > 0),
+        "wafer accel does not serve after its ready lines met the closed pipe"
+    );
+    Ok(())
+}
+
 /// Forwards one connection to `to`, counting the client's Call messages (`seen`).
 /// Once `hold` is set to a number of calls, everything the server sends is held until
 /// the client has sent that many: a client that waits for an answer before its next

@@ -1,7 +1,6 @@
 //! Durability: a restarted server keeps its functions and serves them from the
 //! precompiled-code cache without recompiling.
 
-use anyhow::Context as _;
 use reqwest::StatusCode;
 use wafer_tests::{metric, DevServer};
 
@@ -116,44 +115,29 @@ async fn a_closed_stdout_does_not_stop_the_server() -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let log = dir.path().join("dev.log");
-    let (reader, writer) = std::io::pipe()?;
-    drop(reader);
-    let mut child = std::process::Command::new(wafer_tests::wafer_bin()?)
-        .args([
-            "dev",
-            "--no-examples",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--api", "127.0.0.1:0", "--data"])
-        .arg(dir.path().join("data"))
-        .env("WAFER_CLUSTER_SECRET", wafer_tests::CLUSTER_SECRET)
-        .stdout(writer)
-        .stderr(std::fs::File::create(&log)?)
-        .env("RUST_LOG", "info")
-        .spawn()?;
-    // "wafer dev ready" is logged after the ready lines were printed.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let ready = loop {
-        if let Some(status) = child.try_wait()? {
-            break Err(anyhow::anyhow!("wafer dev exited: {status}"));
-        }
-        if std::fs::read_to_string(&log)?.contains("wafer dev ready") {
-            break Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            break Err(anyhow::anyhow!("wafer dev never got ready"));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let args = [
+        "dev",
+        "--no-examples",
+        "--http",
+        &format!("127.0.0.1:{port}"),
+        "--api",
+        "127.0.0.1:0",
+        "--data",
+        &dir.path().join("data").display().to_string(),
+    ]
+    .map(String::from);
+    let mut child = wafer_tests::spawn_with_closed_stdout(
+        &args,
+        &dir.path().join("dev.log"),
+        "wafer dev ready",
+    )
+    .await?;
     let answer = wafer_tests::http()
         .get(format!("http://127.0.0.1:{port}/healthz"))
         .send()
         .await;
     let _ = child.kill();
     let _ = child.wait();
-    ready.with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
     anyhow::ensure!(
         answer.is_ok_and(|r| r.status() == StatusCode::OK),
         "wafer dev does not serve after its ready lines met the closed pipe"
