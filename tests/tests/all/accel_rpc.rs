@@ -159,6 +159,23 @@ async fn run(
     Ok(reply.get()?.get_info()?.get_device_ns())
 }
 
+/// Buffers holding `a` and `b`, and a third of the same size for the output.
+async fn inputs(
+    session: &session::Client,
+    a: &[f32],
+    b: &[f32],
+) -> (buffer::Client, buffer::Client, buffer::Client) {
+    let bytes = (a.len() * 4) as u64;
+    let (da, db, dc) = (
+        alloc(session, bytes),
+        alloc(session, bytes),
+        alloc(session, bytes),
+    );
+    write(&da, &floats(a)).await.expect("write a");
+    write(&db, &floats(b)).await.expect("write b");
+    (da, db, dc)
+}
+
 fn kernel_of(session: &session::Client, source: &str, name: &str) -> kernel::Client {
     let mut compile = session.compile_request();
     compile.get().set_source(source);
@@ -245,13 +262,7 @@ async fn devices_are_served_to_members_only_and_chained_kernels_keep_data_on_the
         let b: Vec<f32> = (0..n).map(|i| 2.0 * i as f32 + 1.0).collect();
         let session = open(&accel, 0, 0);
         let bytes = (n * 4) as u64;
-        let (da, db, dc) = (
-            alloc(&session, bytes),
-            alloc(&session, bytes),
-            alloc(&session, bytes),
-        );
-        write(&da, &floats(&a)).await.expect("write a");
-        write(&db, &floats(&b)).await.expect("write b");
+        let (da, db, dc) = inputs(&session, &a, &b).await;
         run(
             &session,
             ADD,
@@ -456,13 +467,7 @@ async fn run_all_runs_a_chain_in_order_and_checks_every_run_first() {
         let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
         let b: Vec<f32> = (0..n).map(|i| 0.5 * i as f32).collect();
         let bytes = (n * 4) as u64;
-        let (da, db, dc) = (
-            alloc(&session, bytes),
-            alloc(&session, bytes),
-            alloc(&session, bytes),
-        );
-        write(&da, &floats(&a)).await.expect("write a");
-        write(&db, &floats(&b)).await.expect("write b");
+        let (da, db, dc) = inputs(&session, &a, &b).await;
         let (add, scale) = (
             kernel_of(&session, ADD, "add"),
             kernel_of(&session, ADD, "scale"),
