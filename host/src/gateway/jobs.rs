@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::api::{commit, read_point};
 use super::error::ApiError;
 use super::AppState;
+use crate::events::EventKind;
 use crate::scheduler::now_ms;
 use crate::state::{Command, Constraint, FunctionName, JobId, JobRecord, TaskState};
 
@@ -176,13 +177,48 @@ pub async fn show(
             .min(MAX_WAIT),
         None => Duration::ZERO,
     };
-    let until = Instant::now() + wait;
+    let record = wait_job(&app, id, Instant::now() + wait, || Ok(())).await?;
+    Ok(Json(record).into_response())
+}
+
+/// How often a wait for a job re-reads it even without a change event (events can be
+/// missed by a receiver that lags), and re-runs its `check`.
+const RECHECK: Duration = Duration::from_millis(500);
+
+/// Job `id` once it has ended, or as it is at `until`. The job is read again whenever
+/// this node applies a change of it (its `TaskChanged` events) and at least every
+/// [`RECHECK`]; `check` runs before each read and can end the wait with its error.
+pub(crate) async fn wait_job(
+    app: &AppState,
+    id: JobId,
+    until: Instant,
+    check: impl Fn() -> Result<(), ApiError>,
+) -> Result<JobRecord, ApiError> {
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribed before the first read, so no change after it goes unseen.
+    let mut events = app.events.subscribe();
     loop {
-        let record = read_job(&app, id)?;
-        if record.state.is_terminal() || Instant::now() >= until {
-            return Ok(Json(record).into_response());
+        check()?;
+        let record = read_job(app, id)?;
+        let now = Instant::now();
+        if record.state.is_terminal() || now >= until {
+            return Ok(record);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let wake = tokio::time::Instant::from_std(until.min(now + RECHECK));
+        loop {
+            match tokio::time::timeout_at(wake, events.recv()).await {
+                Ok(Ok(event)) => {
+                    if matches!(&event.kind, EventKind::TaskChanged { job, .. } if *job == id.0) {
+                        break;
+                    }
+                }
+                Ok(Err(RecvError::Lagged(_))) | Err(_) => break,
+                Ok(Err(RecvError::Closed)) => {
+                    tokio::time::sleep_until(wake).await;
+                    break;
+                }
+            }
+        }
     }
 }
 

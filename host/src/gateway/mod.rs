@@ -29,7 +29,7 @@ pub(crate) use api::commit;
 pub use api::MANIFEST_HEADER;
 pub use error::{ApiError, ApiErrorInfo};
 pub use invoke::{invoke, FnPath};
-pub(crate) use jobs::{read_job, submit_job, DEFAULT_ATTEMPTS};
+pub(crate) use jobs::{read_job, submit_job, wait_job, DEFAULT_ATTEMPTS};
 
 use crate::cluster::Cluster;
 use crate::functions::Functions;

@@ -23,7 +23,7 @@ use wafer_proto::cluster_capnp::{
 };
 
 use crate::events::{Event, EventKind};
-use crate::gateway::{read_job, ApiError, ApiErrorInfo, AppState};
+use crate::gateway::{read_job, wait_job, ApiError, ApiErrorInfo, AppState};
 use crate::state::{
     Command, Constraint, FunctionName, FunctionRecord, FunctionSpec, JobId, JobRecord, Resources,
     Scope, TaskState, TokenRecord,
@@ -356,19 +356,10 @@ impl cluster::Server for ClusterService {
         let params = params.get()?;
         let id = JobId(params.get_id());
         let wait = Duration::from_millis(u64::from(params.get_timeout_ms())).min(MAX_AWAIT);
-        let outcome = async {
-            self.check(Scope::Read)?;
-            let until = Instant::now() + wait;
-            loop {
-                let job = read_job(&self.app, id)?;
-                if job.state.is_terminal() || Instant::now() >= until {
-                    return Ok(job);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                // A token revoked while waiting ends the wait.
-                self.check(Scope::Read)?;
-            }
-        }
+        // A token revoked while waiting ends the wait.
+        let outcome = wait_job(&self.app, id, Instant::now() + wait, || {
+            self.check(Scope::Read).map(|_| ())
+        })
         .await;
         answer!(results, outcome, |job| write_job(
             &self.app,
