@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use wafer::accel::client::connect;
 use wafer::accel::{AccelError, ErrorKind};
 use wafer::rpc::ClusterSecret;
-use wafer_proto::accel_capnp::{accel, buffer, kernel, session};
+use wafer_proto::accel_capnp::{accel, arg, buffer, kernel, session};
 use wafer_tests::{spawn_until_ready, wafer_bin, CLUSTER_SECRET};
 
 /// A `wafer accel` process; killed when dropped.
@@ -128,24 +128,11 @@ async fn run(
     global: &[u64],
     local_size: &[u64],
 ) -> Result<u64, AccelError> {
-    let mut compile = session.compile_request();
-    compile.get().set_source(source);
-    let program = compile.send().pipeline.get_program();
-    let mut kernel = program.kernel_request();
-    kernel.get().set_name(name);
-    let kernel = kernel.send().pipeline.get_kernel();
+    let kernel = kernel_of(session, source, name).await?;
     let mut request = kernel.run_request();
     {
         let mut p = request.get();
-        let mut list = p.reborrow().init_args(args.len() as u32);
-        for (i, arg) in args.iter().enumerate() {
-            let mut w = list.reborrow().get(i as u32);
-            match arg {
-                A::Buf(b) => w.set_buffer((*b).clone()),
-                A::F(v) => w.set_float(*v),
-                A::U(v) => w.set_uint(*v),
-            }
-        }
+        write_args(p.reborrow().init_args(args.len() as u32), args);
         let mut g = p.reborrow().init_global(global.len() as u32);
         for (i, v) in global.iter().enumerate() {
             g.set(i as u32, *v);
@@ -157,6 +144,17 @@ async fn run(
     }
     let reply = request.send().promise.await?;
     Ok(reply.get()?.get_info()?.get_device_ns())
+}
+
+fn write_args(mut list: capnp::struct_list::Builder<'_, arg::Owned>, args: &[A<'_>]) {
+    for (i, arg) in args.iter().enumerate() {
+        let mut w = list.reborrow().get(i as u32);
+        match arg {
+            A::Buf(b) => w.set_buffer((*b).clone()),
+            A::F(v) => w.set_float(*v),
+            A::U(v) => w.set_uint(*v),
+        }
+    }
 }
 
 /// Buffers holding `a` and `b`, and a third of the same size for the output.
@@ -176,13 +174,19 @@ async fn inputs(
     (da, db, dc)
 }
 
-fn kernel_of(session: &session::Client, source: &str, name: &str) -> kernel::Client {
+/// Kernel `name` of `source`, compiled and looked up pipelined, awaited (a dropped
+/// request promise would cancel the call its pipelined capability stands for).
+async fn kernel_of(
+    session: &session::Client,
+    source: &str,
+    name: &str,
+) -> Result<kernel::Client, AccelError> {
     let mut compile = session.compile_request();
     compile.get().set_source(source);
     let program = compile.send().pipeline.get_program();
     let mut kernel = program.kernel_request();
     kernel.get().set_name(name);
-    kernel.send().pipeline.get_kernel()
+    Ok(kernel.send().promise.await?.get()?.get_kernel()?)
 }
 
 /// `Session.runAll` of `runs` (kernel, arguments, global size); answers their device
@@ -196,15 +200,7 @@ async fn run_all(
     for (i, (kernel, args, global)) in runs.iter().enumerate() {
         let mut w = list.reborrow().get(i as u32);
         w.set_kernel((*kernel).clone());
-        let mut a = w.reborrow().init_args(args.len() as u32);
-        for (j, arg) in args.iter().enumerate() {
-            let mut a = a.reborrow().get(j as u32);
-            match arg {
-                A::Buf(b) => a.set_buffer((*b).clone()),
-                A::F(v) => a.set_float(*v),
-                A::U(v) => a.set_uint(*v),
-            }
-        }
+        write_args(w.reborrow().init_args(args.len() as u32), args);
         w.init_global(1).set(0, *global);
     }
     let reply = request.send().promise.await?;
@@ -313,7 +309,7 @@ async fn bad_calls_fail_with_their_kind() {
         )
         .await;
         let err = broken.expect_err("does not compile");
-        assert_eq!(err.kind, ErrorKind::Compile);
+        assert_eq!(err.kind, ErrorKind::Compile, "{err:?}");
         assert!(err.message.contains("nope"), "{err:?}");
         assert_eq!(
             kind(run(&session, ADD, "missing", &[], &[1], &[]).await),
@@ -469,8 +465,8 @@ async fn run_all_runs_a_chain_in_order_and_checks_every_run_first() {
         let bytes = (n * 4) as u64;
         let (da, db, dc) = inputs(&session, &a, &b).await;
         let (add, scale) = (
-            kernel_of(&session, ADD, "add"),
-            kernel_of(&session, ADD, "scale"),
+            kernel_of(&session, ADD, "add").await.expect("add"),
+            kernel_of(&session, ADD, "scale").await.expect("scale"),
         );
         // c = a + b, c *= 3, c *= -2: in this order, in one call.
         let device_ns = run_all(
@@ -508,7 +504,7 @@ async fn run_all_runs_a_chain_in_order_and_checks_every_run_first() {
 
         // Kernels and buffers of another session are refused, and so is an oversize call.
         let other = open(&accel, 0, 0);
-        let foreign = kernel_of(&other, ADD, "scale");
+        let foreign = kernel_of(&other, ADD, "scale").await.expect("scale");
         let refused = run_all(&session, &[(&foreign, &[A::Buf(&dc), A::F(1.0)], 16)])
             .await
             .expect_err("a foreign kernel");
