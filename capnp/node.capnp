@@ -260,7 +260,9 @@ interface Node {
   # stops the others.
   # `busySlots`: the most invocations (under serverless leases) it ran at once since its
   # last heartbeat; the serverless framework grows and shrinks its lease with it.
-  heartbeat @7 (agent :Text, busySlots :UInt32) -> (reregister :Bool, failure :Failure, assigned :List(TaskLaunch));
+  # `accelBusy`: the most of those granted an accelerator device at once; the serverless
+  # framework leases that many of the agent's devices, and gives them back when idle.
+  heartbeat @7 (agent :Text, busySlots :UInt32, accelBusy :UInt32) -> (reregister :Bool, failure :Failure, assigned :List(TaskLaunch));
   # An agent reports on a job attempt; committed through the leader. `accepted` is false
   # when the report was stale (not the current attempt, or the job already ended): the
   # agent stops that attempt.

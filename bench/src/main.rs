@@ -486,13 +486,15 @@ fn print_row(name: &str, stats: &load::Stats, baseline: &load::Stats) {
     );
 }
 
-/// A blocking `GET path` on a fresh connection; the response as text.
+/// A blocking `GET path` on a fresh connection, with the admin token (every route but
+/// `/healthz` asks for one); the response as text.
 fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+        wafer_tests::ADMIN_TOKEN
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

@@ -238,9 +238,11 @@ impl Functions {
         function: &Deployed,
         invocation: Invocation,
     ) -> Result<Outcome, FunctionError> {
+        let limits = &function.record.spec.limits;
+        let _counted = self.runtime.count_invocation(limits);
         Ok(self
             .runtime
-            .invoke(&function.prepared, &function.record.spec.limits, invocation)
+            .invoke(&function.prepared, limits, invocation)
             .await?)
     }
 

@@ -11,7 +11,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,26 @@ pub struct AccelLink {
     attached: Arc<RwLock<Option<Attached>>>,
     /// Sessions opened per device index, to spread grants over devices.
     opened: Arc<RwLock<HashMap<u32, u64>>>,
+    /// Invocations granted a device running now, and the most at once since the last
+    /// heartbeat.
+    invocations: Arc<Invocations>,
+}
+
+#[derive(Debug, Default)]
+struct Invocations {
+    now: AtomicU32,
+    peak: AtomicU32,
+}
+
+/// One invocation granted a device, counted until it is dropped
+/// ([`AccelLink::invocation`]).
+#[derive(Debug)]
+pub struct InvocationCount(Arc<Invocations>);
+
+impl Drop for InvocationCount {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for AccelLink {
@@ -63,7 +83,24 @@ impl AccelLink {
             rpc,
             attached: Arc::default(),
             opened: Arc::default(),
+            invocations: Arc::default(),
         }
+    }
+
+    /// Counts a serverless invocation granted a device while the answer lives. Job
+    /// attempts are not counted: their task's allocation holds their device. The
+    /// agent's heartbeat reports the most at once ([`Self::take_invocation_peak`]), and
+    /// the serverless framework leases devices for them.
+    pub fn invocation(&self) -> InvocationCount {
+        let running = self.invocations.now.fetch_add(1, Ordering::Relaxed) + 1;
+        self.invocations.peak.fetch_max(running, Ordering::Relaxed);
+        InvocationCount(self.invocations.clone())
+    }
+
+    /// The most invocations granted a device that ran at once since the last call.
+    pub fn take_invocation_peak(&self) -> u32 {
+        let now = self.invocations.now.load(Ordering::Relaxed);
+        self.invocations.peak.swap(now, Ordering::Relaxed).max(now)
     }
 
     /// Records that the backend at `addr` with `devices` is attached (now). Answers

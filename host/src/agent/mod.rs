@@ -22,6 +22,7 @@ use crate::accel::client::AccelLink;
 use crate::cluster::ClusterError;
 use crate::rpc::{read_failure, read_launch, write_agent_info, AgentInfo, RpcError, RpcHandle};
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::scheduler::serverless::AgentLoad;
 use crate::scheduler::LaunchSpec;
 use crate::state::{read_task_ref, write_task_ref, AgentId, Resources, TaskRef};
 use worker::Worker;
@@ -279,7 +280,7 @@ async fn keep_registered(
         let mut target = server(next);
         let mut warned = false;
         loop {
-            match heartbeat(&rpc, &target, &info.id, worker.take_busy_peak()).await {
+            match heartbeat(&rpc, &target, &info.id, worker.take_load()).await {
                 Ok((false, _)) if infos.has_changed().unwrap_or(false) => {
                     tracing::info!(agent = %info.id, "its devices changed: registering again");
                     break;
@@ -370,7 +371,7 @@ async fn heartbeat(
     rpc: &RpcHandle,
     addr: &str,
     agent: &AgentId,
-    busy: u32,
+    load: AgentLoad,
 ) -> Result<(bool, Vec<LaunchSpec>), ClusterError> {
     let (addr, agent) = (addr.to_string(), agent.clone());
     rpc.run(move |peers| async move {
@@ -378,7 +379,9 @@ async fn heartbeat(
         let transport = |e: capnp::Error| ClusterError::from(RpcError::from_capnp(&addr, e));
         let mut request = node.heartbeat_request();
         request.get().set_agent(agent.as_str());
-        request.get().set_busy_slots(busy);
+        let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        request.get().set_busy_slots(count(load.slots));
+        request.get().set_accel_busy(count(load.accelerators));
         let reply = request.send().promise.await.map_err(|e| {
             peers.forget(&addr);
             transport(e)

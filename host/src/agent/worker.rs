@@ -15,6 +15,7 @@ use crate::cluster::ClusterError;
 use crate::digest::Digest;
 use crate::rpc::{read_failure, RpcError, RpcHandle};
 use crate::runtime::{Exit, Invocation, InvokeError, Limits, Outcome, Prepared, Runtime, Stdio};
+use crate::scheduler::serverless::AgentLoad;
 use crate::scheduler::LaunchSpec;
 use crate::state::{write_task_ref, write_task_update, AgentId, TaskRef, TaskUpdate};
 
@@ -76,11 +77,18 @@ impl Worker {
         })
     }
 
-    /// The most invocations that ran at once since the last call (for the heartbeat).
-    pub fn take_busy_peak(&self) -> u32 {
+    /// The most invocations that ran at once since the last call, and the most of
+    /// them granted a device (for the heartbeat).
+    pub fn take_load(&self) -> AgentLoad {
         use std::sync::atomic::Ordering;
         let now = self.busy.load(Ordering::Relaxed);
-        self.busy_peak.swap(now, Ordering::Relaxed).max(now)
+        AgentLoad {
+            slots: u64::from(self.busy_peak.swap(now, Ordering::Relaxed).max(now)),
+            accelerators: self
+                .runtime
+                .accel()
+                .map_or(0, |link| u64::from(link.take_invocation_peak())),
+        }
     }
 
     fn tasks(&self) -> MutexGuard<'_, HashMap<TaskRef, TaskEntry>> {
@@ -252,6 +260,7 @@ impl Worker {
         self.busy_peak.fetch_max(running, Ordering::Relaxed);
         let worker = self.clone();
         let run = self.spawner.spawn(async move {
+            let _counted = worker.runtime.count_invocation(&limits);
             let prepared = worker
                 .prepared(module, limits)
                 .await

@@ -135,7 +135,9 @@ async fn run(
 /// holds a serverless lease (a cluster without agents still serves); otherwise on an
 /// agent under a lease, taken in turn, the next one when an agent cannot be reached or
 /// is busy, and here when none can. A function granted an accelerator goes only to
-/// agents with a device of its type. Answers the outcome and the agent that ran it.
+/// agents with a device of its type: those whose lease holds a device when there are
+/// any (the serverless framework leases devices for such invocations once it sees
+/// them). Answers the outcome and the agent that ran it.
 async fn route(
     app: &Arc<AppState>,
     function: &Arc<Deployed>,
@@ -143,7 +145,10 @@ async fn route(
 ) -> Result<(Outcome, Option<crate::state::AgentId>), FunctionError> {
     let all = app.scheduler.lease_targets();
     let limits = &function.record.spec.limits;
-    let targets: Vec<_> = all.iter().filter(|t| t.serves(limits)).collect();
+    let mut targets: Vec<_> = all.iter().filter(|t| t.serves(limits)).collect();
+    if limits.accel > 0 && targets.iter().any(|t| t.leased_accelerators > 0) {
+        targets.retain(|t| t.leased_accelerators > 0);
+    }
     if app.local_agent || targets.is_empty() {
         return Ok((app.functions.invoke(function, invocation).await?, None));
     }

@@ -292,10 +292,11 @@ impl node::Server for NodeService {
     ) -> Result<(), capnp::Error> {
         let params = params.get()?;
         let agent: AgentId = params.get_agent()?.to_str()?.parse().map_err(failed)?;
-        match self
-            .scheduler
-            .heartbeat(&agent, u64::from(params.get_busy_slots()))
-        {
+        let load = crate::scheduler::serverless::AgentLoad {
+            slots: u64::from(params.get_busy_slots()),
+            accelerators: u64::from(params.get_accel_busy()),
+        };
+        match self.scheduler.heartbeat(&agent, load) {
             Ok(answer) => {
                 let mut r = results.get();
                 r.set_reregister(answer.reregister);

@@ -374,6 +374,17 @@ impl Runtime {
         self.accel.get()
     }
 
+    /// Counts a serverless invocation under `limits` as one granted a device, while
+    /// the answer lives (none when `limits` grant no device or no agent runs here).
+    pub fn count_invocation(
+        &self,
+        limits: &Limits,
+    ) -> Option<crate::accel::client::InvocationCount> {
+        (limits.accel > 0)
+            .then(|| self.accel().map(|link| link.invocation()))
+            .flatten()
+    }
+
     /// The runtime's counters.
     pub fn metrics(&self) -> &RuntimeMetrics {
         &self.metrics

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::jobs::{self, JobsFramework, LaunchSpec};
-use super::serverless::{self, ServerlessFramework};
+use super::serverless::{self, AgentLoad, ServerlessFramework};
 use super::{Allocator, AllocatorConfig, SchedulerMetrics, Share};
 use crate::cluster::{Cluster, ClusterError};
 use crate::digest::Digest;
@@ -131,6 +131,8 @@ pub struct LeaseTarget {
     pub rpc: String,
     /// Slots leased there.
     pub slots: u64,
+    /// Devices leased there (for invocations granted one).
+    pub leased_accelerators: u64,
     /// The agent's accelerator devices.
     pub accelerators: u64,
     /// `accel.type` of the agent (`gpu`, `cpu` ...), if it has devices.
@@ -247,7 +249,11 @@ impl Scheduler {
     /// Agent `agent` is alive. Only the leader takes heartbeats. Answers whether the
     /// agent must register again (the leader does not know it as active), and the
     /// attempts placed on it.
-    pub fn heartbeat(&self, agent: &AgentId, busy: u64) -> Result<HeartbeatAnswer, ClusterError> {
+    pub fn heartbeat(
+        &self,
+        agent: &AgentId,
+        load: AgentLoad,
+    ) -> Result<HeartbeatAnswer, ClusterError> {
         let Some(term) = self.cluster.leading_term() else {
             return Err(ClusterError::NotLeader {
                 leader: self.cluster.leader(),
@@ -265,7 +271,7 @@ impl Scheduler {
             inner.heartbeats.insert(agent.clone(), now);
             inner.heard_ms.insert(agent.clone(), now_ms());
             let view = inner.view.clone();
-            inner.serverless.observe(&view, agent, busy, now);
+            inner.serverless.observe(&view, agent, load, now);
             self.metrics.heartbeats.inc();
             Ok(HeartbeatAnswer {
                 reregister: false,
@@ -410,11 +416,15 @@ impl Scheduler {
                 continue;
             }
             match targets.iter_mut().find(|t| t.agent == agent.id) {
-                Some(target) => target.slots += allocation.resources.slots,
+                Some(target) => {
+                    target.slots += allocation.resources.slots;
+                    target.leased_accelerators += allocation.resources.accelerators;
+                }
                 None => targets.push(LeaseTarget {
                     agent: agent.id.clone(),
                     rpc: agent.rpc.clone(),
                     slots: allocation.resources.slots,
+                    leased_accelerators: allocation.resources.accelerators,
                     accelerators: agent.resources.accelerators,
                     accel_type: agent
                         .attributes

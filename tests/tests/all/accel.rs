@@ -219,6 +219,14 @@ async fn mandelbrot_renders_a_png_and_matmul_matches_the_cpu() {
     let text = refused.text().await.expect("text");
     assert!(text.contains("no accelerator granted"), "{text}");
 
+    // The serverless framework leased the device for these invocations, so no job is
+    // placed on it meanwhile; it gives the device back once they stop. This node has
+    // one device: the job below runs only after that.
+    let leases_url = server.url("/v1/leases");
+    wait_leases(&leases_url, "hold the device", |l| leased_devices(l) == 1)
+        .await
+        .expect("the device leased for invocations");
+
     deploy_example(&server, "matmul", "accel=1&memory_mb=256&timeout_ms=120000").await;
     let job = submit_job(
         &server,
@@ -235,6 +243,15 @@ async fn mandelbrot_renders_a_png_and_matmul_matches_the_cpu() {
         .await
         .expect("job");
     assert_eq!(ended["state"], "FINISHED", "{ended}");
+    let leases: Value = http()
+        .get(&leases_url)
+        .send()
+        .await
+        .expect("leases")
+        .json()
+        .await
+        .expect("leases JSON");
+    assert_eq!(leased_devices(&leases), 0, "{leases}");
     let output: Value = http()
         .get(server.url(&format!("/v1/jobs/{id}/output")))
         .send()
@@ -452,6 +469,110 @@ async fn accelerator_jobs_land_on_the_node_with_a_device_and_survive_a_backend_r
     assert_eq!(output["n"], 384, "{output}");
     wait_accelerators(&cluster, &b.id, 1).await?;
     Ok(())
+}
+
+/// Invocations granted a device make the serverless framework lease one where they
+/// run (and only there), and it gives the device back once they stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_serverless_lease_takes_a_device_while_invocations_use_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(dir.path(), 1, &[]).await?;
+    let slots = ["--slots", "4"];
+    let a = cluster.start_agent("a", &slots)?;
+    let b = cluster.start_agent("b", &slots)?;
+    cluster.wait_agents(&[1], &[&a.id, &b.id], "active").await?;
+    let _backend = Backend::start(&["--agent", &b.rpc]);
+    wait_accelerators(&cluster, &b.id, 1).await?;
+    deploy_on(cluster.server(1), "accel-probe", "accel=1").await?;
+    let leases_url = cluster.server(1).url("/v1/leases");
+    let on_b = |l: &Value| {
+        l["leases"]
+            .as_array()
+            .is_some_and(|all| all.iter().any(|l| l["agent"] == b.id.as_str()))
+    };
+    let leases = wait_leases(&leases_url, "include one on b", on_b).await?;
+    assert_eq!(leased_devices(&leases), 0, "no device before use: {leases}");
+
+    let invoke = || async {
+        let response = http()
+            .get(cluster.server(1).url("/fn/accel-probe?case=vecadd&n=64"))
+            .send()
+            .await?;
+        let ran_on = response.headers().get("x-wafer-agent").cloned();
+        let answer: Value = response.json().await?;
+        anyhow::Ok((ran_on, answer))
+    };
+    // The gateway routes by the leases it read at its last scheduling tick.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while invoke().await?.0.is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the gateway never routed to b's lease"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for i in 0..30 {
+        let (ran_on, answer) = invoke().await?;
+        assert_eq!(answer["matches"], true, "invocation {i}: {answer}");
+        assert_eq!(
+            ran_on.as_ref().map(|v| v.as_bytes()),
+            Some(b.id.as_bytes()),
+            "invocation {i} ran where the device is"
+        );
+        if i == 0 {
+            let leases =
+                wait_leases(&leases_url, "hold a device", |l| leased_devices(l) == 1).await?;
+            let with_device: Vec<&Value> = leases["leases"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|l| l["resources"]["accelerators"] == 1)
+                .collect();
+            assert_eq!(with_device.len(), 1, "{leases}");
+            assert_eq!(with_device[0]["agent"], b.id.as_str(), "{leases}");
+            assert_eq!(
+                with_device[0]["resources"]["slots"], 0,
+                "a device lease of its own: {leases}"
+            );
+        }
+    }
+    // The device goes back once the invocations stop; the slot leases stay.
+    let leases = wait_leases(&leases_url, "give the device back", |l| {
+        leased_devices(l) == 0
+    })
+    .await?;
+    assert!(on_b(&leases), "{leases}");
+    Ok(())
+}
+
+/// Devices that the serverless framework's leases in a `GET /v1/leases` answer hold.
+fn leased_devices(leases: &Value) -> u64 {
+    leases["leases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["resources"]["accelerators"].as_u64())
+        .sum()
+}
+
+/// Polls `GET url` (a `/v1/leases`) until `check` holds for its answer.
+async fn wait_leases(
+    url: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let leases: Value = http().get(url).send().await?.json().await?;
+        if check(&leases) {
+            return Ok(leases);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the leases did not {what}: {leases}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until the backend at `addr` has a session open.
