@@ -304,7 +304,8 @@ fn gateway(args: &GatewayArgs) -> anyhow::Result<()> {
             "--data",
         ])
         .arg(data.path().join("data"))
-        .env("RUST_LOG", "warn");
+        // Logging as a user gets it.
+        .env_remove("RUST_LOG");
     let (_dev, dev_url) = spawn_and_wait(dev, "wafer dev: listening on ")?;
     deploy(&wafer, &dev_url, "hello", &hello, &[])?;
 

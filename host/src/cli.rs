@@ -609,19 +609,28 @@ enum ClusterCommand {
     },
 }
 
+/// The log filter: `RUST_LOG` (default `info`), with two crates quieted unless it names
+/// them. openraft's own info lines are its developers' trace (state dumps at every
+/// start); wafer logs what an operator needs to know about Raft itself. wasmtime-wasi
+/// opens an info-level span for every WASI call a guest makes (`#[instrument]`):
+/// recording them cost a sixth of the gateway's requests/s, for lines nobody reads.
+fn log_filter(rust_log: Option<String>) -> tracing_subscriber::EnvFilter {
+    let mut directives = rust_log
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "info".into());
+    for quiet in ["openraft", "wasmtime_wasi"] {
+        if !directives.contains(quiet) {
+            directives.push_str(&format!(",{quiet}=warn"));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder().parse_lossy(directives)
+}
+
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // openraft's own info lines are its developers' trace (state dumps at every start);
-    // wafer logs what an operator needs to know about Raft itself. wasmtime-wasi opens an
-    // info-level span for every WASI call a guest makes (`#[instrument]`): recording
-    // them cost ~7 % of the gateway's CPU per request, for lines nobody reads.
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,openraft=warn,wasmtime_wasi=warn")
-            }),
-        )
+        .with_env_filter(log_filter(std::env::var("RUST_LOG").ok()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -1373,6 +1382,24 @@ fn print_job(job: &crate::state::JobRecord) {
             output.size,
             output.digest.short(),
             output.attempt
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_log_filter_quiets_chatty_crates_unless_rust_log_names_them() {
+        let shown = |v: Option<&str>| super::log_filter(v.map(String::from)).to_string();
+        let default = shown(None);
+        for part in ["info", "openraft=warn", "wasmtime_wasi=warn"] {
+            assert!(default.contains(part), "{default}");
+        }
+        assert!(shown(Some("debug")).contains("wasmtime_wasi=warn"));
+        let named = shown(Some("info,wasmtime_wasi=trace"));
+        assert!(
+            named.contains("wasmtime_wasi=trace") && !named.contains("wasmtime_wasi=warn"),
+            "{named}"
         );
     }
 }
