@@ -131,15 +131,15 @@ impl ServerlessFramework {
         now: Instant,
     ) {
         // Devices: grow at once to what ran (up to the agent's devices).
-        let target = self.device_targets.entry(agent.clone()).or_insert(0);
-        if load.accelerators > *target {
+        let mut target = self.device_target(view, agent);
+        if load.accelerators > target {
             let devices = view
                 .agents
                 .get(agent)
                 .map_or(0, |r| r.resources.accelerators);
-            *target = load.accelerators.min(devices);
+            target = load.accelerators.min(devices);
         }
-        let target = *target;
+        self.device_targets.insert(agent.clone(), target);
         let devices = self.device_loads.entry(agent.clone()).or_default();
         devices.peak = load.accelerators;
         devices.low_since = match (load.accelerators < target, devices.low_since) {
@@ -162,6 +162,15 @@ impl ServerlessFramework {
         };
     }
 
+    /// The devices `agent`'s leases should hold: at first what they hold (a new leader
+    /// keeps the device leases it finds until the agent's load says otherwise).
+    fn device_target(&self, view: &SchedulingView, agent: &AgentId) -> u64 {
+        self.device_targets
+            .get(agent)
+            .copied()
+            .unwrap_or_else(|| leased(view, agent).accelerators)
+    }
+
     /// The lease `agent` starts with: `lease_slots`, at most half of it (the rest
     /// stays for jobs and other frameworks).
     fn base(&self, capacity: u64) -> u64 {
@@ -178,7 +187,7 @@ impl ServerlessFramework {
             .retain(|agent, _| view.agents.contains_key(agent));
         for record in view.agents.values() {
             let devices = record.resources.accelerators;
-            let current = self.device_targets.get(&record.id).copied().unwrap_or(0);
+            let current = self.device_target(view, &record.id);
             let target = match self.device_loads.get_mut(&record.id) {
                 // Shrink to what ran after a while with less (growing is at once, in
                 // `observe`).
@@ -227,7 +236,7 @@ impl ServerlessFramework {
             .get(agent)
             .copied()
             .unwrap_or_else(|| self.base(record.resources.slots));
-        let devices = self.device_targets.get(agent).copied().unwrap_or(0);
+        let devices = self.device_target(view, agent);
         let held = leased(view, agent);
         (
             target.saturating_sub(held.slots),
@@ -472,5 +481,25 @@ mod tests {
         assert_eq!(plan.releases, vec![AllocationId(2)], "{plan:?}");
         let none = view(&[slots]);
         assert!(!framework.wants_offers(&none));
+    }
+
+    #[test]
+    fn a_new_leader_keeps_the_device_leases_it_finds_until_they_idle() {
+        let slots = Resources::new(4, 4 * LEASE_MB_PER_SLOT);
+        let device = Resources {
+            accelerators: 1,
+            ..Resources::ZERO
+        };
+        let held = view(&[slots, device]);
+        let start = Instant::now();
+        let mut framework = ServerlessFramework::new(4);
+        let plan = round(&mut framework, &held, start);
+        assert!(
+            plan.releases.is_empty() && plan.leases.is_empty(),
+            "{plan:?}"
+        );
+        framework.observe(&held, &agent(), load(0, 0), start);
+        let plan = round(&mut framework, &held, start + SHRINK_AFTER);
+        assert_eq!(plan.releases, vec![AllocationId(2)], "{plan:?}");
     }
 }
