@@ -135,9 +135,9 @@ async fn run(
 /// holds a serverless lease (a cluster without agents still serves); otherwise on an
 /// agent under a lease, taken in turn, the next one when an agent cannot be reached or
 /// is busy, and here when none can. A function granted an accelerator goes only to
-/// agents with a device of its type: those whose lease holds a device when there are
-/// any (the serverless framework leases devices for such invocations once it sees
-/// them). Answers the outcome and the agent that ran it.
+/// agents with a device of its type, first to those whose lease holds a device (the
+/// serverless framework leases devices for such invocations once it sees them).
+/// Answers the outcome and the agent that ran it.
 async fn route(
     app: &Arc<AppState>,
     function: &Arc<Deployed>,
@@ -145,18 +145,18 @@ async fn route(
 ) -> Result<(Outcome, Option<crate::state::AgentId>), FunctionError> {
     let all = app.scheduler.lease_targets();
     let limits = &function.record.spec.limits;
-    let mut targets: Vec<_> = all.iter().filter(|t| t.serves(limits)).collect();
-    if limits.accel > 0 && targets.iter().any(|t| t.leased_accelerators > 0) {
-        targets.retain(|t| t.leased_accelerators > 0);
-    }
-    if app.local_agent || targets.is_empty() {
+    // Agents whose lease holds a device come first for a function granted one.
+    let (preferred, others): (Vec<_>, Vec<_>) = all
+        .iter()
+        .filter(|t| t.serves(limits))
+        .partition(|t| limits.accel > 0 && t.leased_accelerators > 0);
+    if app.local_agent || (preferred.is_empty() && others.is_empty()) {
         return Ok((app.functions.invoke(function, invocation).await?, None));
     }
     let first = app
         .next_target
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    for i in 0..targets.len() {
-        let target = &targets[(first + i) % targets.len()];
+    for target in in_turn(preferred, first).chain(in_turn(others, first)) {
         match crate::rpc::remote::run_remote(
             app.cluster.rpc(),
             &target.rpc,
@@ -174,6 +174,13 @@ async fn route(
     }
     tracing::warn!(function = %function.record.name, "no leased agent could run the invocation; running it here");
     Ok((app.functions.invoke(function, invocation).await?, None))
+}
+
+/// Every item of `list`, starting at the `first`-th (modulo its length) and wrapping
+/// around: successive calls with successive `first` take turns.
+fn in_turn<T: Copy>(list: Vec<T>, first: usize) -> impl Iterator<Item = T> {
+    let n = list.len();
+    (0..n).map(move |i| list[(first + i) % n])
 }
 
 /// The CGI/WAGI environment of one request, after the function's own variables.
@@ -341,4 +348,15 @@ fn log_tail(outcome: &Outcome) -> Option<String> {
     }
     let start = outcome.log.len().saturating_sub(LOG_TAIL_BYTES);
     Some(String::from_utf8_lossy(&outcome.log[start..]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn targets_take_turns_and_each_is_tried_once() {
+        let take = |first| super::in_turn(vec!['a', 'b', 'c'], first).collect::<String>();
+        assert_eq!(take(0), "abc");
+        assert_eq!(take(4), "bca");
+        assert_eq!(super::in_turn(Vec::<char>::new(), 7).count(), 0);
+    }
 }
