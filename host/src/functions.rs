@@ -68,6 +68,10 @@ pub enum FunctionError {
     /// The invocation could not start.
     #[error(transparent)]
     Invoke(#[from] InvokeError),
+    /// The function is granted an accelerator, and no agent that could run it with one
+    /// holds a serverless lease (none has such a device, or its lease is not seen yet).
+    #[error("no agent with {0} device holds a serverless lease now: retry later")]
+    NoDevice(String),
 }
 
 /// A deployed function, ready to invoke.

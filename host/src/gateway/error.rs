@@ -107,6 +107,7 @@ impl From<FunctionError> for ApiError {
             FunctionError::Invoke(InvokeError::Busy(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "busy")
             }
+            FunctionError::NoDevice(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_device"),
             FunctionError::Rejected(RuntimeError::Engine(_))
             | FunctionError::Invoke(InvokeError::Instantiate(_))
             | FunctionError::State(_) => {

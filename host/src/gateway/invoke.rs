@@ -108,7 +108,9 @@ async fn run(
     };
     let (outcome, ran_on) = route(app, function, invocation).await.map_err(|e| {
         let kind = match &e {
-            FunctionError::Invoke(InvokeError::Busy(_)) => ErrorKind::Busy,
+            FunctionError::Invoke(InvokeError::Busy(_)) | FunctionError::NoDevice(_) => {
+                ErrorKind::Busy
+            }
             _ => ErrorKind::Instantiate,
         };
         (kind, ApiError::from(e))
@@ -151,6 +153,13 @@ async fn route(
         .filter(|t| t.serves(limits))
         .partition(|t| limits.accel > 0 && t.leased_accelerators > 0);
     if app.local_agent || (preferred.is_empty() && others.is_empty()) {
+        // This node has devices only through an agent of its own.
+        if limits.accel > 0 && app.functions.runtime().accel().is_none() {
+            return Err(FunctionError::NoDevice(match limits.accel_type {
+                Some(kind) => format!("a `{}`", kind.as_str()),
+                None => "an accelerator".into(),
+            }));
+        }
         return Ok((app.functions.invoke(function, invocation).await?, None));
     }
     let first = app

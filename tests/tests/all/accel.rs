@@ -481,9 +481,17 @@ async fn the_serverless_lease_takes_a_device_while_invocations_use_it() -> anyho
     let a = cluster.start_agent("a", &slots)?;
     let b = cluster.start_agent("b", &slots)?;
     cluster.wait_agents(&[1], &[&a.id, &b.id], "active").await?;
+    deploy_on(cluster.server(1), "accel-probe", "accel=1").await?;
+    // No agent has a device yet: a clear 503, not a guest failing on the server.
+    let response = http()
+        .get(cluster.server(1).url("/fn/accel-probe?case=vecadd&n=64"))
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let answer: Value = response.json().await?;
+    assert_eq!(answer["error"], "no_device", "{answer}");
     let _backend = Backend::start(&["--agent", &b.rpc]);
     wait_accelerators(&cluster, &b.id, 1).await?;
-    deploy_on(cluster.server(1), "accel-probe", "accel=1").await?;
     let leases_url = cluster.server(1).url("/v1/leases");
     let on_b = |l: &Value| {
         l["leases"]
