@@ -5,6 +5,13 @@
 //! framework with the lowest dominant share. Offered resources count as held until the
 //! offer is declined, rescinded, times out, or its accept is settled.
 //!
+//! Unlike Mesos, an agent's free resources are split when another framework waits:
+//! the lowest is offered what lifts it to the next one's share (at least one slot's
+//! worth), then the lowest is picked again, and so on (DRF's progressive filling, in
+//! chunks), one offer per framework and agent. Without that, frameworks whose tasks
+//! end together (a batch of equal tasks) refill the cluster in whole-agent chunks each
+//! time, and whoever gets the last chunk overshoots its share until its tasks end.
+//!
 //! Offers are promises, not allocations: only a committed `Accept` allocates, and the
 //! state machine refuses one whose resources are gone. So a stale offer (from a leader
 //! that lost its leadership, say) can waste a proposal but never overcommit an agent.
@@ -335,8 +342,9 @@ impl Allocator {
     }
 
     /// Makes offers of every agent's free resources (those not allocated nor offered)
-    /// to the frameworks that want them, by weighted dominant resource fairness. Each
-    /// agent's free resources go to one framework (trimmed to its role's quota).
+    /// to the frameworks that want them, by weighted dominant resource fairness. An
+    /// agent's free resources go to one framework (trimmed to its role's quota), or are
+    /// split among several while more than one waits (see [`Self::pick`]).
     pub fn make_offers(&mut self, now: Instant) -> Vec<Offer> {
         let mut made = Vec::new();
         if self.agents.is_empty() || !self.frameworks.values().any(|f| f.wants_offers) {
@@ -353,33 +361,49 @@ impl Allocator {
             None => self.agents.keys().cloned().collect(),
         };
         let mut next_cursor = None;
+        // What each framework gets of this agent in this round, chunk by chunk.
+        let mut chunks: Vec<(FrameworkId, Resources)> = Vec::new();
         for agent_id in order {
             let Some(agent) = self.agents.get(&agent_id) else {
                 continue;
             };
-            let free = agent.capacity.minus(&agent.held);
-            if !self.config.min_offer.fits_in(&free) {
+            let mut free = agent.capacity.minus(&agent.held);
+            while self.config.min_offer.fits_in(&free) {
+                let Some((framework, resources)) = self.pick(&agent_id, free, now) else {
+                    break;
+                };
+                self.hold(&framework, &agent_id, &resources);
+                free = free.minus(&resources);
+                match chunks.iter_mut().find(|(f, _)| *f == framework) {
+                    Some((_, got)) => *got = got.plus(&resources),
+                    None => chunks.push((framework, resources)),
+                }
+            }
+            if chunks.is_empty() {
                 continue;
             }
-            let Some((framework, resources)) = self.pick(&agent_id, free, now) else {
-                continue;
-            };
             if next_cursor.is_none() {
                 next_cursor = Some(agent_id.clone());
             }
-            let offer = Offer {
-                id: OfferId(self.next_offer),
-                framework: framework.clone(),
-                agent: agent_id.clone(),
-                resources,
-                attributes: agent.attributes.clone(),
-                made_at: now,
-            };
-            self.next_offer += 1;
-            self.hold(&framework, &agent_id, &resources);
-            self.offers
-                .insert(offer.id, (offer.clone(), OfferState::Open));
-            made.push(offer);
+            let attributes = self
+                .agents
+                .get(&agent_id)
+                .map(|a| a.attributes.clone())
+                .unwrap_or_default();
+            for (framework, resources) in chunks.drain(..) {
+                let offer = Offer {
+                    id: OfferId(self.next_offer),
+                    framework,
+                    agent: agent_id.clone(),
+                    resources,
+                    attributes: attributes.clone(),
+                    made_at: now,
+                };
+                self.next_offer += 1;
+                self.offers
+                    .insert(offer.id, (offer.clone(), OfferState::Open));
+                made.push(offer);
+            }
         }
         // Next time, start just after the first agent offered this time.
         if let Some(first) = next_cursor {
@@ -392,8 +416,11 @@ impl Allocator {
         made
     }
 
-    /// The framework that gets `free` of `agent`, and how much of it (its role's quota
-    /// may trim it): the lowest weighted dominant share of role, then of framework.
+    /// The framework that gets (a chunk of) `free` of `agent`, and how much: the
+    /// lowest weighted dominant share of role, then of framework. Its role's quota may
+    /// trim the amount. While another framework could take the agent too, it gets only
+    /// what lifts it to that framework's share (in its role's weighted share, or in its
+    /// own within one role), and at least one slot's worth.
     fn pick(
         &self,
         agent: &AgentId,
@@ -401,6 +428,8 @@ impl Allocator {
         now: Instant,
     ) -> Option<(FrameworkId, Resources)> {
         let mut best: Option<((f64, f64), &FrameworkId, Resources)> = None;
+        // The runner-up's key and role.
+        let mut next: Option<((f64, f64), &RoleName)> = None;
         for (id, framework) in &self.frameworks {
             if !framework.wants_offers {
                 continue;
@@ -424,11 +453,38 @@ impl Allocator {
                 r.held.dominant_share(&self.total) / r.weight.max(f64::MIN_POSITIVE)
             });
             let key = (role_share, framework.held.dominant_share(&self.total));
-            if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
-                best = Some((key, id, amount));
+            match &best {
+                Some((k, _, _)) if key >= *k => {
+                    if next.is_none_or(|(n, _)| key < n) {
+                        next = Some((key, &framework.role));
+                    }
+                }
+                _ => {
+                    next =
+                        best.and_then(|(k, id, _)| self.frameworks.get(id).map(|f| (k, &f.role)));
+                    best = Some((key, id, amount));
+                }
             }
         }
-        best.map(|(_, id, amount)| (id.clone(), amount))
+        let (key, id, amount) = best?;
+        let Some(next) = next else {
+            return Some((id.clone(), amount));
+        };
+        let Some(framework) = self.frameworks.get(id) else {
+            return Some((id.clone(), amount));
+        };
+        let ((next_role_share, next_share), next_role) = next;
+        let (held, target) = match self.roles.get(&framework.role) {
+            Some(role) if *next_role != framework.role => {
+                (role.held, next_role_share.max(key.0) * role.weight)
+            }
+            _ => (framework.held, next_share),
+        };
+        let chunk = fair_slice(&amount, &held, &self.total, target);
+        if chunk.is_zero() || !self.config.min_offer.fits_in(&chunk) {
+            return Some((id.clone(), amount));
+        }
+        Some((id.clone(), chunk))
     }
 
     /// Offers older than the offer timeout, now rescinded.
@@ -605,6 +661,36 @@ impl Allocator {
     }
 }
 
+/// The smallest slice of `free` (the same fraction of every kind, rounded up to whole
+/// units, and at least one slot's worth) that lifts `held`'s dominant share of `total`
+/// to `share`.
+fn fair_slice(free: &Resources, held: &Resources, total: &Resources, share: f64) -> Resources {
+    // Rounding up with a little slack, so that 1/3 of 24 is 8, not 9.
+    let up = |x: f64| (x - 1e-6).ceil().max(0.0) as u64;
+    let kinds = [
+        (free.slots, held.slots, total.slots),
+        (free.memory_mb, held.memory_mb, total.memory_mb),
+        (free.accelerators, held.accelerators, total.accelerators),
+    ];
+    // The share is reached when the first kind reaches it.
+    let mut fraction = 1.0f64;
+    for (free, held, total) in kinds {
+        if free > 0 && total > 0 {
+            let room = up(share * total as f64).saturating_sub(held);
+            fraction = fraction.min(room as f64 / free as f64);
+        }
+    }
+    if free.slots > 0 {
+        fraction = fraction.max(1.0 / free.slots as f64);
+    }
+    let part = |free: u64| up(free as f64 * fraction).min(free);
+    Resources {
+        slots: part(free.slots),
+        memory_mb: part(free.memory_mb),
+        accelerators: part(free.accelerators),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,6 +729,47 @@ mod tests {
         assert!(one + two > 0.9, "shares {one} + {two}");
         let ratio = two / one;
         assert!((1.8..=2.2).contains(&ratio), "ratio {ratio}");
+    }
+
+    #[test]
+    fn an_agent_is_split_so_that_no_framework_overshoots_while_another_waits() {
+        // Light (weight 1) and heavy (weight 2) refill a cluster of 3 x 8 slots: light
+        // holds 5, heavy 11, agent c is free. Light has the lowest weighted share, but
+        // all of c would lift it to 13 slots; filled chunk by chunk, it gets 3 (its fair
+        // 8) and heavy the 5 left (its fair 16), one offer each.
+        let mut allocator = Allocator::new(AllocatorConfig::default());
+        for agent in ["a", "b", "c"] {
+            allocator.add_agent(id(agent), Resources::new(8, 8192), BTreeMap::new());
+        }
+        let (light, heavy): (FrameworkId, FrameworkId) = (id("light"), id("heavy"));
+        allocator.set_role(id("light"), 1.0, None);
+        allocator.set_role(id("heavy"), 2.0, None);
+        allocator.add_framework(light.clone(), id("light"));
+        allocator.add_framework(heavy.clone(), id("heavy"));
+        let slot = Resources::new(1, 128);
+        allocator.allocate(&light, &id("a"), &slot.times(5));
+        allocator.allocate(&heavy, &id("a"), &slot.times(3));
+        allocator.allocate(&heavy, &id("b"), &slot.times(8));
+        let offers = allocator.make_offers(Instant::now());
+        let got: Vec<(&str, &str, Resources)> = offers
+            .iter()
+            .map(|o| (o.framework.as_str(), o.agent.as_str(), o.resources))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("light", "c", Resources::new(3, 3072)),
+                ("heavy", "c", Resources::new(5, 5120)),
+            ]
+        );
+        // One framework alone takes a whole agent, past any fair share.
+        let mut alone = two_agents();
+        alone.add_framework(id("f"), id("r"));
+        let offers = alone.make_offers(Instant::now());
+        assert_eq!(offers.len(), 2);
+        assert!(offers
+            .iter()
+            .all(|o| o.resources == Resources::new(4, 4096)));
     }
 
     #[test]
