@@ -68,9 +68,10 @@ pub enum FunctionError {
     /// The invocation could not start.
     #[error(transparent)]
     Invoke(#[from] InvokeError),
-    /// The function is granted an accelerator, and no agent that could run it with one
-    /// holds a serverless lease (none has such a device, or its lease is not seen yet).
-    #[error("no agent with {0} device holds a serverless lease now: retry later")]
+    /// The function is granted an accelerator, this node has none, and no agent that
+    /// could run it with one can now: none holds a serverless lease (none has such a
+    /// device, or its lease is not seen yet), or every such agent failed or was busy.
+    #[error("no agent with {0} device can run it now (none holds a serverless lease, or none answered): retry later")]
     NoDevice(String),
 }
 

@@ -153,14 +153,7 @@ async fn route(
         .filter(|t| t.serves(limits))
         .partition(|t| limits.accel > 0 && t.leased_accelerators > 0);
     if app.local_agent || (preferred.is_empty() && others.is_empty()) {
-        // This node has devices only through an agent of its own.
-        if limits.accel > 0 && app.functions.runtime().accel().is_none() {
-            return Err(FunctionError::NoDevice(match limits.accel_type {
-                Some(kind) => format!("a `{}`", kind.as_str()),
-                None => "an accelerator".into(),
-            }));
-        }
-        return Ok((app.functions.invoke(function, invocation).await?, None));
+        return Ok((run_here(app, function, invocation).await?, None));
     }
     let first = app
         .next_target
@@ -182,7 +175,24 @@ async fn route(
         }
     }
     tracing::warn!(function = %function.record.name, "no leased agent could run the invocation; running it here");
-    Ok((app.functions.invoke(function, invocation).await?, None))
+    Ok((run_here(app, function, invocation).await?, None))
+}
+
+/// Runs an invocation on this node, unless it needs an accelerator this node lacks (a
+/// server has devices only through an agent of its own): then `NoDevice`, a 503.
+async fn run_here(
+    app: &Arc<AppState>,
+    function: &Arc<Deployed>,
+    invocation: Invocation,
+) -> Result<Outcome, FunctionError> {
+    let limits = &function.record.spec.limits;
+    if limits.accel > 0 && app.functions.runtime().accel().is_none() {
+        return Err(FunctionError::NoDevice(match limits.accel_type {
+            Some(kind) => format!("a `{}`", kind.as_str()),
+            None => "an accelerator".into(),
+        }));
+    }
+    app.functions.invoke(function, invocation).await
 }
 
 /// Every item of `list`, starting at the `first`-th (modulo its length) and wrapping

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use super::{Allocator, Offer, OfferId};
 use crate::state::{
-    AgentId, AgentState, AllocationId, Command, FrameworkId, Resources, RoleName, SchedulingView,
+    AgentId, AgentState, Allocation, AllocationId, Command, FrameworkId, Resources, RoleName,
+    SchedulingView,
 };
 
 /// The serverless framework's id (and role).
@@ -68,13 +69,38 @@ pub fn framework_id() -> FrameworkId {
     FrameworkId::from_static(SERVERLESS_FRAMEWORK)
 }
 
-/// What the framework's leases hold on `agent`.
-pub fn leased(view: &SchedulingView, agent: &AgentId) -> Resources {
-    let id = framework_id();
-    view.allocations
-        .values()
-        .filter(|a| a.framework == id && a.agent == *agent)
-        .fold(Resources::ZERO, |sum, a| sum.plus(&a.resources))
+/// The framework's leases in one view, by agent: read once per round, so that a round
+/// costs one pass over the allocations, not one per agent.
+struct Leases<'a> {
+    by_agent: HashMap<&'a AgentId, Vec<&'a Allocation>>,
+}
+
+impl<'a> Leases<'a> {
+    fn of(view: &'a SchedulingView) -> Leases<'a> {
+        let id = framework_id();
+        let mut by_agent: HashMap<&AgentId, Vec<&Allocation>> = HashMap::new();
+        for allocation in view.allocations.values() {
+            if allocation.framework == id {
+                by_agent
+                    .entry(&allocation.agent)
+                    .or_default()
+                    .push(allocation);
+            }
+        }
+        Leases { by_agent }
+    }
+
+    /// The leases on `agent`.
+    fn on(&self, agent: &AgentId) -> &[&'a Allocation] {
+        self.by_agent.get(agent).map_or(&[], Vec::as_slice)
+    }
+
+    /// What the leases on `agent` hold.
+    fn held(&self, agent: &AgentId) -> Resources {
+        self.on(agent)
+            .iter()
+            .fold(Resources::ZERO, |sum, a| sum.plus(&a.resources))
+    }
 }
 
 /// What one round of the serverless framework decided.
@@ -130,8 +156,9 @@ impl ServerlessFramework {
         load: AgentLoad,
         now: Instant,
     ) {
+        let leases = Leases::of(view);
         // Devices: grow at once to what ran (up to the agent's devices).
-        let mut target = self.device_target(view, agent);
+        let mut target = self.device_target(&leases, agent);
         if load.accelerators > target {
             let devices = view
                 .agents
@@ -148,7 +175,7 @@ impl ServerlessFramework {
             (false, _) => None,
         };
         let busy = load.slots;
-        let lease = leased(view, agent).slots;
+        let lease = leases.held(agent).slots;
         let low = busy * 4 < lease;
         let load = self.loads.entry(agent.clone()).or_insert(Load {
             peak: 0,
@@ -164,11 +191,11 @@ impl ServerlessFramework {
 
     /// The devices `agent`'s leases should hold: at first what they hold (a new leader
     /// keeps the device leases it finds until the agent's load says otherwise).
-    fn device_target(&self, view: &SchedulingView, agent: &AgentId) -> u64 {
+    fn device_target(&self, leases: &Leases<'_>, agent: &AgentId) -> u64 {
         self.device_targets
             .get(agent)
             .copied()
-            .unwrap_or_else(|| leased(view, agent).accelerators)
+            .unwrap_or_else(|| leases.held(agent).accelerators)
     }
 
     /// The lease `agent` starts with: `lease_slots`, at most half of it (the rest
@@ -178,7 +205,7 @@ impl ServerlessFramework {
     }
 
     /// Updates the lease each agent should have from its load.
-    fn retarget(&mut self, view: &SchedulingView, now: Instant) {
+    fn retarget(&mut self, view: &SchedulingView, leases: &Leases<'_>, now: Instant) {
         self.targets
             .retain(|agent, _| view.agents.contains_key(agent));
         self.device_targets
@@ -187,7 +214,7 @@ impl ServerlessFramework {
             .retain(|agent, _| view.agents.contains_key(agent));
         for record in view.agents.values() {
             let devices = record.resources.accelerators;
-            let current = self.device_target(view, &record.id);
+            let current = self.device_target(leases, &record.id);
             let target = match self.device_loads.get_mut(&record.id) {
                 // Shrink to what ran after a while with less (growing is at once, in
                 // `observe`).
@@ -204,7 +231,7 @@ impl ServerlessFramework {
             self.device_targets
                 .insert(record.id.clone(), target.min(devices));
             let base = self.base(record.resources.slots);
-            let lease = leased(view, &record.id).slots;
+            let lease = leases.held(&record.id).slots;
             let target = self.targets.get(&record.id).copied().unwrap_or(base);
             let target = match self.loads.get(&record.id) {
                 Some(load) if lease > 0 && load.peak * 4 >= lease * 3 => {
@@ -224,7 +251,7 @@ impl ServerlessFramework {
     }
 
     /// What `agent`'s leases lack: slots, and devices.
-    fn wanted(&self, view: &SchedulingView, agent: &AgentId) -> (u64, u64) {
+    fn wanted(&self, view: &SchedulingView, leases: &Leases<'_>, agent: &AgentId) -> (u64, u64) {
         let Some(record) = view.agents.get(agent) else {
             return (0, 0);
         };
@@ -236,8 +263,8 @@ impl ServerlessFramework {
             .get(agent)
             .copied()
             .unwrap_or_else(|| self.base(record.resources.slots));
-        let devices = self.device_target(view, agent);
-        let held = leased(view, agent);
+        let devices = self.device_target(leases, agent);
+        let held = leases.held(agent);
         (
             target.saturating_sub(held.slots),
             devices.saturating_sub(held.accelerators),
@@ -246,7 +273,13 @@ impl ServerlessFramework {
 
     /// Whether some active agent has less than its lease.
     pub fn wants_offers(&self, view: &SchedulingView) -> bool {
-        self.lease_slots > 0 && view.agents.keys().any(|a| self.wanted(view, a) != (0, 0))
+        if self.lease_slots == 0 {
+            return false;
+        }
+        let leases = Leases::of(view);
+        view.agents
+            .keys()
+            .any(|a| self.wanted(view, &leases, a) != (0, 0))
     }
 
     /// Takes leases from `offers` (all made to this framework); declines the rest.
@@ -276,18 +309,19 @@ impl ServerlessFramework {
             return plan;
         }
         self.registering = false;
-        self.retarget(view, now);
+        let leases = Leases::of(view);
+        self.retarget(view, &leases, now);
         self.releasing
             .retain(|allocation| view.allocations.contains_key(allocation));
         // Give back the newest leases of agents over their target: slot leases and
         // device leases (which hold no slots) each against their own target.
-        let releases = self.over(view, &self.targets, |r| r.slots);
+        let releases = self.over(&leases, &self.targets, |r| r.slots);
         plan.releases.extend(releases);
-        let releases = self.over(view, &self.device_targets, |r| r.accelerators);
+        let releases = self.over(&leases, &self.device_targets, |r| r.accelerators);
         plan.releases.extend(releases);
         self.releasing.extend(plan.releases.iter().copied());
         for offer in offers {
-            let (slots, devices) = self.wanted(view, &offer.agent);
+            let (slots, devices) = self.wanted(view, &leases, &offer.agent);
             // A device lease holds one device and no slots, so that the leases shrink
             // one device at a time and giving one back frees no slots.
             let lease = if devices > 0 && offer.resources.accelerators > 0 {
@@ -318,17 +352,15 @@ impl ServerlessFramework {
     /// some of that amount count (slot leases hold no devices, device leases no slots).
     fn over(
         &self,
-        view: &SchedulingView,
+        leases: &Leases<'_>,
         targets: &HashMap<AgentId, u64>,
         amount: impl Fn(&Resources) -> u64,
     ) -> Vec<AllocationId> {
-        let id = framework_id();
         let mut releases = Vec::new();
         for (agent, target) in targets {
-            let mut held: Vec<(AllocationId, u64)> = view
-                .allocations
-                .values()
-                .filter(|a| a.framework == id && a.agent == *agent)
+            let mut held: Vec<(AllocationId, u64)> = leases
+                .on(agent)
+                .iter()
                 .filter(|a| !self.releasing.contains(&a.id))
                 .map(|a| (a.id, amount(&a.resources)))
                 .filter(|(_, n)| *n > 0)

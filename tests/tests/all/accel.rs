@@ -479,7 +479,7 @@ async fn the_serverless_lease_takes_a_device_while_invocations_use_it() -> anyho
     let cluster = Cluster::start(dir.path(), 1, &[]).await?;
     let slots = ["--slots", "4"];
     let a = cluster.start_agent("a", &slots)?;
-    let b = cluster.start_agent("b", &slots)?;
+    let mut b = cluster.start_agent("b", &slots)?;
     cluster.wait_agents(&[1], &[&a.id, &b.id], "active").await?;
     deploy_on(cluster.server(1), "accel-probe", "accel=1").await?;
     // No agent has a device yet: a clear 503, not a guest failing on the server.
@@ -550,6 +550,12 @@ async fn the_serverless_lease_takes_a_device_while_invocations_use_it() -> anyho
     })
     .await?;
     assert!(on_b(&leases), "{leases}");
+    // b dies: until the leader notices, its lease still routes there, and fails. The
+    // server (no device of its own) answers 503 too, instead of running the guest.
+    b.kill()?;
+    let (ran_on, answer) = invoke().await?;
+    assert_eq!(answer["error"], "no_device", "{answer}");
+    assert!(ran_on.is_none(), "{answer}");
     Ok(())
 }
 
