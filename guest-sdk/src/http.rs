@@ -215,7 +215,8 @@ impl Response {
 /// HTTP response without copying the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgiHead<'a> {
-    /// The status (`Status:`), 200 without one.
+    /// The status (`Status:`, a final HTTP status from 200 to 599); without one, 302
+    /// when there is a `Location:` header (a CGI redirect), else 200.
     pub status: u16,
     /// The other headers, in order, names as written.
     pub headers: Vec<(&'a str, &'a str)>,
@@ -225,11 +226,13 @@ pub struct CgiHead<'a> {
 
 impl<'a> CgiHead<'a> {
     /// Parses the header block at the start of `output`; `None` when the output does
-    /// not begin with one (`Name: value` lines ended by a blank line).
+    /// not begin with one (`Name: value` lines ended by a blank line, and a `Status:`
+    /// if any that is a final HTTP status).
     pub fn parse(output: &'a [u8]) -> Option<CgiHead<'a>> {
         let (head_len, body_offset) = split_header_block(output)?;
         let text = std::str::from_utf8(&output[..head_len]).ok()?;
-        let mut status = 200;
+        let mut status = None;
+        let mut redirect = false;
         let mut headers = Vec::new();
         for line in text.lines() {
             let line = line.trim_end_matches('\r');
@@ -241,13 +244,14 @@ impl<'a> CgiHead<'a> {
             let value = value.trim();
             if name.eq_ignore_ascii_case("status") {
                 let code = value.split_whitespace().next()?;
-                status = code.parse().ok().filter(|c| (100..=999).contains(c))?;
+                status = Some(code.parse().ok().filter(|c| (200..=599).contains(c))?);
             } else {
+                redirect |= name.eq_ignore_ascii_case("location");
                 headers.push((name, value));
             }
         }
         Some(CgiHead {
-            status,
+            status: status.unwrap_or(if redirect { 302 } else { 200 }),
             headers,
             body_offset,
         })
@@ -456,6 +460,15 @@ mod tests {
     }
 
     #[test]
+    fn cgi_location_without_status_is_a_redirect() {
+        let head = CgiHead::parse(b"Location: /elsewhere\n\n").expect("valid");
+        assert_eq!(head.status, 302);
+        assert_eq!(head.headers, vec![("Location", "/elsewhere")]);
+        let head = CgiHead::parse(b"Location: /new\nStatus: 301\n\n").expect("valid");
+        assert_eq!(head.status, 301);
+    }
+
+    #[test]
     fn cgi_without_status_is_200() {
         let parsed = Response::from_cgi(b"Content-Type: text/plain\n\nhi").expect("valid");
         assert_eq!(parsed.status(), 200);
@@ -467,6 +480,9 @@ mod tests {
         assert!(Response::from_cgi(b"hello world\n\nsecond paragraph").is_none());
         assert!(Response::from_cgi(b"no blank line: at all").is_none());
         assert!(Response::from_cgi(b"Status: abc\n\nbody").is_none());
+        // Not final HTTP statuses.
+        assert!(Response::from_cgi(b"Status: 999 Weird\n\nbody").is_none());
+        assert!(Response::from_cgi(b"Status: 101\n\nbody").is_none());
         assert!(Response::from_cgi(b"").is_none());
     }
 }

@@ -328,8 +328,9 @@ enum Command {
         /// (`$XDG_CACHE_HOME/wafer/modules`, else `~/.cache/wafer/modules`).
         #[arg(long)]
         no_cache: bool,
-        /// Arguments passed to the module.
-        #[arg(last = true)]
+        /// Arguments passed to the module: everything after FILE (like `wasmtime run`),
+        /// so wafer's own options go before it; `--` may separate them too.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Deploy (or update) a function.
@@ -1388,6 +1389,30 @@ fn print_job(job: &crate::state::JobRecord) {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
+    /// The file and guest arguments `wafer run` parses from `argv`.
+    fn run_args(argv: &[&str]) -> (String, Vec<String>, Option<u64>) {
+        let cli = super::Cli::try_parse_from(argv).expect("parses");
+        match cli.command {
+            super::Command::Run {
+                file, args, limits, ..
+            } => (file.display().to_string(), args, limits.memory_mb),
+            _ => panic!("not `run`"),
+        }
+    }
+
+    #[test]
+    fn run_passes_everything_after_the_file_to_the_guest() {
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (file, args, _) = run_args(&["wafer", "run", "f.wasm", "x", "-y", "--memory", "1"]);
+        assert_eq!(file, "f.wasm");
+        assert_eq!(args, owned(&["x", "-y", "--memory", "1"]));
+        let (_, args, memory) = run_args(&["wafer", "run", "--memory", "16", "f.wasm", "--", "a"]);
+        assert_eq!((args, memory), (owned(&["a"]), Some(16)));
+        let (_, args, _) = run_args(&["wafer", "run", "f.wasm"]);
+        assert!(args.is_empty());
+    }
     #[test]
     fn the_log_filter_quiets_chatty_crates_unless_rust_log_names_them() {
         let shown = |v: Option<&str>| super::log_filter(v.map(String::from)).to_string();

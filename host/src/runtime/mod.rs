@@ -84,7 +84,8 @@ pub enum RuntimeError {
     /// The module imports something the host does not provide.
     #[error(
         "module imports {kind} `{module}::{name}`, which wafer does not provide \
-         (guests may import WASI preview 1 `wasi_snapshot_preview1` functions and the \
+         (guests may import WASI preview 1 `wasi_snapshot_preview1` functions, preview 0 \
+         `wasi_unstable` ones and the \
          `wafer` module's `log` and `accel_*` functions)"
     )]
     ForbiddenImport {
@@ -339,6 +340,9 @@ impl Runtime {
         let engine = Engine::new(&wasm_config).map_err(engine_error)?;
         let mut linker: Linker<InstanceState> = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s| &mut s.wasi)
+            .map_err(engine_error)?;
+        // Older toolchains' `wasi_unstable`, adapted onto the same preview 1 context.
+        wasmtime_wasi::p0::add_to_linker_async(&mut linker, |s| &mut s.wasi)
             .map_err(engine_error)?;
         imports::add_to_linker(&mut linker).map_err(engine_error)?;
         imports::add_accel_to_linker(&mut linker).map_err(engine_error)?;

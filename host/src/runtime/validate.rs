@@ -8,7 +8,7 @@ use wasmtime::{ExternType, Module};
 use super::RuntimeError;
 
 /// Import modules guests may use.
-pub const ALLOWED_IMPORT_MODULES: &[&str] = &["wasi_snapshot_preview1", "wafer"];
+pub const ALLOWED_IMPORT_MODULES: &[&str] = &["wasi_snapshot_preview1", "wasi_unstable", "wafer"];
 
 /// The WebAssembly binary of an upload: a core module's binary as is, WebAssembly text
 /// (`.wat`) assembled. Anything else is refused with a message saying what it is.

@@ -167,6 +167,49 @@ fn run_passes_stdio_and_exit_codes_through() {
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(stdout(&out), "bye\n");
 
+    // Everything after the file is the guest's, as with `wasmtime run`: a module that
+    // prints its argv (NUL-separated, as `args_get` lays it out).
+    let argv = dir.path().join("argv.wasm");
+    std::fs::write(
+        &argv,
+        crate::wat(
+            r#"(module
+              (import "wasi_snapshot_preview1" "args_sizes_get" (func $sizes (param i32 i32) (result i32)))
+              (import "wasi_snapshot_preview1" "args_get" (func $args (param i32 i32) (result i32)))
+              (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (func (export "_start")
+                (drop (call $sizes (i32.const 0) (i32.const 4)))
+                (drop (call $args (i32.const 100) (i32.const 1000)))
+                (i32.store (i32.const 8) (i32.const 1000))
+                (i32.store (i32.const 12) (i32.load (i32.const 4)))
+                (drop (call $write (i32.const 1) (i32.const 8) (i32.const 1) (i32.const 16)))))"#,
+        ),
+    )
+    .expect("write");
+    let out = Command::new(wafer_bin().expect("wafer"))
+        .args(["run", "--memory", "16"])
+        .arg(&argv)
+        .args(["x", "-y", "--timeout", "1"])
+        .output()
+        .expect("wafer run");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        concat!("argv.wasm\0x\0-y\0--timeout\0", "1\0")
+    );
+
+    // A module for WASI preview 0 (`wasi_unstable`) runs as well.
+    let old = dir.path().join("old.wasm");
+    std::fs::write(&old, crate::preview0_program("old\n", 4)).expect("write");
+    let out = Command::new(wafer_bin().expect("wafer"))
+        .arg("run")
+        .arg(&old)
+        .output()
+        .expect("wafer run");
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "old\n");
+
     // A WAGI function run locally prints its CGI output.
     let hello = dir.path().join("hello.wasm");
     std::fs::write(&hello, example("hello").expect("example")).expect("write");

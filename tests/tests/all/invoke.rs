@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 
-use crate::{deploy, deploy_example, expect_error, metrics, plain_program, spawn_gets, start};
+use crate::{
+    deploy, deploy_example, expect_error, metrics, plain_program, preview0_program, spawn_gets,
+    start,
+};
 
 async fn text(response: reqwest::Response) -> (StatusCode, String) {
     let status = response.status();
@@ -192,6 +195,50 @@ async fn plain_stdout_programs_and_exit_codes() {
     assert!(
         body["message"].as_str().unwrap_or("").contains("status 3"),
         "{body}"
+    );
+}
+
+#[tokio::test]
+async fn preview0_programs_cgi_redirects_and_invalid_statuses() {
+    let (_dir, server) = start(&[]);
+    // Not following redirects, to see the guest's own answer.
+    let http = reqwest::Client::builder()
+        .default_headers(wafer_tests::bearer_headers(wafer_tests::ADMIN_TOKEN))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let get = |name: &str| http.get(server.url(&format!("/fn/{name}"))).send();
+    let deployed = |name: &'static str, module: Vec<u8>| {
+        let server = &server;
+        async move {
+            let response = deploy(server, name, module, "").await;
+            assert_eq!(response.status(), StatusCode::CREATED, "{name}");
+        }
+    };
+
+    // A module built for WASI preview 0 (`wasi_unstable`) runs like a preview 1 one.
+    deployed("old", preview0_program("from wasi_unstable\n", 0)).await;
+    let (status, body) = text(get("old").await.expect("old")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "from wasi_unstable\n")
+    );
+
+    // A `Location:` without `Status:` is a CGI redirect.
+    deployed("moved", plain_program("Location: /fn/old\n\n", 0)).await;
+    let response = get("moved").await.expect("moved");
+    assert_eq!(response.status(), StatusCode::FOUND);
+    assert_eq!(
+        response.headers().get("location").map(|v| v.as_bytes()),
+        Some(&b"/fn/old"[..])
+    );
+
+    // A status that is not a final HTTP status is not a CGI head: the output is the body.
+    deployed("weird", plain_program("Status: 999 Weird\n\nbody", 0)).await;
+    let (status, body) = text(get("weird").await.expect("weird")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "Status: 999 Weird\n\nbody")
     );
 }
 

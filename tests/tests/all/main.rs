@@ -157,11 +157,22 @@ pub fn stderr_program(text: &str, code: i32) -> Vec<u8> {
 
 /// [`program_writing_when`], writing to file descriptor `fd`.
 fn program_writing_to(fd: u32, condition: &str, text: &str, code: i32) -> Vec<u8> {
+    program_for("wasi_snapshot_preview1", fd, condition, text, code)
+}
+
+/// [`plain_program`] built for WASI preview 0 (`wasi_unstable`), as older toolchains
+/// emit.
+pub fn preview0_program(text: &str, code: i32) -> Vec<u8> {
+    program_for("wasi_unstable", 1, "(i32.const 1)", text, code)
+}
+
+/// [`program_writing_to`] importing WASI from `wasi`.
+fn program_for(wasi: &str, fd: u32, condition: &str, text: &str, code: i32) -> Vec<u8> {
     let escaped: String = text.bytes().map(|b| format!("\\{b:02x}")).collect();
     wat(&format!(
         r#"(module
-          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-          (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+          (import "{wasi}" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (import "{wasi}" "proc_exit" (func $proc_exit (param i32)))
           (memory (export "memory") 1)
           (data (i32.const 64) "{escaped}")
           (func (export "_start")
