@@ -38,7 +38,8 @@ mod host {
 
 /// Sends one log line to the host.
 ///
-/// On wafer the line goes to the function's log (visible to operators, bounded in size);
+/// On wafer the line goes to the function's log (bounded in size): `wafer logs NAME`
+/// and `GET /v1/functions/{name}/logs` show it, and so does a failed invocation's error;
 /// with the `plain-wasi` feature, or outside WebAssembly, it is written to stderr.
 pub fn log(level: Level, message: &str) {
     #[cfg(all(target_arch = "wasm32", not(feature = "plain-wasi")))]

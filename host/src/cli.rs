@@ -365,6 +365,19 @@ enum Command {
         #[arg(long, short)]
         include: bool,
     },
+    /// Print a function's recent guest logs (stderr and `wafer.log` lines), gathered
+    /// from every server of the cluster: each keeps the logs of the invocations its
+    /// gateway took.
+    Logs {
+        /// Function name.
+        name: String,
+        /// Keep printing logs as new invocations write them (Ctrl-C ends).
+        #[arg(long, short)]
+        follow: bool,
+        /// Invocations to show per server at first (at most 1000).
+        #[arg(long, default_value_t = 20)]
+        tail: u64,
+    },
     /// List deployed functions.
     Fns {
         /// Print JSON instead of a table.
@@ -565,6 +578,104 @@ async fn token_command(client: &Client, command: TokenCommand) -> anyhow::Result
 }
 
 /// A time in ms since the Unix epoch as UTC (RFC 3339, seconds).
+/// How often `wafer logs --follow` asks for new logs.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `wafer logs`: function `name`'s logs from every server of the cluster (the one
+/// `client` talks to when it cannot say who the others are), oldest first.
+async fn logs(client: &Client, name: &str, follow: bool, tail: u64) -> anyhow::Result<()> {
+    let servers: Vec<Client> = match client.cluster_status().await {
+        Ok(status) if !status.members.is_empty() => status
+            .members
+            .iter()
+            .map(|m| client.at(&member_url(client.base(), &m.http)))
+            .collect(),
+        _ => vec![client.clone()],
+    };
+    // Each server's cursor; none until its first answer.
+    let mut cursors: Vec<Option<u64>> = vec![None; servers.len()];
+    let mut reached_any = false;
+    loop {
+        let mut entries = Vec::new();
+        for (server, cursor) in servers.iter().zip(cursors.iter_mut()) {
+            // At first the newest `tail`, then everything after the cursor.
+            let limit = if cursor.is_none() {
+                tail.min(1000)
+            } else {
+                1000
+            };
+            match server.logs(name, *cursor, limit).await {
+                Ok(page) => {
+                    reached_any = true;
+                    *cursor = Some(page.next);
+                    entries.extend(page.records.into_iter().map(|e| (page.node, e)));
+                }
+                // The function itself is unknown or the token lacks the scope: say so.
+                Err(e @ ClientError::Api { .. }) => return Err(e.into()),
+                Err(e) if cursor.is_none() && !follow => {
+                    eprintln!("wafer: skipping {}: {e}", server.base());
+                }
+                Err(_) => {}
+            }
+        }
+        if !reached_any {
+            anyhow::bail!("no server of the cluster answered");
+        }
+        entries.sort_by_key(|(node, e)| (e.at_ms, *node, e.seq));
+        let mut out = std::io::stdout().lock();
+        for (node, entry) in &entries {
+            let ran_on = match &entry.agent {
+                Some(agent) => format!("node {node} agent {agent}"),
+                None => format!("node {node}"),
+            };
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(entry.at_ms);
+            let head = format!(
+                "{} {ran_on} v{} {}",
+                humantime::format_rfc3339_millis(at),
+                entry.version,
+                entry.status
+            );
+            for line in entry.log.lines() {
+                writeln!(out, "{head} | {line}")?;
+            }
+            if entry.dropped > 0 {
+                writeln!(
+                    out,
+                    "{head} | ({} more bytes beyond the log limit)",
+                    entry.dropped
+                )?;
+            }
+        }
+        out.flush()?;
+        drop(out);
+        if !follow {
+            if entries.is_empty() {
+                eprintln!(
+                    "no logs of `{name}` yet (servers keep, in memory, what the guests of \
+                     the invocations their gateway took wrote to stderr or `wafer.log`)"
+                );
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// The URL of a member's gateway at `http` (its listen address), for a client that
+/// reached the cluster at `base`: an unspecified host (`0.0.0.0`) is `base`'s host.
+fn member_url(base: &str, http: &str) -> String {
+    match http.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_unspecified() => {
+            let host = reqwest::Url::parse(base)
+                .ok()
+                .and_then(|url| url.host_str().map(str::to_string))
+                .unwrap_or_else(|| "127.0.0.1".to_string());
+            format!("http://{host}:{}", addr.port())
+        }
+        _ => format!("http://{http}"),
+    }
+}
+
 fn utc_ms(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
         .to_string()
@@ -1045,6 +1156,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{table}");
             }
         }
+        Command::Logs { name, follow, tail } => logs(&client, &name, follow, tail).await?,
         Command::Label { name, set, remove } => {
             let set = set
                 .iter()

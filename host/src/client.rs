@@ -40,6 +40,37 @@ pub enum ClientError {
     Encode(String),
 }
 
+/// A page of a function's guest logs on one server, as `GET /v1/functions/{name}/logs`
+/// answers it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct LogPage {
+    /// The server that kept them.
+    pub node: u64,
+    /// The cursor for what comes next.
+    pub next: u64,
+    /// Oldest first.
+    pub records: Vec<LogEntry>,
+}
+
+/// The guest log of one invocation.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct LogEntry {
+    /// Its place on its server.
+    pub seq: u64,
+    /// When the invocation ended, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The function's version that ran.
+    pub version: u64,
+    /// The HTTP status it was answered with.
+    pub status: u16,
+    /// The agent that ran it, when not the server.
+    pub agent: Option<String>,
+    /// Its stderr and `wafer.log` lines.
+    pub log: String,
+    /// Bytes logged beyond the function's log limit (not kept).
+    pub dropped: u64,
+}
+
 /// A client of one server.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -203,6 +234,36 @@ impl Client {
                     .json(&serde_json::json!({ "set": set, "remove": remove })),
             )
             .await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
+    /// The same client (token and all) for the server at `base`.
+    pub fn at(&self, base: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            http: self.http.clone(),
+        }
+    }
+
+    /// The server this client talks to (`http://host:port`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Function `name`'s guest logs kept by this server
+    /// (`GET /v1/functions/{name}/logs`): the newest `limit` records, or with `after`
+    /// the first `limit` after that cursor.
+    pub async fn logs(
+        &self,
+        name: &str,
+        after: Option<u64>,
+        limit: u64,
+    ) -> Result<LogPage, ClientError> {
+        let mut url = format!("/v1/functions/{name}/logs?limit={limit}");
+        if let Some(after) = after {
+            url.push_str(&format!("&after={after}"));
+        }
+        let response = self.checked(self.http.get(self.url(&url))).await?;
         response.json().await.map_err(ClientError::Response)
     }
 

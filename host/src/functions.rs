@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::guest_logs::GuestLogs;
 use crate::metrics::{FunctionStats, Metrics};
 use crate::runtime::{Invocation, InvokeError, Outcome, Prepared, Runtime, RuntimeError};
 use crate::state::{
@@ -105,6 +106,8 @@ pub struct Functions {
     live: RwLock<HashMap<FunctionName, Arc<Deployed>>>,
     /// The log index up to which `live` reflects the state.
     synced: tokio::sync::watch::Sender<u64>,
+    /// Recent guest logs of the invocations this node's gateway took.
+    logs: GuestLogs,
 }
 
 impl Functions {
@@ -121,6 +124,7 @@ impl Functions {
             max_module_bytes,
             live: RwLock::new(HashMap::new()),
             synced: tokio::sync::watch::Sender::new(0),
+            logs: GuestLogs::default(),
         };
         functions.reload()?;
         Ok(functions)
@@ -174,6 +178,11 @@ impl Functions {
         tokio::time::timeout(timeout, synced.wait_for(|&at| at >= index))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Recent guest logs of the invocations this node's gateway took.
+    pub fn logs(&self) -> &GuestLogs {
+        &self.logs
     }
 
     /// The runtime functions run in.
@@ -289,6 +298,7 @@ impl Observer for Functions {
                 CommandResponse::Deleted(name) => {
                     tracing::info!(function = %name, "removed");
                     self.write_live().remove(name);
+                    self.logs.forget(name);
                 }
                 CommandResponse::Labeled(name) if last_change.get(name) == Some(&i) => {
                     match self.state.get_function(name) {

@@ -23,6 +23,7 @@ pub mod digest;
 pub mod events;
 pub mod functions;
 pub mod gateway;
+pub mod guest_logs;
 pub mod metrics;
 pub mod rpc;
 pub mod runtime;

@@ -154,6 +154,61 @@ pub async fn show(
     Ok(Json(function.record.clone()).into_response())
 }
 
+/// Records `GET /v1/functions/{name}/logs` returns when no `limit` is given.
+const LOG_RECORDS: u64 = 100;
+
+/// `GET /v1/functions/{name}/logs[?after=SEQ][&limit=N]`: the function's recent guest
+/// logs (stderr and `wafer.log` lines, one record per invocation) from the invocations
+/// this node's gateway took, oldest first: the newest `limit`, or with `after` the first
+/// `limit` after that cursor. `next` is the cursor for what comes next.
+pub async fn logs(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let name: FunctionName = name.parse()?;
+    app.functions.get(&name)?;
+    let number = |key: &str| -> Result<Option<u64>, ApiError> {
+        super::jobs::query_value(query.as_deref(), key)
+            .map(|text| {
+                text.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("{key} is a whole number, got {text:?}"))
+                })
+            })
+            .transpose()
+    };
+    let after = number("after")?;
+    let limit = number("limit")?
+        .unwrap_or(LOG_RECORDS)
+        .min(crate::guest_logs::RECORDS_PER_FUNCTION as u64);
+    let page =
+        app.functions
+            .logs()
+            .read(&name, after, usize::try_from(limit).unwrap_or(usize::MAX));
+    let records: Vec<serde_json::Value> = page
+        .records
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "seq": r.seq,
+                "at_ms": r.at_ms,
+                "version": r.version,
+                "status": r.status,
+                "agent": r.agent,
+                "log": String::from_utf8_lossy(&r.log),
+                "dropped": r.dropped,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "function": name,
+        "node": app.cluster.id(),
+        "next": page.next,
+        "records": records,
+    }))
+    .into_response())
+}
+
 /// `DELETE /v1/functions/{name}`.
 pub async fn remove(
     State(app): State<Arc<AppState>>,

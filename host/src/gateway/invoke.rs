@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::{read_body, AppState};
 use crate::functions::Deployed;
 use crate::functions::FunctionError;
+use crate::guest_logs::LogRecord;
 use crate::metrics::ErrorKind;
 use crate::runtime::{Exit, Invocation, InvokeError, Outcome, Stdio};
 use crate::state::FunctionName;
@@ -122,7 +123,26 @@ async fn run(
     if !outcome.log.is_empty() {
         tracing::debug!(function = %name, log = %String::from_utf8_lossy(&outcome.log), "guest log");
     }
-    let mut response = respond(name, function, outcome)?;
+    let (log, dropped) = (outcome.log.clone(), outcome.log_dropped);
+    let response = respond(name, function, outcome);
+    if !log.is_empty() || dropped > 0 {
+        app.functions.logs().record(
+            name,
+            LogRecord {
+                seq: 0,
+                at_ms: crate::scheduler::now_ms(),
+                version: function.record.version,
+                status: match &response {
+                    Ok(response) => response.status().as_u16(),
+                    Err((_, err)) => err.status.as_u16(),
+                },
+                agent: ran_on.as_ref().map(|agent| agent.as_str().to_string()),
+                log,
+                dropped,
+            },
+        );
+    }
+    let mut response = response?;
     if let Some(agent) = ran_on {
         if let Ok(value) = HeaderValue::from_str(agent.as_str()) {
             response

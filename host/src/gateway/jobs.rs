@@ -56,7 +56,8 @@ fn job_id(text: &str) -> Result<JobId, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("a job id is a number, got {text:?}")))
 }
 
-fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+/// The value of `key` in a query string.
+pub(crate) fn query_value(query: Option<&str>, key: &str) -> Option<String> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.into_owned())

@@ -70,6 +70,7 @@ pub fn app(state: Arc<AppState>) -> Router {
             "/v1/functions/{name}",
             get(api::show).put(api::deploy).delete(api::remove),
         )
+        .route("/v1/functions/{name}/logs", get(api::logs))
         .route(
             "/v1/functions/{name}/labels",
             axum::routing::patch(api::label),

@@ -24,6 +24,7 @@ mod tests {
         "/v1/functions",
         "/v1/functions/{name}",
         "/v1/functions/{name}/labels",
+        "/v1/functions/{name}/logs",
         "/v1/cluster",
         "/v1/nodes",
         "/v1/jobs",

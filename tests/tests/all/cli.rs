@@ -274,3 +274,147 @@ fn run_reads_stdin() {
         stdout(&out)
     );
 }
+
+#[tokio::test]
+async fn function_logs_are_kept_per_invocation_and_followed_with_the_cli() {
+    let (_dir, server) = start(&[]);
+    let http = wafer_tests::http();
+    crate::deploy_example(&server, "hello", "").await;
+    let failing = crate::stderr_program("oops: no luck\n", 3);
+    let response = crate::deploy(&server, "failing", failing, "").await;
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    for name in ["ann", "bob"] {
+        let response = http
+            .get(server.url(&format!("/fn/hello?name={name}")))
+            .send()
+            .await
+            .expect("invoke");
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+    }
+    let response = http
+        .get(server.url("/fn/failing"))
+        .send()
+        .await
+        .expect("invoke");
+    assert_eq!(
+        response.status(),
+        reqwest::StatusCode::INTERNAL_SERVER_ERROR
+    );
+
+    let logs = |query: &str| {
+        let http = http.clone();
+        let url = server.url(&format!("/v1/functions/{query}"));
+        async move {
+            let response = http.get(url).send().await.expect("logs");
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.expect("json");
+            (status, body)
+        }
+    };
+    let texts = |body: &serde_json::Value| -> Vec<String> {
+        body["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["log"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let (status, all) = logs("hello/logs").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{all}");
+    assert_eq!(
+        texts(&all),
+        [
+            "[info] hello: greeting ann\n",
+            "[info] hello: greeting bob\n"
+        ],
+        "{all}"
+    );
+    let first = &all["records"][0];
+    assert_eq!(
+        (first["version"].as_u64(), first["status"].as_u64()),
+        (Some(1), Some(200))
+    );
+    let first_seq = first["seq"].as_u64().expect("seq");
+    let (_, newest) = logs("hello/logs?limit=1").await;
+    assert_eq!(texts(&newest), ["[info] hello: greeting bob\n"], "{newest}");
+    let (_, rest) = logs(&format!("hello/logs?after={first_seq}")).await;
+    assert_eq!(texts(&rest), ["[info] hello: greeting bob\n"], "{rest}");
+    assert_eq!(rest["next"], all["next"]);
+    let (_, failed) = logs("failing/logs").await;
+    assert_eq!(texts(&failed), ["oops: no luck\n"], "{failed}");
+    assert_eq!(failed["records"][0]["status"], 500, "{failed}");
+    let (status, body) = logs("nope/logs").await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = logs("hello/logs?after=soon").await;
+    assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{body}");
+
+    // The CLI prints each line with its invocation's time, node, version and status.
+    let base = server.base().to_string();
+    let out = tokio::task::spawn_blocking({
+        let base = base.clone();
+        move || wafer(&base, &["logs", "hello"], None)
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = stdout(&out);
+    let ann = printed.find("v1 200 | [info] hello: greeting ann");
+    let bob = printed.find("v1 200 | [info] hello: greeting bob");
+    assert!(ann.is_some() && bob.is_some() && ann < bob, "{printed}");
+
+    // `--follow` prints what later invocations write.
+    let mut follower = Command::new(wafer_bin().expect("wafer"))
+        .env("WAFER_TOKEN", wafer_tests::ADMIN_TOKEN)
+        .args([
+            "--server", &base, "logs", "hello", "--follow", "--tail", "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wafer logs --follow");
+    let lines = follower.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(lines).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    // Invoke until the follower shows carol: it may start after the first invocation.
+    while !seen.iter().any(|l: &String| l.contains("greeting carol")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "follower printed {seen:?}"
+        );
+        let response = http
+            .get(server.url("/fn/hello?name=carol"))
+            .send()
+            .await
+            .expect("invoke");
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(1500)) {
+            seen.push(line);
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(
+        !seen.iter().any(|l| l.contains("greeting ann")),
+        "--tail 0 starts with new logs: {seen:?}"
+    );
+
+    // A removed function's logs go with it.
+    let response = http
+        .delete(server.url("/v1/functions/hello"))
+        .send()
+        .await
+        .expect("remove");
+    assert!(response.status().is_success());
+    crate::deploy_example(&server, "hello", "").await;
+    let (_, fresh) = logs("hello/logs").await;
+    assert!(texts(&fresh).is_empty(), "{fresh}");
+}

@@ -147,6 +147,32 @@ async fn three_servers_form_a_cluster_and_a_deploy_on_a_follower_is_served_every
             "node {id}: {body}"
         );
     }
+    // Each server keeps the logs of the invocations it took; `wafer logs` asked on one
+    // gathers them from all.
+    let base = cluster.server(1).base();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(wafer_tests::wafer_bin().expect("wafer"))
+            .env("WAFER_TOKEN", wafer_tests::ADMIN_TOKEN)
+            .args(["--server", &base, "logs", "hello"])
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("wafer logs");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in [1, 2, 3] {
+        assert!(
+            printed.contains(&format!(
+                "node {id} v1 200 | [info] hello: greeting node{id}"
+            )),
+            "{printed}"
+        );
+    }
 
     // Labels are small metadata commands: set through one node, read on another.
     let other = *[1, 2, 3]
