@@ -577,7 +577,6 @@ async fn token_command(client: &Client, command: TokenCommand) -> anyhow::Result
     Ok(())
 }
 
-/// A time in ms since the Unix epoch as UTC (RFC 3339, seconds).
 /// How often `wafer logs --follow` asks for new logs.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -676,6 +675,7 @@ fn member_url(base: &str, http: &str) -> String {
     }
 }
 
+/// A time in ms since the Unix epoch as UTC (RFC 3339, seconds).
 fn utc_ms(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
         .to_string()

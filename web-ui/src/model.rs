@@ -122,6 +122,46 @@ pub struct Functions {
     pub functions: Vec<Function>,
 }
 
+/// The guest log of one invocation (`GET /v1/functions/{name}/logs`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct LogRecord {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub version: u64,
+    pub status: u16,
+    pub agent: Option<String>,
+    pub log: String,
+    pub dropped: u64,
+}
+
+/// A page of a function's guest logs on the server the console talks to.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct LogPage {
+    pub node: u64,
+    pub next: u64,
+    pub records: Vec<LogRecord>,
+}
+
+impl LogPage {
+    /// One line per logged line, newest invocation last: `v1 200 | text`.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for record in &self.records {
+            let head = format!("v{} {}", record.version, record.status);
+            lines.extend(record.log.lines().map(|line| format!("{head} | {line}")));
+            if record.dropped > 0 {
+                lines.push(format!(
+                    "{head} | ({} more bytes beyond the log limit)",
+                    record.dropped
+                ));
+            }
+        }
+        lines
+    }
+}
+
 /// One attempt of a job.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default)]
@@ -300,6 +340,26 @@ pub fn ago(now_ms: u64, at_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_pages_read_as_one_line_per_logged_line() {
+        let page: LogPage = serde_json::from_str(
+            r#"{"node": 2, "next": 9, "records": [
+                {"seq": 8, "version": 3, "status": 200, "log": "a\nb\n", "dropped": 0},
+                {"seq": 9, "version": 3, "status": 500, "log": "c", "dropped": 10, "future": 1}
+            ]}"#,
+        )
+        .expect("a log page");
+        assert_eq!(
+            page.lines(),
+            [
+                "v3 200 | a",
+                "v3 200 | b",
+                "v3 500 | c",
+                "v3 500 | (10 more bytes beyond the log limit)"
+            ]
+        );
+    }
 
     #[test]
     fn units_read_well() {

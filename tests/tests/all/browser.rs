@@ -360,6 +360,15 @@ async fn the_console_works_in_chromium() {
     );
     let took = wait_text(&c, "#try-duration", |t| t.contains("ms")).await;
     assert!(took.starts_with("in ") && took.ends_with(" ms"), "{took}");
+    // After a try, the function's recent guest logs show (`hello` logs each greeting).
+    click(&c, "#try-function option[value='hello']").await;
+    type_into(&c, "#try-path", "/?name=chromium").await;
+    click(&c, "#try-send").await;
+    let logs = wait_text(&c, "#try-logs", |t| t.contains("greeting chromium")).await;
+    assert!(
+        logs.contains("v1 200 | [info] hello: greeting chromium"),
+        "{logs}"
+    );
 
     // Delete asks first.
     click(&c, "button[aria-label='Delete md2']").await;

@@ -1,6 +1,7 @@
 //! Functions: the deployed list, deploying a `.wasm` file with limits and env (upload
 //! progress shown), removal with confirmation, and a try-it panel that invokes a
-//! function and shows status, headers, body and duration.
+//! function and shows status, headers, body and duration, then the function's recent
+//! guest logs.
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -8,7 +9,7 @@ use wasm_bindgen::JsCast;
 
 use crate::api::{self, ApiError, Reply};
 use crate::app::{now_ms, Ctx};
-use crate::model::{ago, bytes, millis, Function};
+use crate::model::{ago, bytes, millis, Function, LogPage};
 
 /// The functions page.
 #[component]
@@ -318,6 +319,8 @@ fn TryIt(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
     let body = RwSignal::new(String::new());
     let tried = RwSignal::new(None::<Tried>);
     let busy = RwSignal::new(false);
+    // The tried function's recent logs (this server's), read after each try.
+    let logs = RwSignal::new(None::<Result<LogPage, ApiError>>);
     default_to_first_function(ctx, selected);
     let send = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
@@ -373,6 +376,12 @@ fn TryIt(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
             }
             tried.set(Some(Tried { reply, ms }));
             busy.set(false);
+            let page = api::get::<LogPage>(
+                &format!("/v1/functions/{}/logs?limit=10", api::encode(&name)),
+                &token,
+            )
+            .await;
+            logs.set(Some(page));
         });
     };
     let options = move || {
@@ -414,6 +423,28 @@ fn TryIt(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
             Err(e) => view! { <p id="try-result" class="error" role="alert">{e.to_string()}</p> }.into_any(),
         })
     };
+    let recent_logs = move || {
+        logs.get().map(|page| match page {
+            Ok(page) => {
+                let lines = page.lines();
+                let text = if lines.is_empty() {
+                    "(nothing logged yet)".to_string()
+                } else {
+                    lines.join("\n")
+                };
+                view! {
+                    <details open=true>
+                        <summary>{format!("Recent logs (node {})", page.node)}</summary>
+                        <pre id="try-logs" class="body">{text}</pre>
+                    </details>
+                }
+                .into_any()
+            }
+            Err(e) => {
+                view! { <p id="try-logs" class="muted">{format!("Logs: {e}")}</p> }.into_any()
+            }
+        })
+    };
     view! {
         <section class="card form" aria-labelledby="try-h">
             <h2 id="try-h">"Try it"</h2>
@@ -446,6 +477,7 @@ fn TryIt(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
                 <button id="try-send" type="submit" disabled=move || busy.get() || selected.with(String::is_empty)>"Send"</button>
             </form>
             {outcome}
+            {recent_logs}
         </section>
     }
 }
