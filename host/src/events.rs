@@ -102,14 +102,16 @@ impl Events {
     /// Publishes a `LeaderChanged` event whenever the leader or term that `raft`
     /// reports changes, until `raft` shuts down.
     pub fn follow_leader(self: &Arc<Events>, raft: &crate::consensus::Raft) {
-        let mut metrics = raft.metrics();
+        // The server metrics change with the vote, the leader and the membership only
+        // (the full metrics change with every commit).
+        let mut metrics = raft.server_metrics();
         let events = self.clone();
         tokio::spawn(async move {
             let mut last = None;
             loop {
                 let seen = {
                     let m = metrics.borrow_and_update();
-                    (m.current_leader, m.current_term)
+                    (m.current_leader, m.vote.leader_id().term)
                 };
                 if last != Some(seen) {
                     // The first reading is the state at start, not a change.

@@ -206,7 +206,10 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         .with_context(|| format!("binding the public API to {}", config.api))?;
     api.set_nonblocking(true)?;
     let events = Arc::new(crate::events::Events::new());
-    let log = LogStore::open(state.database().clone()).context("opening the Raft log")?;
+    let log =
+        LogStore::open(state.database().clone(), config.id).context("opening the Raft log")?;
+    let durable = log.durable();
+    let membership = log.clone();
     let sm = StateMachine::open(
         state.clone(),
         &config.data.join("snapshots"),
@@ -215,6 +218,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
             tokens.clone(),
             events.clone(),
         ])),
+        durable.clone(),
     )
     .context("opening the state machine")?;
     // The functions were loaded from the state as of this index.
@@ -236,13 +240,14 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     let raft = crate::consensus::Raft::new(
         config.id,
         Arc::new(raft_config),
-        NetworkFactory::new(rpc.clone()),
+        NetworkFactory::new(rpc.clone(), durable),
         log,
         sm,
     )
     .await
     .context("starting Raft")?;
     events.follow_leader(&raft);
+    membership.follow_membership(&raft);
     let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone()));
     let scheduler = Scheduler::new(cluster.clone(), state.clone(), config.scheduler.clone());
     scheduler.start();

@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod codec;
+mod durable;
 mod log_store;
 mod network;
 mod state_machine;
@@ -14,6 +15,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use durable::DurableLog;
 pub use log_store::LogStore;
 pub use network::NetworkFactory;
 pub use state_machine::StateMachine;
@@ -100,9 +102,13 @@ mod tests {
             };
             let dir = tempfile::tempdir().map_err(|e| io(&e))?;
             let state = State::open(&dir.path().join("wafer.redb")).map_err(|e| io(&e))?;
-            let log = LogStore::open(state.database().clone())?;
-            let sm =
-                StateMachine::open(state, &dir.path().join("snapshots"), Arc::new(NoObserver))?;
+            let log = LogStore::open(state.database().clone(), 0)?;
+            let sm = StateMachine::open(
+                state,
+                &dir.path().join("snapshots"),
+                Arc::new(NoObserver),
+                log.durable(),
+            )?;
             Ok((dir, log, sm))
         }
     }

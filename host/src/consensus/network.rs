@@ -10,7 +10,7 @@ use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::EntryPayload;
 
 use super::{
-    codec, AppendEntriesRequest, AppendEntriesResponse, Entry, InstallSnapshotRequest,
+    codec, AppendEntriesRequest, AppendEntriesResponse, DurableLog, Entry, InstallSnapshotRequest,
     InstallSnapshotResponse, NodeAddr, NodeId, TypeConfig, VoteRequest, VoteResponse,
 };
 use crate::rpc::{RpcError, RpcHandle};
@@ -82,12 +82,14 @@ fn split_append(rpc: AppendEntriesRequest) -> Vec<AppendEntriesRequest> {
 #[derive(Clone)]
 pub struct NetworkFactory {
     rpc: RpcHandle,
+    durable: DurableLog,
 }
 
 impl NetworkFactory {
-    /// Sends through `rpc`.
-    pub fn new(rpc: RpcHandle) -> NetworkFactory {
-        NetworkFactory { rpc }
+    /// Sends through `rpc`; tells followers of commits only as far as `durable` says
+    /// this node's log is on disk.
+    pub fn new(rpc: RpcHandle, durable: DurableLog) -> NetworkFactory {
+        NetworkFactory { rpc, durable }
     }
 }
 
@@ -97,6 +99,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> Network {
         Network {
             rpc: self.rpc.clone(),
+            durable: self.durable.clone(),
             target,
             addr: node.rpc.clone(),
         }
@@ -106,6 +109,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 /// The connection to one peer.
 pub struct Network {
     rpc: RpcHandle,
+    durable: DurableLog,
     target: NodeId,
     addr: String,
 }
@@ -208,9 +212,16 @@ macro_rules! raft_call {
 impl RaftNetwork<TypeConfig> for Network {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest,
+        mut rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse> {
+        // The leader may have committed entries it has not flushed yet: a follower must
+        // not apply what the leader could still lose (see `super::durable`). Entries go
+        // out at once; a message without entries waits for the flush instead.
+        rpc.leader_commit = self
+            .durable
+            .clamp(rpc.leader_commit, rpc.entries.is_empty())
+            .await;
         let mut parts = split_append(rpc).into_iter().peekable();
         loop {
             let Some(part) = parts.next() else {

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use wafer_proto::raft_capnp::snapshot_meta;
 
 use super::codec::{read_snapshot_meta, write_snapshot_meta};
-use super::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use super::{DurableLog, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::state::{self, reader_options, CommandResponse, Observer, State};
 
 /// Key -> JSON value: `last_applied`, `membership`.
@@ -37,6 +37,8 @@ pub struct StateMachine {
     built: Arc<AtomicU64>,
     /// The file a snapshot being received is written to.
     incoming: Option<PathBuf>,
+    /// How far the log is durable: an entry is applied only once it is.
+    durable: DurableLog,
 }
 
 /// Builds snapshots from a consistent read of the state.
@@ -64,11 +66,12 @@ fn snap_err(verb: ErrorVerb, e: impl ToString) -> StorageError {
 
 impl StateMachine {
     /// Opens the state machine over `state`, keeping snapshots in `snapshots`, telling
-    /// `observer` of every change.
+    /// `observer` of every change, applying entries once `durable` says they are on disk.
     pub fn open(
         state: State,
         snapshots: &Path,
         observer: Arc<dyn Observer>,
+        durable: DurableLog,
     ) -> Result<StateMachine, StorageError> {
         std::fs::create_dir_all(snapshots).map_err(|e| {
             snap_err(
@@ -93,6 +96,7 @@ impl StateMachine {
             observer,
             built: Arc::new(AtomicU64::new(0)),
             incoming: None,
+            durable,
         })
     }
 
@@ -210,7 +214,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let meta = tokio::task::spawn_blocking(move || -> Result<SnapshotMeta, StorageError> {
             // Applied commands are not fsynced (the log is): make them durable before
             // the snapshot lets the log behind it be purged.
-            super::log_store::durable_barrier(state.database()).map_err(sm_write)?;
+            super::durable::durable_barrier(state.database()).map_err(sm_write)?;
             // One read transaction: the snapshot is a consistent cut of the state.
             let txn = state.database().begin_read().map_err(sm_read)?;
             let last_applied = get_meta::<Option<LogId>>(&txn, LAST_APPLIED)?.flatten();
@@ -260,6 +264,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let Some(last) = entries.last().map(|e| e.log_id) else {
             return Ok(Vec::new());
         };
+        // The leader may have committed entries it has not flushed yet (see
+        // `super::durable`): nothing is answered or observed before they are on disk.
+        self.durable.wait_for(last.index).await?;
         let state = self.state.clone();
         let observer = self.observer.clone();
         blocking(
