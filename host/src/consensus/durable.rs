@@ -106,7 +106,7 @@ pub(super) fn durable_barrier(db: &Database) -> Result<(), redb::Error> {
 }
 
 /// The log store's side: takes the write lock, and asks the flusher thread for flushes.
-/// The thread ends when the last clone is dropped.
+/// The thread ends once the log store and every [`DurableLog`] view of it are gone.
 #[derive(Clone)]
 pub(super) struct Flusher {
     shared: Arc<Shared>,
@@ -138,7 +138,15 @@ impl Flusher {
                 while requests.recv().is_ok() {
                     // Requests that came meanwhile are served by this flush.
                     while requests.try_recv().is_ok() {}
-                    thread_shared.flush();
+                    let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        thread_shared.flush()
+                    }));
+                    if flushed.is_err() {
+                        // Waiters get an error instead of waiting for ever.
+                        thread_shared.flushed.send_modify(|flushed| {
+                            flushed.failed = Some("flushing the Raft log panicked".into());
+                        });
+                    }
                 }
             })?;
         Ok(Flusher {
@@ -181,8 +189,9 @@ fn request(wake: &Mutex<mpsc::Sender<()>>) {
 }
 
 /// How long a heartbeat (a request without entries) waits for the leader's flush before
-/// it carries a lower commit index instead.
-const COMMIT_WAIT: Duration = Duration::from_secs(1);
+/// it carries a lower commit index instead: a flush takes well under a millisecond to a
+/// few, and a heartbeat held much longer could let followers time out the leader.
+const COMMIT_WAIT: Duration = Duration::from_millis(20);
 
 /// A reader's view of how far the log is durable. Cheap to clone.
 #[derive(Clone)]
@@ -209,10 +218,13 @@ impl DurableLog {
         if !done(&flushed.borrow()) {
             request(&self.wake);
         }
-        let outcome = flushed.wait_for(done).await.map(|f| f.failed.clone());
+        let outcome = flushed.wait_for(done).await.map(|f| f.clone());
         match outcome {
-            Ok(None) => Ok(()),
-            Ok(Some(why)) => Err(storage_error(why)),
+            Ok(f) if f.upto.is_some_and(|d| d.index >= index) => Ok(()),
+            Ok(Flushed {
+                failed: Some(why), ..
+            }) => Err(storage_error(why)),
+            Ok(_) => Ok(()),
             Err(_) => Err(storage_error("the Raft log is closed".into())),
         }
     }
