@@ -169,9 +169,12 @@ type Proposal = (
     tokio::sync::oneshot::Sender<Result<Committed, ClusterError>>,
 );
 
-/// Log entries of batched proposals in flight at once: while one is applied, the next
-/// is appended and fsynced.
-const MAX_IN_FLIGHT: usize = 2;
+/// Log entries of batched proposals in flight at once. One: the next batch gathers
+/// every proposal that arrives while an entry is committed, flushed and applied (the
+/// leader's flush overlaps replication already, see `consensus::durable`). Two in
+/// flight made smaller batches for the same fsyncs and measured 15-45 % fewer
+/// commits/s at 4 to 64 clients (docs/benchmarks.md).
+const MAX_IN_FLIGHT: usize = 1;
 
 /// Batches proposals made on this node: while entries are being committed, the
 /// proposals that arrive meanwhile wait and then go together as one
@@ -270,11 +273,14 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// A handle for node `id` reachable at `addr`. Starts its proposal batcher: call
-    /// within a tokio runtime.
+    /// A handle for node `id` reachable at `addr`. Starts its proposal batcher on the
+    /// RPC thread, where Raft runs (see `server::start`).
     pub fn new(id: NodeId, addr: NodeAddr, raft: Raft, rpc: RpcHandle) -> Cluster {
         let (proposals, queue) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(batch_proposals(raft.clone(), queue));
+        if let Err(e) = rpc.spawn(batch_proposals(raft.clone(), queue)) {
+            // Proposals then fail with "unavailable" instead of waiting.
+            tracing::error!(error = %e, "cannot start the proposal batcher");
+        }
         Cluster {
             id,
             addr,

@@ -209,7 +209,6 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     let log =
         LogStore::open(state.database().clone(), config.id).context("opening the Raft log")?;
     let durable = log.durable();
-    let membership = log.clone();
     let sm = StateMachine::open(
         state.clone(),
         &config.data.join("snapshots"),
@@ -237,17 +236,20 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     .validate()
     .context("Raft settings")?;
     let rpc = RpcHandle::start(config.secret.clone()).context("starting the RPC thread")?;
-    let raft = crate::consensus::Raft::new(
-        config.id,
-        Arc::new(raft_config),
-        NetworkFactory::new(rpc.clone(), durable),
-        log,
-        sm,
-    )
-    .await
-    .context("starting Raft")?;
+    let network = NetworkFactory::new(rpc.clone(), durable);
+    let config_id = config.id;
+    // Raft's tasks run on the RPC thread (openraft spawns them on the runtime it starts
+    // on), next to the connections they talk through: a commit then crosses no thread
+    // boundary between a peer's message, the Raft core, the log and the answer (each
+    // crossing is a wake-up of a sleeping thread, tens of µs on a VM).
+    let raft = rpc
+        .run(move |_| async move {
+            crate::consensus::Raft::new(config_id, Arc::new(raft_config), network, log, sm).await
+        })
+        .await
+        .context("starting Raft")?
+        .context("starting Raft")?;
     events.follow_leader(&raft);
-    membership.follow_membership(&raft);
     let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone()));
     let scheduler = Scheduler::new(cluster.clone(), state.clone(), config.scheduler.clone());
     scheduler.start();

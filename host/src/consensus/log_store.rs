@@ -8,7 +8,6 @@
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
@@ -39,9 +38,6 @@ pub struct LogStore {
     vote: Arc<Mutex<Option<Vote>>>,
     /// The committed log id saved since the last write that carried it (`None`: none).
     unsaved_committed: Arc<Mutex<Option<Option<LogId>>>>,
-    /// Whether the membership has voters besides this node: only then does flushing in
-    /// the background gain anything (a lone voter waits for its own flush to commit).
-    other_voters: Arc<AtomicBool>,
     flusher: Flusher,
 }
 
@@ -66,7 +62,6 @@ impl LogStore {
             id,
             vote: Arc::default(),
             unsaved_committed: Arc::default(),
-            other_voters: Arc::default(),
             flusher,
         };
         let vote = store.get_meta::<Vote>(VOTE)?;
@@ -79,29 +74,6 @@ impl LogStore {
         self.flusher.view()
     }
 
-    /// Keeps track of whether `raft`'s membership has voters besides this node (the
-    /// leader's appends are flushed in the background only then). Call within a tokio
-    /// runtime.
-    pub fn follow_membership(&self, raft: &super::Raft) {
-        let mut metrics = raft.server_metrics();
-        let other_voters = self.other_voters.clone();
-        let id = self.id;
-        tokio::spawn(async move {
-            loop {
-                let others = metrics
-                    .borrow_and_update()
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .any(|voter| voter != id);
-                other_voters.store(others, Ordering::Relaxed);
-                if metrics.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-
     /// Whether `entries` are this node's own as the leader of the current vote, so their
     /// append may be flushed in the background. Entries that change the membership are
     /// not: the next change must only follow one that is durably committed.
@@ -110,8 +82,7 @@ impl LogStore {
         let Some(vote) = vote else {
             return false;
         };
-        self.other_voters.load(Ordering::Relaxed)
-            && vote.is_committed()
+        vote.is_committed()
             && vote.leader_id().voted_for() == Some(self.id)
             && entries.iter().all(|entry| {
                 entry.log_id.leader_id == *vote.leader_id()
@@ -287,7 +258,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let written = self.write_entries(entries.into_iter().collect());
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        // Raft runs on the node's RPC thread: bulky entries (modules, job inputs) are
+        // written off it, so that it keeps serving meanwhile.
+        let written = if super::bulk_bytes(&entries) > super::OFF_THREAD_BYTES {
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || store.write_entries(entries))
+                .await
+                .unwrap_or_else(|e| Err(write_err(e)))
+        } else {
+            self.write_entries(entries)
+        };
         callback.log_io_completed(
             written
                 .as_ref()
@@ -348,12 +329,10 @@ mod tests {
         }
     }
 
-    /// The log of node 1 in a fresh redb file, in a cluster with other voters.
+    /// The log of node 1 in a fresh redb file.
     fn open(dir: &tempfile::TempDir) -> Result<LogStore, Box<dyn std::error::Error>> {
         let db = Arc::new(Database::create(dir.path().join("log.redb"))?);
-        let log = LogStore::open(db, 1)?;
-        log.other_voters.store(true, Ordering::Relaxed);
-        Ok(log)
+        Ok(LogStore::open(db, 1)?)
     }
 
     #[tokio::test]
@@ -405,9 +384,6 @@ mod tests {
         assert!(log.own_entries(&[blank(2, 1, 1)]));
         assert!(!log.own_entries(&[blank(1, 1, 1)]), "an earlier term's");
         assert!(!log.own_entries(&[blank(2, 1, 1), change.clone()]));
-        log.other_voters.store(false, Ordering::Relaxed);
-        assert!(!log.own_entries(&[blank(2, 1, 1)]), "a lone voter's");
-        log.other_voters.store(true, Ordering::Relaxed);
 
         // A membership change is on disk when its append returns.
         log.write_entries(vec![change])?;

@@ -22,6 +22,21 @@ pub use state_machine::StateMachine;
 
 use crate::state::{Command, CommandResponse};
 
+/// Bytes of bulky payload (modules, job inputs and outputs) above which writing or
+/// applying entries is moved off the thread Raft runs on (the node's RPC thread).
+const OFF_THREAD_BYTES: usize = 256 << 10;
+
+/// The bulky payload bytes of `entries`.
+fn bulk_bytes(entries: &[Entry]) -> usize {
+    entries
+        .iter()
+        .map(|entry| match &entry.payload {
+            openraft::EntryPayload::Normal(command) => command.bulk_bytes(),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// A server's id in the cluster (`wafer server --id`).
 pub type NodeId = u64;
 

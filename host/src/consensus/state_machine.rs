@@ -191,17 +191,31 @@ fn write_atomically(
     Ok(())
 }
 
-/// Runs `f`, which blocks (redb, compiling modules): in place on a multi-threaded
-/// runtime (other tasks move to other workers; no hand-off to another thread), else on
-/// the blocking pool.
+/// Whether applying `entries` may take long: a deploy compiles its module, bulky
+/// inputs and outputs are copied.
+fn slow_to_apply(entries: &[Entry]) -> bool {
+    super::bulk_bytes(entries) > super::OFF_THREAD_BYTES
+        || entries
+            .iter()
+            .any(|entry| matches!(&entry.payload, EntryPayload::Normal(c) if c.deploys()))
+}
+
+/// Runs `f`, which blocks on redb (and, when `slow`, on more: compiling modules). Raft
+/// runs on the node's RPC thread, a current-thread runtime: quick work runs in place
+/// (no hand-off to another thread), slow work on the blocking pool so that the thread
+/// keeps serving meanwhile. On a multi-threaded runtime it runs in place, with the
+/// worker's other tasks moved to other workers.
 async fn blocking<T: Send + 'static>(
+    slow: bool,
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {
     use tokio::runtime::{Handle, RuntimeFlavor};
     if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
         tokio::task::block_in_place(f)
-    } else {
+    } else if slow {
         tokio::task::spawn_blocking(f).await.map_err(sm_write)?
+    } else {
+        f()
     }
 }
 
@@ -270,6 +284,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let state = self.state.clone();
         let observer = self.observer.clone();
         blocking(
+            slow_to_apply(&entries),
             move || -> Result<Vec<Option<CommandResponse>>, StorageError> {
                 // Set only by a membership entry in this batch.
                 let mut membership = None;

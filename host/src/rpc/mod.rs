@@ -1,7 +1,8 @@
 //! Cap'n Proto RPC: one thread runs every capnp-rpc connection of the node (capnp-rpc
 //! objects are `!Send` and live on a `LocalSet`), reached from the rest of the node
 //! through a `Send` [`RpcHandle`]. It serves the node's `Node` interface (`--listen`;
-//! an agent serves `Executor`) and keeps one client connection per peer address.
+//! an agent serves `Executor`) and keeps one client connection per peer address. A
+//! server's Raft runs on it too ([`RpcHandle::run`] starts it there).
 
 pub mod api;
 pub mod door;
@@ -119,6 +120,15 @@ impl RpcHandle {
         });
         self.jobs.send(job).map_err(|_| RpcError::Stopped)?;
         rx.await.map_err(|_| RpcError::Stopped)
+    }
+
+    /// Runs `future` on the RPC thread, without waiting for it.
+    pub fn spawn<Fut>(&self, future: Fut) -> Result<(), RpcError>
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let job: Job = Box::new(move |_| Box::pin(future));
+        self.jobs.send(job).map_err(|_| RpcError::Stopped)
     }
 
     /// Serves `service` on `listener`, behind a `Door` that admits peers presenting

@@ -438,6 +438,15 @@ pub fn reader_options() -> capnp::message::ReaderOptions {
 }
 
 impl Command {
+    /// Whether the command deploys a function (applying it compiles the module).
+    pub fn deploys(&self) -> bool {
+        match self {
+            Command::DeployFunction { .. } => true,
+            Command::Batch(commands) => commands.iter().any(Command::deploys),
+            _ => false,
+        }
+    }
+
     /// The bytes of the bulky payloads the command carries (modules, job input and
     /// output); the rest of any command is small. Used to size batches of log entries.
     pub fn bulk_bytes(&self) -> usize {
