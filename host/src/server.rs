@@ -247,7 +247,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
             crate::consensus::Raft::new(config_id, Arc::new(raft_config), network, log, sm).await
         })
         .await
-        .context("starting Raft")?
+        .context("starting Raft on the RPC thread")?
         .context("starting Raft")?;
     events.follow_leader(&raft);
     let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone()));
