@@ -196,8 +196,10 @@ impl RpcHandle {
     }
 }
 
-/// Bytes buffered on each side of a connection.
-const IO_BUFFER: usize = 64 << 10;
+/// Bytes buffered on each side of a connection: room for the usual message (Raft
+/// appends, proposals, API calls) while a server with many connections stays small;
+/// larger reads and writes bypass the buffer.
+const IO_BUFFER: usize = 8 << 10;
 
 /// The two halves of a capnp connection over `stream`, buffered: capnp writes a
 /// message's segment table and each segment separately and flushes after the message,
