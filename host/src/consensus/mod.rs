@@ -26,15 +26,17 @@ use crate::state::{Command, CommandResponse};
 /// applying entries is moved off the thread Raft runs on (the node's RPC thread).
 const OFF_THREAD_BYTES: usize = 256 << 10;
 
+/// The bulky payload bytes of `entry` (see [`Command::bulk_bytes`]).
+fn entry_bulk_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(command) => command.bulk_bytes(),
+        _ => 0,
+    }
+}
+
 /// The bulky payload bytes of `entries`.
 fn bulk_bytes(entries: &[Entry]) -> usize {
-    entries
-        .iter()
-        .map(|entry| match &entry.payload {
-            openraft::EntryPayload::Normal(command) => command.bulk_bytes(),
-            _ => 0,
-        })
-        .sum()
+    entries.iter().map(entry_bulk_bytes).sum()
 }
 
 /// A server's id in the cluster (`wafer server --id`).

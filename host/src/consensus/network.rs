@@ -7,7 +7,6 @@ use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::EntryPayload;
 
 use super::{
     codec, AppendEntriesRequest, AppendEntriesResponse, DurableLog, Entry, InstallSnapshotRequest,
@@ -25,11 +24,7 @@ const ENTRY_OVERHEAD: usize = 64 << 10;
 
 /// An entry's estimated size in an append-entries message.
 fn entry_bytes(entry: &Entry) -> usize {
-    ENTRY_OVERHEAD
-        + match &entry.payload {
-            EntryPayload::Normal(command) => command.bulk_bytes(),
-            _ => 0,
-        }
+    ENTRY_OVERHEAD + super::entry_bulk_bytes(entry)
 }
 
 /// Splits a request whose entries would exceed [`MAX_APPEND_BYTES`] into consecutive
@@ -273,7 +268,7 @@ impl RaftNetwork<TypeConfig> for Network {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use openraft::Vote;
+    use openraft::{EntryPayload, Vote};
 
     use super::*;
     use crate::consensus::codec::new_log_id;
