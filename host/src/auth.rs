@@ -7,10 +7,10 @@
 //! on that node from then on, and on every other node as soon as it applies the entry.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use crate::state::{
-    hash_token, CommandResponse, Observer, Scope, State, StateError, TokenId, TokenRecord,
+    hash_token_into, CommandResponse, Observer, Scope, State, StateError, TokenId, TokenRecord,
 };
 
 /// Why a caller was refused.
@@ -48,10 +48,11 @@ impl AuthError {
     }
 }
 
-/// The node's tokens, indexed by their secret's hash.
+/// The node's tokens, indexed by their secret's hash. Records are shared: a check on
+/// every request hands out a reference, not a copy.
 pub struct Tokens {
     state: State,
-    by_hash: RwLock<HashMap<String, TokenRecord>>,
+    by_hash: RwLock<HashMap<String, Arc<TokenRecord>>>,
 }
 
 impl Tokens {
@@ -68,7 +69,10 @@ impl Tokens {
     /// Reads every token from the state again.
     pub fn reload(&self) -> Result<(), StateError> {
         let all = self.state.list_tokens()?;
-        let index = all.into_iter().map(|t| (t.hash.clone(), t)).collect();
+        let index = all
+            .into_iter()
+            .map(|t| (t.hash.clone(), Arc::new(t)))
+            .collect();
         *self.by_hash.write().unwrap_or_else(|e| e.into_inner()) = index;
         Ok(())
     }
@@ -88,21 +92,22 @@ impl Tokens {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(|t| TokenRecord::clone(t))
             .collect();
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all
     }
 
     /// The token whose secret is `secret`, if it is valid now.
-    pub fn authenticate(&self, secret: Option<&str>) -> Result<TokenRecord, AuthError> {
+    pub fn authenticate(&self, secret: Option<&str>) -> Result<Arc<TokenRecord>, AuthError> {
         let secret = secret.filter(|s| !s.is_empty()).ok_or(AuthError::Missing)?;
-        self.by_hash_valid(&hash_token(secret))
+        let mut hex = [0; 64];
+        self.by_hash_valid(hash_token_into(secret, &mut hex))
     }
 
     /// The token whose secret's hash is `hash`, if it is valid now (a capability
     /// obtained by logging in re-checks its token this way on every call).
-    pub fn by_hash_valid(&self, hash: &str) -> Result<TokenRecord, AuthError> {
+    pub fn by_hash_valid(&self, hash: &str) -> Result<Arc<TokenRecord>, AuthError> {
         let record = self
             .by_hash
             .read()
@@ -111,30 +116,34 @@ impl Tokens {
             .cloned()
             .ok_or(AuthError::Unknown)?;
         if record.expired(crate::scheduler::now_ms()) {
-            return Err(AuthError::Expired(record.id));
+            return Err(AuthError::Expired(record.id.clone()));
         }
         Ok(record)
     }
 
     /// The token whose secret's hash is `hash`, if it is valid now and allows `scope`.
-    pub fn authorize_hash(&self, hash: &str, scope: Scope) -> Result<TokenRecord, AuthError> {
+    pub fn authorize_hash(&self, hash: &str, scope: Scope) -> Result<Arc<TokenRecord>, AuthError> {
         allow(self.by_hash_valid(hash)?, scope)
     }
 
     /// The token whose secret is `secret`, if it is valid now and allows `scope`.
-    pub fn authorize(&self, secret: Option<&str>, scope: Scope) -> Result<TokenRecord, AuthError> {
+    pub fn authorize(
+        &self,
+        secret: Option<&str>,
+        scope: Scope,
+    ) -> Result<Arc<TokenRecord>, AuthError> {
         allow(self.authenticate(secret)?, scope)
     }
 }
 
 /// `record` if it allows `scope`.
-pub fn allow(record: TokenRecord, scope: Scope) -> Result<TokenRecord, AuthError> {
+pub fn allow(record: Arc<TokenRecord>, scope: Scope) -> Result<Arc<TokenRecord>, AuthError> {
     if record.allows(scope) {
         Ok(record)
     } else {
         Err(AuthError::Forbidden {
             scopes: record.scope_list(),
-            id: record.id,
+            id: record.id.clone(),
             needed: scope,
         })
     }
@@ -155,7 +164,7 @@ impl Observer for Tokens {
         for change in changes {
             match change {
                 CommandResponse::TokenCreated(record) => {
-                    index.insert(record.hash.clone(), record.clone());
+                    index.insert(record.hash.clone(), Arc::new(record.clone()));
                 }
                 CommandResponse::TokenRevoked(id) => index.retain(|_, t| t.id != *id),
                 _ => {}

@@ -82,18 +82,24 @@ impl GuestLogs {
         };
         inner.last += 1;
         record.seq = inner.last;
-        if !inner.functions.contains_key(function) && inner.functions.len() >= FUNCTIONS {
-            // The function written least recently gives way.
-            let stalest = inner
-                .functions
-                .iter()
-                .min_by_key(|(_, ring)| ring.records.back().map_or(0, |r| r.seq))
-                .map(|(name, _)| name.clone());
-            if let Some(name) = stalest {
-                inner.functions.remove(&name);
+        if !inner.functions.contains_key(function) {
+            if inner.functions.len() >= FUNCTIONS {
+                // The function written least recently gives way.
+                let stalest = inner
+                    .functions
+                    .iter()
+                    .min_by_key(|(_, ring)| ring.records.back().map_or(0, |r| r.seq))
+                    .map(|(name, _)| name.clone());
+                if let Some(name) = stalest {
+                    inner.functions.remove(&name);
+                }
             }
+            inner.functions.insert(function.clone(), Ring::default());
         }
-        let ring = inner.functions.entry(function.clone()).or_default();
+        // Present: inserted above when it was not (no name copied per record).
+        let Some(ring) = inner.functions.get_mut(function) else {
+            return;
+        };
         ring.bytes += record.log.len();
         ring.records.push_back(record);
         while ring.records.len() > RECORDS_PER_FUNCTION

@@ -96,7 +96,7 @@ pub async fn check(State(app): State<Arc<AppState>>, mut request: Request, next:
     };
     match verdict {
         Ok(record) => {
-            request.extensions_mut().insert(Arc::new(record));
+            request.extensions_mut().insert(record);
             next.run(request).await
         }
         Err(err) => {

@@ -281,11 +281,11 @@ fn respond(
     outcome: Outcome,
 ) -> Result<Response, Failure> {
     let limits = &function.record.spec.limits;
-    let log = log_tail(&outcome);
+    // The log's tail goes into error responses only (built when one is).
     let fail = |status, code, kind, message: String| {
         Err((
             kind,
-            ApiError::new(status, code, message).with_log(log.clone()),
+            ApiError::new(status, code, message).with_log(log_tail(&outcome.log)),
         ))
     };
     let memory_limit = |how: &str| {
@@ -381,12 +381,12 @@ fn http_response(name: &FunctionName, head: &CgiHead<'_>, stdout: &Bytes) -> Res
     (status, headers, body).into_response()
 }
 
-fn log_tail(outcome: &Outcome) -> Option<String> {
-    if outcome.log.is_empty() {
+fn log_tail(log: &Bytes) -> Option<String> {
+    if log.is_empty() {
         return None;
     }
-    let start = outcome.log.len().saturating_sub(LOG_TAIL_BYTES);
-    Some(String::from_utf8_lossy(&outcome.log[start..]).into_owned())
+    let start = log.len().saturating_sub(LOG_TAIL_BYTES);
+    Some(String::from_utf8_lossy(&log[start..]).into_owned())
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ impl gateway::Server for GatewayService {
                 write_token(results.get().init_token(), &record);
                 let cluster = ClusterService {
                     app: self.app.clone(),
-                    hash: record.hash,
+                    hash: record.hash.clone(),
                 };
                 results
                     .get()
@@ -94,12 +94,12 @@ struct ClusterService {
 }
 
 impl ClusterService {
-    fn check(&self, scope: Scope) -> Result<TokenRecord, ApiError> {
+    fn check(&self, scope: Scope) -> Result<Arc<TokenRecord>, ApiError> {
         check(&self.app, &self.hash, scope)
     }
 }
 
-fn check(app: &AppState, hash: &str, scope: Scope) -> Result<TokenRecord, ApiError> {
+fn check(app: &AppState, hash: &str, scope: Scope) -> Result<Arc<TokenRecord>, ApiError> {
     app.tokens
         .authorize_hash(hash, scope)
         .map_err(ApiError::from)

@@ -50,8 +50,8 @@ pub use job::{
 pub use resources::Resources;
 pub use scheduling::SchedulingView;
 pub use token::{
-    check_secret, generate_secret, hash_token, InvalidScope, Scope, TokenId, TokenRecord,
-    MAX_TOKEN_NAME_LEN,
+    check_secret, generate_secret, hash_token, hash_token_into, InvalidScope, Scope, TokenId,
+    TokenRecord, MAX_TOKEN_NAME_LEN,
 };
 
 /// Function name -> JSON [`FunctionRecord`].
