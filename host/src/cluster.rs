@@ -169,20 +169,22 @@ type Proposal = (
     tokio::sync::oneshot::Sender<Result<Committed, ClusterError>>,
 );
 
-/// Log entries of batched proposals in flight at once. One: the next batch gathers
-/// every proposal that arrives while an entry is committed, flushed and applied (the
-/// leader's flush overlaps replication already, see `consensus::durable`). Two in
-/// flight made smaller batches for the same fsyncs and measured 15-45 % fewer
-/// commits/s at 4 to 64 clients (docs/benchmarks.md).
+/// Log entries of batched proposals in flight at once: one, until it is on this node's
+/// disk (see [`batch_proposals`]). The next batch gathers every proposal that arrives
+/// meanwhile. Two in flight (until applied) made smaller batches for the same fsyncs
+/// and measured 15-45 % fewer commits/s at 4 to 64 clients (docs/benchmarks.md).
 const MAX_IN_FLIGHT: usize = 1;
 
 /// Batches proposals made on this node: while entries are being committed, the
 /// proposals that arrive meanwhile wait and then go together as one
-/// [`Command::Batch`] entry. (openraft 0.9 writes and fsyncs one entry per
-/// `client_write`; batching lets one fsync commit many commands.) Entries are submitted
-/// in arrival order; up to [`MAX_IN_FLIGHT`] are in flight.
+/// [`Command::Batch`] entry. (openraft 0.9 writes one entry per `client_write`;
+/// batching lets one fsync commit many commands.) Entries are submitted in arrival
+/// order; up to [`MAX_IN_FLIGHT`] are in flight, an entry until it is durable in this
+/// node's log (`durable`) or answered: the next one is then queued while the last is
+/// applied, and the log's flush thread writes it right after (group commit).
 async fn batch_proposals(
     raft: Raft,
+    durable: crate::consensus::DurableLog,
     mut proposals: tokio::sync::mpsc::UnboundedReceiver<Proposal>,
 ) {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
@@ -209,16 +211,33 @@ async fn batch_proposals(
             Err(many) => Command::Batch(many),
         };
         // Submitted here, in order; answered by a task.
+        let next_index = durable.appended_index() + 1;
         let submitted = raft.client_write_ff(command).await;
+        let durable = durable.clone();
         tokio::spawn(async move {
-            let result = match submitted {
-                Err(fatal) => Err(ClusterError::Unavailable(fatal.to_string())),
-                Ok(receiver) => match receiver.await {
-                    Err(_) => Err(ClusterError::Unavailable("Raft stopped".into())),
-                    Ok(result) => result.map_err(|e| write_error(RaftError::APIError(e))),
-                },
+            let answered = async {
+                match submitted {
+                    Err(fatal) => Err(ClusterError::Unavailable(fatal.to_string())),
+                    Ok(receiver) => match receiver.await {
+                        Err(_) => Err(ClusterError::Unavailable("Raft stopped".into())),
+                        Ok(result) => result.map_err(|e| write_error(RaftError::APIError(e))),
+                    },
+                }
             };
-            drop(permit);
+            tokio::pin!(answered);
+            // The next batch may go once this one is on this node's disk: it is then
+            // appended while this one is applied (and, on a leader of several, while
+            // the followers flush this one), and flushed right after this one.
+            let result = tokio::select! {
+                result = &mut answered => {
+                    drop(permit);
+                    result
+                }
+                () = durable.wait_durable(next_index) => {
+                    drop(permit);
+                    answered.await
+                }
+            };
             answer(waiters, single, result);
         });
     }
@@ -275,9 +294,15 @@ pub struct Cluster {
 impl Cluster {
     /// A handle for node `id` reachable at `addr`. Starts its proposal batcher on the
     /// RPC thread, where Raft runs (see `server::start`).
-    pub fn new(id: NodeId, addr: NodeAddr, raft: Raft, rpc: RpcHandle) -> Cluster {
+    pub fn new(
+        id: NodeId,
+        addr: NodeAddr,
+        raft: Raft,
+        rpc: RpcHandle,
+        durable: crate::consensus::DurableLog,
+    ) -> Cluster {
         let (proposals, queue) = tokio::sync::mpsc::unbounded_channel();
-        if let Err(e) = rpc.spawn(batch_proposals(raft.clone(), queue)) {
+        if let Err(e) = rpc.spawn(batch_proposals(raft.clone(), durable, queue)) {
             // Proposals then fail with "unavailable" instead of waiting.
             tracing::error!(error = %e, "cannot start the proposal batcher");
         }

@@ -22,8 +22,11 @@ use crate::state::State;
 
 /// The file in the data folder that names the node it belongs to.
 const NODE_FILE: &str = "node.json";
-/// The node's redb file: Raft log, state machine, blobs.
+/// The node's redb file: state machine, blobs.
 const DB_FILE: &str = "wafer.redb";
+/// The Raft log's redb file in the data folder (older versions kept the log in
+/// [`DB_FILE`]; it is moved on the first start).
+const RAFT_LOG_FILE: &str = "raft-log.redb";
 /// How long a starting node waits to catch up with the cluster before serving.
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(20);
 /// How long `--join` keeps trying to reach the cluster.
@@ -120,8 +123,8 @@ pub struct Node {
 }
 
 /// Checks (or, on first use, writes) the data folder's node id, so that a folder is
-/// never used by another node.
-fn claim_data_folder(data: &Path, id: NodeId) -> anyhow::Result<()> {
+/// never used by another node. Answers whether the folder was the node's already.
+fn claim_data_folder(data: &Path, id: NodeId) -> anyhow::Result<bool> {
     std::fs::create_dir_all(data)
         .with_context(|| format!("creating data folder {}", data.display()))?;
     let marker = data.join(NODE_FILE);
@@ -150,6 +153,7 @@ fn claim_data_folder(data: &Path, id: NodeId) -> anyhow::Result<()> {
                     data.display()
                 );
             }
+            Ok(true)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if db.exists() {
@@ -162,16 +166,16 @@ fn claim_data_folder(data: &Path, id: NodeId) -> anyhow::Result<()> {
             let text = serde_json::json!({ "id": id }).to_string();
             std::fs::write(&marker, text)
                 .with_context(|| format!("writing {}", marker.display()))?;
+            Ok(false)
         }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", marker.display())),
+        Err(e) => Err(e).with_context(|| format!("reading {}", marker.display())),
     }
-    Ok(())
 }
 
 /// Opens the node's storage, starts Raft and the RPC server, and binds the gateway.
 /// The node is not yet a member when this returns; see [`become_member`].
 pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
-    claim_data_folder(&config.data, config.id)?;
+    let known_node = claim_data_folder(&config.data, config.id)?;
     let data = config.data.clone();
     let runtime_config = config.runtime.clone();
     let max_module_mb = config.max_module_mb;
@@ -206,8 +210,17 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         .with_context(|| format!("binding the public API to {}", config.api))?;
     api.set_nonblocking(true)?;
     let events = Arc::new(crate::events::Events::new());
-    let log =
-        LogStore::open(state.database().clone(), config.id).context("opening the Raft log")?;
+    let log_path = config.data.join(RAFT_LOG_FILE);
+    if known_node && !log_path.exists() && !LogStore::kept_in(state.database()) {
+        anyhow::bail!(
+            "data folder {} of node {} has lost its Raft log {RAFT_LOG_FILE}; restore it from a \
+             backup, or remove the folder and re-add the node with --join",
+            config.data.display(),
+            config.id
+        );
+    }
+    let log = LogStore::open_file(&log_path, state.database(), config.id)
+        .with_context(|| format!("opening the Raft log {}", log_path.display()))?;
     let durable = log.durable();
     let sm = StateMachine::open(
         state.clone(),
@@ -236,7 +249,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
     .validate()
     .context("Raft settings")?;
     let rpc = RpcHandle::start(config.secret.clone()).context("starting the RPC thread")?;
-    let network = NetworkFactory::new(rpc.clone(), durable);
+    let network = NetworkFactory::new(rpc.clone(), durable.clone());
     let config_id = config.id;
     // Raft's tasks run on the RPC thread (openraft spawns them on the runtime it starts
     // on), next to the connections they talk through: a commit then crosses no thread
@@ -250,7 +263,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         .context("starting Raft on the RPC thread")?
         .context("starting Raft")?;
     events.follow_leader(&raft);
-    let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone()));
+    let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone(), durable));
     let scheduler = Scheduler::new(cluster.clone(), state.clone(), config.scheduler.clone());
     scheduler.start();
     let service = NodeService::new(cluster.clone(), scheduler.clone());

@@ -1,12 +1,14 @@
-//! How far this node's Raft log is on disk, and the thread that flushes the leader's own
-//! appends.
+//! How far this node's Raft log is on disk, and the queue of the leader's own appends
+//! that a background thread writes and flushes.
 //!
-//! A leader appends its new entries without an fsync and hands them to the followers at
-//! once, while a background thread flushes them (Raft thesis §10.2.1; etcd does the
-//! same), so its fsync overlaps the followers' instead of preceding them. openraft 0.9
-//! counts the leader's copy as soon as the append returns, so an entry may be
-//! *committed* in the leader's memory before it is on the leader's disk; nothing acts on
-//! that before the flush:
+//! A leader appends its new entries to an in-memory queue and hands them to the
+//! followers at once, while a background thread writes everything queued in one
+//! transaction and flushes it (Raft thesis §10.2.1; etcd does the same), so its fsync
+//! overlaps the followers' instead of preceding them, and entries proposed during one
+//! flush go into the next right after it (group commit). Readers of the log see queued
+//! entries as if they were written. openraft 0.9 counts the leader's copy as soon as
+//! the append returns, so an entry may be *committed* in the leader's memory before it
+//! is on the leader's disk; nothing acts on that before the flush:
 //! - the state machine applies an entry (and so answers its client and tells the
 //!   node's observers) only once it is durable here ([`DurableLog::wait_for`]);
 //! - followers learn of a commit index only as far as it is durable here (the network
@@ -16,10 +18,11 @@
 //! If the leader dies before the flush, the entry was acknowledged to nobody and lives on
 //! in at most the followers' logs, exactly as if it had died before sending it. Every
 //! other write of the log (a follower's appends, entries changing the membership, the
-//! vote, truncations, purges) is durable when it returns, and a durable redb commit
-//! persists the commits before it, so a node that stops leading (which saves a new vote
-//! first) has everything it appended on disk before it answers another leader.
+//! vote, truncations, purges) writes the queue first and is durable when it returns, so
+//! a node that stops leading (which saves a new vote first) has everything it appended
+//! on disk before it answers another leader.
 
+use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,7 +30,7 @@ use std::time::Duration;
 use redb::{Database, Durability};
 use tokio::sync::watch;
 
-use super::{LogId, StorageError};
+use super::{Entry, LogId, StorageError};
 
 /// How far the log is on disk, and why it cannot get further if a flush failed.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,39 +43,119 @@ pub struct Flushed {
     pub failed: Option<String>,
 }
 
-/// The log's write side: serialises the log's write transactions with the flusher's,
-/// and knows the last entry appended.
-#[derive(Debug)]
-pub(super) struct Writes {
-    /// The last entry in the log (after appends and truncations), durable or not.
-    pub(super) appended: Option<LogId>,
+/// An entry of the leader's waiting to be written: readable from the queue meanwhile.
+#[derive(Clone)]
+pub(super) struct Queued {
+    pub(super) entry: Entry,
+    /// Its encoding, as the log table stores it.
+    pub(super) bytes: Arc<[u8]>,
+}
+
+/// What waits to be written with the next transaction of the log.
+#[derive(Default)]
+pub(super) struct Queue {
+    /// The leader's own entries, in index order, following the entries written.
+    pub(super) entries: VecDeque<Queued>,
+    /// The committed log id, a restart hint, when it changed since last written.
+    pub(super) committed: Option<Option<LogId>>,
+}
+
+/// What one transaction took from the queue to write.
+pub(super) struct Taken {
+    pub(super) entries: Vec<(LogId, Arc<[u8]>)>,
+    pub(super) committed: Option<Option<LogId>>,
+}
+
+impl Taken {
+    /// The last entry taken, if any.
+    pub(super) fn last(&self) -> Option<LogId> {
+        self.entries.last().map(|(id, _)| *id)
+    }
 }
 
 /// State shared by the log store, the flusher thread and the readers of the marks.
-struct Shared {
-    db: Arc<Database>,
-    writes: Mutex<Writes>,
+pub(super) struct Shared {
+    pub(super) db: Arc<Database>,
+    /// Held across every write transaction of the log, so that the queue is written
+    /// in order.
+    txn: Mutex<()>,
+    queue: Mutex<Queue>,
     flushed: watch::Sender<Flushed>,
 }
 
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Writes> {
-        self.writes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Takes the log's write lock: hold it across a write transaction of the log.
+    pub(super) fn lock_txn(&self) -> MutexGuard<'_, ()> {
+        locked(&self.txn)
     }
 
-    /// Makes every entry appended so far durable (no-op when it is).
-    fn flush(&self) {
-        let writes = self.lock();
-        {
-            let flushed = self.flushed.borrow();
-            if flushed.upto == writes.appended || flushed.failed.is_some() {
-                return;
+    /// The queue (never held across I/O).
+    pub(super) fn queue(&self) -> MutexGuard<'_, Queue> {
+        locked(&self.queue)
+    }
+
+    /// What is queued, to be written by a transaction made under the write lock.
+    pub(super) fn take(&self) -> Taken {
+        let mut queue = self.queue();
+        Taken {
+            entries: queue
+                .entries
+                .iter()
+                .map(|q| (q.entry.log_id, q.bytes.clone()))
+                .collect(),
+            committed: queue.committed.take(),
+        }
+    }
+
+    /// After the durable commit of a transaction that wrote `taken` (under the write
+    /// lock) and then, maybe, entries of its own up to `own`: drops the written entries
+    /// from the queue and records how far the log is durable.
+    pub(super) fn written(&self, taken: &Taken, own: Option<LogId>) {
+        if let Some(last) = taken.last() {
+            let mut queue = self.queue();
+            while queue
+                .entries
+                .front()
+                .is_some_and(|q| q.entry.log_id.index <= last.index)
+            {
+                queue.entries.pop_front();
             }
         }
-        match durable_barrier(&self.db) {
-            Ok(()) => self.mark_durable(&writes),
+        let Some(upto) = own.or(taken.last()) else {
+            return;
+        };
+        self.flushed.send_if_modified(|flushed| {
+            let changed = flushed.upto != Some(upto);
+            flushed.upto = Some(upto);
+            changed
+        });
+    }
+
+    /// Writes what is queued and makes it durable (no-op when nothing is queued).
+    fn flush(&self) {
+        let _txn = self.lock_txn();
+        if self.flushed.borrow().failed.is_some() {
+            return;
+        }
+        let taken = self.take();
+        if taken.entries.is_empty() && taken.committed.is_none() {
+            return;
+        }
+        let result = (|| -> Result<(), redb::Error> {
+            let mut txn = self.db.begin_write()?;
+            set_immediate(&mut txn)?;
+            write_taken(&txn, &taken)?;
+            txn.commit()?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => self.written(&taken, None),
             Err(e) => {
                 tracing::error!(error = %e, "flushing the Raft log failed");
                 self.flushed.send_modify(|flushed| {
@@ -82,34 +165,62 @@ impl Shared {
         }
     }
 
-    /// Records that everything appended is durable (called with the write lock held,
-    /// right after a durable commit).
-    fn mark_durable(&self, writes: &Writes) {
+    /// Records `appended` as the log's last entry (after an append or a truncation).
+    pub(super) fn set_appended(&self, appended: Option<LogId>) {
+        self.flushed
+            .send_modify(|flushed| flushed.appended = appended);
+    }
+
+    /// Records that the whole log, up to `appended`, is durable.
+    pub(super) fn set_all_durable(&self, appended: Option<LogId>) {
         self.flushed.send_if_modified(|flushed| {
-            let changed = flushed.upto != writes.appended || flushed.appended != writes.appended;
-            flushed.upto = writes.appended;
-            flushed.appended = writes.appended;
+            let changed = flushed.upto != appended || flushed.appended != appended;
+            flushed.upto = appended;
+            flushed.appended = appended;
             changed
         });
     }
 }
 
-/// Makes every commit so far durable: an empty commit with immediate durability
-/// persists the non-durable commits before it.
-pub(super) fn durable_barrier(db: &Database) -> Result<(), redb::Error> {
-    let mut txn = db.begin_write()?;
+/// Sets `txn` to commit with an fsync.
+pub(super) fn set_immediate(txn: &mut redb::WriteTransaction) -> Result<(), redb::Error> {
     txn.set_durability(Durability::Immediate).map_err(|e| {
         redb::Error::from(redb::StorageError::Io(std::io::Error::other(e.to_string())))
-    })?;
+    })
+}
+
+/// Writes `taken` into the log's tables in `txn`.
+pub(super) fn write_taken(txn: &redb::WriteTransaction, taken: &Taken) -> Result<(), redb::Error> {
+    if let Some(committed) = &taken.committed {
+        let bytes = serde_json::to_vec(committed)
+            .map_err(|e| redb::StorageError::Io(std::io::Error::other(e)))?;
+        txn.open_table(super::log_store::META)?
+            .insert(super::log_store::COMMITTED, bytes.as_slice())?;
+    }
+    if !taken.entries.is_empty() {
+        let mut table = txn.open_table(super::log_store::LOG)?;
+        for (id, bytes) in &taken.entries {
+            table.insert(id.index, &bytes[..])?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes every commit of `db` so far durable: an empty commit with immediate
+/// durability persists the non-durable commits before it.
+pub(super) fn durable_barrier(db: &Database) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    set_immediate(&mut txn)?;
     txn.commit()?;
     Ok(())
 }
 
-/// The log store's side: takes the write lock, and asks the flusher thread for flushes.
-/// The thread ends once the log store and every [`DurableLog`] view of it are gone.
+/// The log store's side: the shared state, and a way to ask the flusher thread for a
+/// flush. The thread ends once the log store and every [`DurableLog`] view of it are
+/// gone.
 #[derive(Clone)]
 pub(super) struct Flusher {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     wake: Arc<Mutex<mpsc::Sender<()>>>,
 }
 
@@ -127,7 +238,8 @@ impl Flusher {
         });
         let shared = Arc::new(Shared {
             db,
-            writes: Mutex::new(Writes { appended }),
+            txn: Mutex::new(()),
+            queue: Mutex::new(Queue::default()),
             flushed,
         });
         let (wake, requests) = mpsc::channel::<()>();
@@ -155,21 +267,14 @@ impl Flusher {
         })
     }
 
-    /// Takes the log's write lock: hold it across a write transaction of the log.
-    pub(super) fn lock(&self) -> MutexGuard<'_, Writes> {
-        self.shared.lock()
-    }
-
-    /// After a durable commit made under `writes`: everything appended is on disk.
-    pub(super) fn durable(&self, writes: &Writes) {
-        self.shared.mark_durable(writes);
-    }
-
-    /// After a commit without an fsync made under `writes`: asks the thread to flush it.
-    pub(super) fn appended(&self, writes: &Writes) {
-        self.shared
-            .flushed
-            .send_modify(|flushed| flushed.appended = writes.appended);
+    /// Queues the leader's own `entries` (following the log's last entry) to be written
+    /// and flushed in the background.
+    pub(super) fn enqueue(&self, entries: Vec<Queued>) {
+        let Some(last) = entries.last().map(|q| q.entry.log_id) else {
+            return;
+        };
+        self.shared.queue().entries.extend(entries);
+        self.shared.set_appended(Some(last));
         request(&self.wake);
     }
 
@@ -183,9 +288,8 @@ impl Flusher {
 }
 
 fn request(wake: &Mutex<mpsc::Sender<()>>) {
-    let wake = wake.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     // A stopped thread means the log store is gone: nothing is left to flush.
-    let _ = wake.send(());
+    let _ = locked(wake).send(());
 }
 
 /// How long a heartbeat (a request without entries) waits for the leader's flush before
@@ -204,6 +308,11 @@ impl DurableLog {
     /// The last entry known to be durable.
     pub fn upto(&self) -> Option<LogId> {
         self.flushed.borrow().upto
+    }
+
+    /// The index of the last entry appended, durable or not (0: none).
+    pub fn appended_index(&self) -> u64 {
+        self.flushed.borrow().appended.map_or(0, |a| a.index)
     }
 
     /// Waits until the entry at `index` is durable (asking for a flush if it is not).
@@ -227,6 +336,15 @@ impl DurableLog {
             Ok(_) => Ok(()),
             Err(_) => Err(storage_error("the Raft log is closed".into())),
         }
+    }
+
+    /// Waits until an entry at `index` or later is durable, or the log failed or
+    /// closed. Unlike [`DurableLog::wait_for`], the entry need not be appended yet.
+    pub async fn wait_durable(&self, index: u64) {
+        let mut flushed = self.flushed.clone();
+        let _ = flushed
+            .wait_for(|f| f.failed.is_some() || f.upto.is_some_and(|d| d.index >= index))
+            .await;
     }
 
     /// The commit index a message to a follower may carry: `commit`, lowered to what is

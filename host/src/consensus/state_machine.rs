@@ -39,7 +39,15 @@ pub struct StateMachine {
     incoming: Option<PathBuf>,
     /// How far the log is durable: an entry is applied only once it is.
     durable: DurableLog,
+    /// When the applied state was last made durable.
+    state_flushed: Arc<std::sync::Mutex<std::time::Instant>>,
 }
+
+/// How often the applied state is made durable. Applies are not fsynced (the log is:
+/// after a crash openraft applies the log again from the state's last durable point),
+/// but redb reuses the pages a transaction frees only after a durable commit, so a
+/// state that is never made durable would only grow between snapshots.
+const STATE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Builds snapshots from a consistent read of the state.
 pub struct SnapshotBuilder {
@@ -97,6 +105,7 @@ impl StateMachine {
             built: Arc::new(AtomicU64::new(0)),
             incoming: None,
             durable,
+            state_flushed: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
         })
     }
 
@@ -283,6 +292,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.durable.wait_for(last.index).await?;
         let state = self.state.clone();
         let observer = self.observer.clone();
+        let state_flushed = self.state_flushed.clone();
         blocking(
             slow_to_apply(&entries),
             move || -> Result<Vec<Option<CommandResponse>>, StorageError> {
@@ -309,6 +319,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     });
                 }
                 put_meta(&txn, &Some(last), membership.as_ref())?;
+                let flush = {
+                    let mut flushed = state_flushed
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let due = flushed.elapsed() >= STATE_FLUSH_INTERVAL;
+                    if due {
+                        *flushed = std::time::Instant::now();
+                    }
+                    due
+                };
+                if flush {
+                    txn.set_durability(redb::Durability::Immediate)
+                        .map_err(sm_write)?;
+                }
                 txn.commit().map_err(sm_write)?;
                 let changes: Vec<&CommandResponse> = responses
                     .iter()

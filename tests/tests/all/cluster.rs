@@ -468,6 +468,16 @@ async fn a_restarted_server_keeps_its_state_and_unusable_data_folders_fail_clear
 
     // Another node may not use this folder.
     expect_start_failure(2, &data, "belongs to node 1");
+    // A damaged Raft log, then a lost one.
+    let log_file = data.join("raft-log.redb");
+    let mut bytes = std::fs::read(&log_file).expect("Raft log");
+    for b in bytes.iter_mut().take(4096) {
+        *b = 0x5a;
+    }
+    std::fs::write(&log_file, bytes).expect("corrupt the Raft log");
+    expect_start_failure(1, &data, "opening the Raft log");
+    std::fs::remove_file(&log_file).expect("remove the Raft log");
+    expect_start_failure(1, &data, "lost its Raft log");
     // A damaged database.
     let db = data.join("wafer.redb");
     let mut bytes = std::fs::read(&db).expect("database");
