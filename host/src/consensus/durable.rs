@@ -58,7 +58,15 @@ pub(super) struct Queue {
     pub(super) entries: VecDeque<Queued>,
     /// The committed log id, a restart hint, when it changed since last written.
     pub(super) committed: Option<Option<LogId>>,
+    /// When the committed log id was last written.
+    committed_written: Option<std::time::Instant>,
 }
+
+/// How often the committed log id (a restart hint: a stale one only means openraft
+/// learns the commit again from the cluster) is written with the log's writes. Each
+/// write of it adds pages to a flush, whose `fdatasync` costs more the more scattered
+/// pages it writes.
+const COMMITTED_EVERY: Duration = Duration::from_secs(1);
 
 /// What one transaction took from the queue to write.
 pub(super) struct Taken {
@@ -100,16 +108,27 @@ impl Shared {
         locked(&self.queue)
     }
 
-    /// What is queued, to be written by a transaction made under the write lock.
+    /// What is queued, to be written by a transaction made under the write lock (the
+    /// committed log id at most every [`COMMITTED_EVERY`]).
     pub(super) fn take(&self) -> Taken {
         let mut queue = self.queue();
+        let due = queue.committed.is_some()
+            && queue
+                .committed_written
+                .is_none_or(|at| at.elapsed() >= COMMITTED_EVERY);
+        let committed = if due {
+            queue.committed_written = Some(std::time::Instant::now());
+            queue.committed.take()
+        } else {
+            None
+        };
         Taken {
             entries: queue
                 .entries
                 .iter()
                 .map(|q| (q.entry.log_id, q.bytes.clone()))
                 .collect(),
-            committed: queue.committed.take(),
+            committed,
         }
     }
 

@@ -3,9 +3,9 @@
 //! written and flushed in the background ([`super::durable`] says why that is safe);
 //! every other write (a follower's appends, membership entries, the vote, truncations,
 //! purges) writes the queue too and is durable (fsynced) when it returns. The committed
-//! log id is a restart hint kept in memory and written with the next write (a
-//! transaction of its own would add its pages to every flush, and an `fdatasync` costs
-//! more the more scattered pages it writes).
+//! log id is a restart hint kept in memory and written with the next write at most once
+//! a second (a write of it adds its pages to a flush, and an `fdatasync` costs more the
+//! more scattered pages it writes).
 //!
 //! The log has a file of its own so that applying committed entries to the state (in
 //! the node's state file) never waits for the log's write lock while the next entries
@@ -334,7 +334,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // A hint for restarts (what to re-apply): losing the latest one is harmless, so
-        // it waits for the next write to carry it.
+        // it waits for a later write to carry it.
         self.shared().queue().committed = Some(committed);
         Ok(())
     }

@@ -445,6 +445,15 @@ fn expect_start_failure(id: u64, data: &std::path::Path, expected: &str) {
     );
 }
 
+/// Damages the file at `path`: its first 4 KiB (a redb file's header) overwritten.
+fn overwrite_head(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).expect("read the file to damage");
+    for b in bytes.iter_mut().take(4096) {
+        *b = 0x5a;
+    }
+    std::fs::write(path, bytes).expect("damage the file");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_server_keeps_its_state_and_unusable_data_folders_fail_clearly() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -470,21 +479,13 @@ async fn a_restarted_server_keeps_its_state_and_unusable_data_folders_fail_clear
     expect_start_failure(2, &data, "belongs to node 1");
     // A damaged Raft log, then a lost one.
     let log_file = data.join("raft-log.redb");
-    let mut bytes = std::fs::read(&log_file).expect("Raft log");
-    for b in bytes.iter_mut().take(4096) {
-        *b = 0x5a;
-    }
-    std::fs::write(&log_file, bytes).expect("corrupt the Raft log");
+    overwrite_head(&log_file);
     expect_start_failure(1, &data, "opening the Raft log");
     std::fs::remove_file(&log_file).expect("remove the Raft log");
     expect_start_failure(1, &data, "lost its Raft log");
     // A damaged database.
     let db = data.join("wafer.redb");
-    let mut bytes = std::fs::read(&db).expect("database");
-    for b in bytes.iter_mut().take(4096) {
-        *b = 0x5a;
-    }
-    std::fs::write(&db, bytes).expect("corrupt the database");
+    overwrite_head(&db);
     expect_start_failure(1, &data, "damaged");
     // A lost database.
     std::fs::remove_file(&db).expect("remove the database");
