@@ -315,10 +315,30 @@ impl Cluster {
                 last = statuses;
             }
             if Instant::now() >= until {
-                bail!("timed out waiting until {what}; last statuses: {last:#?}");
+                bail!(
+                    "timed out waiting until {what}; last statuses: {last:#?}\n{}",
+                    self.log_tails()
+                );
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// The last lines of every server's log, for failure messages.
+    fn log_tails(&self) -> String {
+        const LINES: usize = 40;
+        let mut out = String::new();
+        for (id, server) in &self.servers {
+            let log = server.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LINES)..];
+            out.push_str(&format!("--- node {id}'s log (last {LINES} lines):\n"));
+            for line in tail {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Waits until `nodes` agree on one leader among them; returns its id.

@@ -5,7 +5,7 @@
 //! (raft.capnp), then the state's items ([`crate::state::dump`]). The newest one is
 //! `snapshots/current.snap`; it is replaced atomically (write, fsync, rename).
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -165,27 +165,37 @@ fn read_header(reader: &mut impl std::io::BufRead) -> Result<SnapshotMeta, Stora
     read_snapshot_meta(meta).map_err(|e| snap_err(ErrorVerb::Read, e))
 }
 
-/// Opens `path` for reading by openraft, positioned at its start.
-async fn open_snapshot(
-    path: &Path,
-    meta: SnapshotMeta,
-) -> Result<Snapshot<TypeConfig>, StorageError> {
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| snap_err(ErrorVerb::Read, format!("{}: {e}", path.display())))?;
+/// The snapshot in the open file `file`, for openraft to stream: its metadata read
+/// from the file itself, the file rewound to its start. The meta is always that of the
+/// data sent, even when a newer snapshot replaces the file's path meanwhile (the open
+/// file keeps the data it had).
+fn snapshot_in(mut file: std::fs::File) -> Result<Snapshot<TypeConfig>, StorageError> {
+    let rewind = |file: &mut std::fs::File| {
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| snap_err(ErrorVerb::Read, e))
+    };
+    rewind(&mut file)?;
+    let meta = read_header(&mut BufReader::new(&file))?;
+    rewind(&mut file)?;
     Ok(Snapshot {
         meta,
-        snapshot: Box::new(file),
+        snapshot: Box::new(tokio::fs::File::from_std(file)),
     })
 }
 
-/// Writes `path.tmp`, fsyncs it and renames it to `path`.
+/// Writes `path.tmp`, fsyncs it and renames it to `path`; returns the written file,
+/// open for reading.
 fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<std::fs::File>) -> Result<(), StorageError>,
-) -> Result<(), StorageError> {
+) -> Result<std::fs::File, StorageError> {
     let tmp = path.with_extension("tmp");
-    let file = std::fs::File::create(&tmp)
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
         .map_err(|e| snap_err(ErrorVerb::Write, format!("{}: {e}", tmp.display())))?;
     let mut out = BufWriter::new(file);
     write(&mut out)?;
@@ -197,7 +207,7 @@ fn write_atomically(
     if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
         let _ = dir.sync_all();
     }
-    Ok(())
+    Ok(file)
 }
 
 /// Whether applying `entries` may take long: a deploy compiles its module, bulky
@@ -233,8 +243,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let state = self.state.clone();
         let path = self.snapshots.join(CURRENT);
         let n = self.built.fetch_add(1, Ordering::Relaxed);
-        let build_path = path.clone();
-        let meta = tokio::task::spawn_blocking(move || -> Result<SnapshotMeta, StorageError> {
+        let snapshot = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
             // Applied commands are not fsynced (the log is): make them durable before
             // the snapshot lets the log behind it be purged.
             super::durable::durable_barrier(state.database()).map_err(sm_write)?;
@@ -254,7 +263,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 last_membership: membership,
                 snapshot_id,
             };
-            write_atomically(&build_path, |out| {
+            let file = write_atomically(&path, |out| {
                 let mut header = capnp::message::Builder::new_default();
                 write_snapshot_meta(header.init_root(), &meta);
                 capnp::serialize::write_message(&mut *out, &header)
@@ -262,12 +271,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 state::dump(&txn, out).map_err(|e| snap_err(ErrorVerb::Write, e))?;
                 out.flush().map_err(|e| snap_err(ErrorVerb::Write, e))
             })?;
-            Ok(meta)
+            snapshot_in(file)
         })
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))??;
-        tracing::info!(snapshot = %meta.snapshot_id, "built a snapshot");
-        open_snapshot(&path, meta).await
+        tracing::info!(snapshot = %snapshot.meta.snapshot_id, "built a snapshot");
+        Ok(snapshot)
     }
 }
 
@@ -390,9 +399,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
             file.sync_all().map_err(|e| snap_err(ErrorVerb::Write, e))?;
             let mut reader = BufReader::new(&file);
-            use std::io::Seek;
             reader
-                .seek(std::io::SeekFrom::Start(0))
+                .seek(SeekFrom::Start(0))
                 .map_err(|e| snap_err(ErrorVerb::Read, e))?;
             let header = read_header(&mut reader)?;
             if header.last_log_id != meta.last_log_id {
@@ -412,7 +420,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // need not be in the file `begin_receiving_snapshot` made.)
             let mut reader = BufReader::new(&file);
             reader
-                .seek(std::io::SeekFrom::Start(0))
+                .seek(SeekFrom::Start(0))
                 .map_err(|e| snap_err(ErrorVerb::Read, e))?;
             write_atomically(&current, |out| {
                 std::io::copy(&mut reader, out)
@@ -435,13 +443,64 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if !path.exists() {
             return Ok(None);
         }
-        let read_path = path.clone();
-        let meta = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&read_path).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-            read_header(&mut BufReader::new(file))
+        let snapshot = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path)
+                .map_err(|e| snap_err(ErrorVerb::Read, format!("{}: {e}", path.display())))?;
+            snapshot_in(file)
         })
         .await
         .map_err(|e| snap_err(ErrorVerb::Read, e))??;
-        Ok(Some(open_snapshot(&path, meta).await?))
+        Ok(Some(snapshot))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::BufReader;
+    use std::sync::Arc;
+
+    use openraft::storage::RaftStateMachine;
+    use openraft::RaftSnapshotBuilder;
+
+    use super::{read_header, StateMachine};
+    use crate::consensus::LogStore;
+    use crate::state::{NoObserver, State};
+
+    /// A snapshot handed out while new ones are being built streams the data its
+    /// metadata describes (a follower refuses a snapshot whose data is of another
+    /// log id).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_handed_out_during_builds_matches_its_metadata() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let state = State::open(&dir.path().join("wafer.redb"))?;
+        let log = LogStore::open(state.database().clone(), 0)?;
+        let mut sm = StateMachine::open(
+            state,
+            &dir.path().join("snapshots"),
+            Arc::new(NoObserver),
+            log.durable(),
+        )?;
+        sm.get_snapshot_builder().await.build_snapshot().await?;
+        let mut builder = sm.get_snapshot_builder().await;
+        const BUILDS: usize = 200;
+        let building = tokio::spawn(async move {
+            for _ in 0..BUILDS {
+                builder.build_snapshot().await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+        let mut checked = 0;
+        while !building.is_finished() || checked == 0 {
+            let snapshot = sm
+                .get_current_snapshot()
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no current snapshot"))?;
+            let file = snapshot.snapshot.into_std().await;
+            let header = read_header(&mut BufReader::new(file))?;
+            assert_eq!(header.snapshot_id, snapshot.meta.snapshot_id);
+            checked += 1;
+        }
+        building.await??;
+        Ok(())
     }
 }
