@@ -228,15 +228,14 @@ async fn batch_proposals(
             // The next batch may go once this one is on this node's disk: it is then
             // appended while this one is applied (and, on a leader of several, while
             // the followers flush this one), and flushed right after this one.
-            let result = tokio::select! {
-                result = &mut answered => {
-                    drop(permit);
-                    result
-                }
-                () = durable.wait_durable(next_index) => {
-                    drop(permit);
-                    answered.await
-                }
+            let early = tokio::select! {
+                result = &mut answered => Some(result),
+                () = durable.wait_durable(next_index) => None,
+            };
+            drop(permit);
+            let result = match early {
+                Some(result) => result,
+                None => answered.await,
             };
             answer(waiters, single, result);
         });

@@ -59,7 +59,7 @@ pub(super) struct Queue {
     /// The committed log id, a restart hint, when it changed since last written.
     pub(super) committed: Option<Option<LogId>>,
     /// When the committed log id was last written.
-    committed_written: Option<std::time::Instant>,
+    committed_written: super::Paced,
 }
 
 /// How often the committed log id (a restart hint: a stale one only means openraft
@@ -69,14 +69,14 @@ pub(super) struct Queue {
 const COMMITTED_EVERY: Duration = Duration::from_secs(1);
 
 /// What one transaction took from the queue to write.
-pub(super) struct Taken {
-    pub(super) entries: Vec<(LogId, Arc<[u8]>)>,
-    pub(super) committed: Option<Option<LogId>>,
+struct Taken {
+    entries: Vec<(LogId, Arc<[u8]>)>,
+    committed: Option<Option<LogId>>,
 }
 
 impl Taken {
     /// The last entry taken, if any.
-    pub(super) fn last(&self) -> Option<LogId> {
+    fn last(&self) -> Option<LogId> {
         self.entries.last().map(|(id, _)| *id)
     }
 }
@@ -98,11 +98,6 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Takes the log's write lock: hold it across a write transaction of the log.
-    pub(super) fn lock_txn(&self) -> MutexGuard<'_, ()> {
-        locked(&self.txn)
-    }
-
     /// The queue (never held across I/O).
     pub(super) fn queue(&self) -> MutexGuard<'_, Queue> {
         locked(&self.queue)
@@ -110,14 +105,10 @@ impl Shared {
 
     /// What is queued, to be written by a transaction made under the write lock (the
     /// committed log id at most every [`COMMITTED_EVERY`]).
-    pub(super) fn take(&self) -> Taken {
+    fn take(&self) -> Taken {
         let mut queue = self.queue();
-        let due = queue.committed.is_some()
-            && queue
-                .committed_written
-                .is_none_or(|at| at.elapsed() >= COMMITTED_EVERY);
-        let committed = if due {
-            queue.committed_written = Some(std::time::Instant::now());
+        let committed = if queue.committed.is_some() && queue.committed_written.due(COMMITTED_EVERY)
+        {
             queue.committed.take()
         } else {
             None
@@ -135,7 +126,7 @@ impl Shared {
     /// After the durable commit of a transaction that wrote `taken` (under the write
     /// lock) and then, maybe, entries of its own up to `own`: drops the written entries
     /// from the queue and records how far the log is durable.
-    pub(super) fn written(&self, taken: &Taken, own: Option<LogId>) {
+    fn written(&self, taken: &Taken, own: Option<LogId>) {
         if let Some(last) = taken.last() {
             let mut queue = self.queue();
             while queue
@@ -156,31 +147,40 @@ impl Shared {
         });
     }
 
+    /// Writes what is queued and `write`'s changes (ending with entry `own`, if it
+    /// appends) in one durable transaction under the log's write lock, then drops the
+    /// written entries from the queue and records how far the log is durable. With
+    /// `skip_if_idle`, does nothing when nothing is queued.
+    pub(super) fn write(
+        &self,
+        own: Option<LogId>,
+        skip_if_idle: bool,
+        write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), redb::Error> {
+        let _txn = locked(&self.txn);
+        let taken = self.take();
+        if skip_if_idle && taken.entries.is_empty() && taken.committed.is_none() {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write()?;
+        set_immediate(&mut txn)?;
+        write_taken(&txn, &taken)?;
+        write(&txn)?;
+        txn.commit()?;
+        self.written(&taken, own);
+        Ok(())
+    }
+
     /// Writes what is queued and makes it durable (no-op when nothing is queued).
     fn flush(&self) {
-        let _txn = self.lock_txn();
         if self.flushed.borrow().failed.is_some() {
             return;
         }
-        let taken = self.take();
-        if taken.entries.is_empty() && taken.committed.is_none() {
-            return;
-        }
-        let result = (|| -> Result<(), redb::Error> {
-            let mut txn = self.db.begin_write()?;
-            set_immediate(&mut txn)?;
-            write_taken(&txn, &taken)?;
-            txn.commit()?;
-            Ok(())
-        })();
-        match result {
-            Ok(()) => self.written(&taken, None),
-            Err(e) => {
-                tracing::error!(error = %e, "flushing the Raft log failed");
-                self.flushed.send_modify(|flushed| {
-                    flushed.failed = Some(format!("flushing the Raft log: {e}"));
-                });
-            }
+        if let Err(e) = self.write(None, true, |_| Ok(())) {
+            tracing::error!(error = %e, "flushing the Raft log failed");
+            self.flushed.send_modify(|flushed| {
+                flushed.failed = Some(format!("flushing the Raft log: {e}"));
+            });
         }
     }
 
@@ -209,7 +209,7 @@ pub(super) fn set_immediate(txn: &mut redb::WriteTransaction) -> Result<(), redb
 }
 
 /// Writes `taken` into the log's tables in `txn`.
-pub(super) fn write_taken(txn: &redb::WriteTransaction, taken: &Taken) -> Result<(), redb::Error> {
+fn write_taken(txn: &redb::WriteTransaction, taken: &Taken) -> Result<(), redb::Error> {
     if let Some(committed) = &taken.committed {
         let bytes = serde_json::to_vec(committed)
             .map_err(|e| redb::StorageError::Io(std::io::Error::other(e)))?;

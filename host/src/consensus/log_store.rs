@@ -12,7 +12,7 @@
 //! are flushed.
 
 use std::fmt::Debug;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +22,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::de::DeserializeOwned;
 
 use super::codec::{decode_entry, encode_entry};
-use super::durable::{write_taken, DurableLog, Flusher, Queued, Shared};
+use super::durable::{DurableLog, Flusher, Queued, Shared};
 use super::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
 
 /// Log index -> entry (`Entry` in raft.capnp).
@@ -132,38 +132,25 @@ impl LogStore {
             self.flusher.enqueue(queued);
             return Ok(());
         }
-        let _txn = self.shared().lock_txn();
-        let taken = self.shared().take();
-        let txn = self.db().begin_write().map_err(write_err)?;
-        write_taken(&txn, &taken).map_err(write_err)?;
-        {
-            let mut table = txn.open_table(LOG).map_err(write_err)?;
-            for entry in &entries {
-                table
-                    .insert(entry.log_id.index, encode_entry(entry).as_slice())
-                    .map_err(write_err)?;
-            }
-        }
-        txn.commit().map_err(write_err)?;
-        self.shared().written(&taken, Some(last));
+        self.shared()
+            .write(Some(last), false, |txn| {
+                let mut table = txn.open_table(LOG)?;
+                for entry in &entries {
+                    table.insert(entry.log_id.index, encode_entry(entry).as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(write_err)?;
         self.shared().set_appended(Some(last));
         Ok(())
     }
 
-    /// Writes what is queued and `write`'s changes in one durable transaction (under
-    /// the log's write lock).
+    /// Writes what is queued and `write`'s changes in one durable transaction.
     fn write_durably(
         &self,
         write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StorageError> {
-        let _txn = self.shared().lock_txn();
-        let taken = self.shared().take();
-        let txn = self.db().begin_write().map_err(write_err)?;
-        write_taken(&txn, &taken).map_err(write_err)?;
-        write(&txn).map_err(write_err)?;
-        txn.commit().map_err(write_err)?;
-        self.shared().written(&taken, None);
-        Ok(())
+        self.shared().write(None, false, write).map_err(write_err)
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
@@ -264,30 +251,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let txn = self.db().begin_read().map_err(read_err)?;
         let table = txn.open_table(LOG).map_err(read_err)?;
-        let written = match first_queued {
-            // What the queue holds comes from the queue.
-            Some(first) => {
-                let end = match range.end_bound() {
-                    Bound::Included(&e) => e.min(first.saturating_sub(1)),
-                    Bound::Excluded(&e) => e.min(first).saturating_sub(1),
-                    Bound::Unbounded => first.saturating_sub(1),
-                };
-                let start = match range.start_bound() {
-                    Bound::Included(&s) => s,
-                    Bound::Excluded(&s) => s.saturating_add(1),
-                    Bound::Unbounded => 0,
-                };
-                if first == 0 || start > end {
-                    None
-                } else {
-                    Some(table.range(start..=end).map_err(read_err)?)
-                }
-            }
-            None => Some(table.range(range).map_err(read_err)?),
-        };
         let mut entries = Vec::new();
-        for item in written.into_iter().flatten() {
-            let (_, value) = item.map_err(read_err)?;
+        for item in table.range(range).map_err(read_err)? {
+            let (index, value) = item.map_err(read_err)?;
+            // What the queue holds comes from the queue.
+            if first_queued.is_some_and(|first| index.value() >= first) {
+                break;
+            }
             entries.push(decode_entry(value.value()).map_err(read_err)?);
         }
         entries.extend(queued);

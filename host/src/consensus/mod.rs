@@ -34,6 +34,22 @@ fn entry_bulk_bytes(entry: &Entry) -> usize {
     }
 }
 
+/// When something done from time to time was last done.
+#[derive(Debug, Default)]
+struct Paced(Option<std::time::Instant>);
+
+impl Paced {
+    /// Whether `every` has passed since it was last due (or it never was); if so, now
+    /// counts as the last time.
+    fn due(&mut self, every: std::time::Duration) -> bool {
+        let due = self.0.is_none_or(|at| at.elapsed() >= every);
+        if due {
+            self.0 = Some(std::time::Instant::now());
+        }
+        due
+    }
+}
+
 /// The bulky payload bytes of `entries`.
 fn bulk_bytes(entries: &[Entry]) -> usize {
     entries.iter().map(entry_bulk_bytes).sum()

@@ -40,7 +40,7 @@ pub struct StateMachine {
     /// How far the log is durable: an entry is applied only once it is.
     durable: DurableLog,
     /// When the applied state was last made durable.
-    state_flushed: Arc<std::sync::Mutex<std::time::Instant>>,
+    state_flushed: Arc<std::sync::Mutex<super::Paced>>,
 }
 
 /// How often the applied state is made durable. Applies are not fsynced (the log is:
@@ -105,7 +105,7 @@ impl StateMachine {
             built: Arc::new(AtomicU64::new(0)),
             incoming: None,
             durable,
-            state_flushed: Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
+            state_flushed: Arc::default(),
         })
     }
 
@@ -328,16 +328,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     });
                 }
                 put_meta(&txn, &Some(last), membership.as_ref())?;
-                let flush = {
-                    let mut flushed = state_flushed
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    let due = flushed.elapsed() >= STATE_FLUSH_INTERVAL;
-                    if due {
-                        *flushed = std::time::Instant::now();
-                    }
-                    due
-                };
+                let flush = state_flushed
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .due(STATE_FLUSH_INTERVAL);
                 if flush {
                     txn.set_durability(redb::Durability::Immediate)
                         .map_err(sm_write)?;
