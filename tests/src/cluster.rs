@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::{spawn_until_ready, wafer_bin};
+use crate::{spawn_until_ready, unused_port, wafer_bin};
 
 /// How long cluster state may take to settle (elections, catch-up) in tests.
 pub const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
@@ -161,15 +161,11 @@ impl Cluster {
     /// Starts server `id` with a new data folder.
     pub fn add_server(&mut self, id: u64, join: Join) -> anyhow::Result<&Server> {
         let data = self.dir.join(format!("node{id}"));
-        let (child, http, rpc, api) = spawn_server(
-            id,
-            &data,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            &join,
-            &self.extra,
-        )?;
+        // Fixed ports, outside the range of outgoing connections' ports: a restart
+        // binds the same addresses.
+        let addr = || unused_port().map(|port| format!("127.0.0.1:{port}"));
+        let (child, http, rpc, api) =
+            spawn_server(id, &data, &addr()?, &addr()?, &addr()?, &join, &self.extra)?;
         self.servers.insert(
             id,
             Server {

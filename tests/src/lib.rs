@@ -56,6 +56,26 @@ pub fn bearer_headers(token: &str) -> reqwest::header::HeaderMap {
 /// How long a server may take to start listening.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
+/// A 127.0.0.1 port that is free now and lies below Linux's default range of ports given
+/// to outgoing connections (32768-60999), for a server that restarts on the same
+/// address: while it is down, no client connection of a test running beside it can take
+/// its port (a port from binding port 0 can be). Each port is handed out once per test
+/// process; test processes start at different points.
+pub fn unused_port() -> anyhow::Result<u16> {
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(1_009) % COUNT;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (start + n) % COUNT).context("port number")?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in 127.0.0.1:{FIRST}..{}", FIRST + COUNT)
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -526,7 +526,7 @@ async fn run_all_runs_a_chain_in_order_and_checks_every_run_first() {
 #[tokio::test]
 async fn a_closed_stdout_does_not_stop_the_backend() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = wafer_tests::unused_port()?;
     let addr = format!("127.0.0.1:{port}");
     let args = ["accel", "--listen", &addr].map(String::from);
     let mut child = wafer_tests::spawn_with_closed_stdout(

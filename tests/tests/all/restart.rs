@@ -112,9 +112,7 @@ async fn a_second_server_on_the_same_data_folder_is_refused() {
 #[tokio::test]
 async fn a_closed_stdout_does_not_stop_the_server() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = wafer_tests::unused_port()?;
     let args = [
         "dev",
         "--no-examples",
