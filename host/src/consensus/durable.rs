@@ -39,6 +39,9 @@ pub struct Flushed {
     pub upto: Option<LogId>,
     /// The last entry in the log, durable or not.
     pub appended: Option<LogId>,
+    /// The last entry being written: taken from the queue by a transaction not yet
+    /// durable, or durable.
+    pub taken: Option<LogId>,
     /// Why a flush failed: the log cannot be trusted to get further.
     pub failed: Option<String>,
 }
@@ -162,6 +165,13 @@ impl Shared {
         if skip_if_idle && taken.entries.is_empty() && taken.committed.is_none() {
             return Ok(());
         }
+        if let Some(last) = taken.last() {
+            self.flushed.send_if_modified(|flushed| {
+                let changed = flushed.taken < Some(last);
+                flushed.taken = flushed.taken.max(Some(last));
+                changed
+            });
+        }
         let mut txn = self.db.begin_write()?;
         set_immediate(&mut txn)?;
         write_taken(&txn, &taken)?;
@@ -193,9 +203,12 @@ impl Shared {
     /// Records that the whole log, up to `appended`, is durable.
     pub(super) fn set_all_durable(&self, appended: Option<LogId>) {
         self.flushed.send_if_modified(|flushed| {
-            let changed = flushed.upto != appended || flushed.appended != appended;
+            let changed = flushed.upto != appended
+                || flushed.appended != appended
+                || flushed.taken != appended;
             flushed.upto = appended;
             flushed.appended = appended;
+            flushed.taken = appended;
             changed
         });
     }
@@ -253,6 +266,7 @@ impl Flusher {
         let (flushed, _) = watch::channel(Flushed {
             upto: appended,
             appended,
+            taken: appended,
             failed: None,
         });
         let shared = Arc::new(Shared {
@@ -357,12 +371,17 @@ impl DurableLog {
         }
     }
 
-    /// Waits until an entry at `index` or later is durable, or the log failed or
-    /// closed. Unlike [`DurableLog::wait_for`], the entry need not be appended yet.
-    pub async fn wait_durable(&self, index: u64) {
+    /// Waits until an entry at `index` or later is being written (or durable), or the
+    /// log failed or closed. Unlike [`DurableLog::wait_for`], the entry need not be
+    /// appended yet.
+    pub async fn wait_taken(&self, index: u64) {
         let mut flushed = self.flushed.clone();
         let _ = flushed
-            .wait_for(|f| f.failed.is_some() || f.upto.is_some_and(|d| d.index >= index))
+            .wait_for(|f| {
+                f.failed.is_some()
+                    || f.upto.is_some_and(|d| d.index >= index)
+                    || f.taken.is_some_and(|d| d.index >= index)
+            })
             .await;
     }
 
