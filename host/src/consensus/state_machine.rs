@@ -31,10 +31,8 @@ const CURRENT: &str = "current.snap";
 /// The state machine over the node's [`State`].
 pub struct StateMachine {
     state: State,
-    snapshots: PathBuf,
+    snapshots: Arc<SnapshotFiles>,
     observer: Arc<dyn Observer>,
-    /// Distinguishes snapshots built at the same log id.
-    built: Arc<AtomicU64>,
     /// The file a snapshot being received is written to.
     incoming: Option<PathBuf>,
     /// How far the log is durable: an entry is applied only once it is.
@@ -52,8 +50,86 @@ const STATE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_secs
 /// Builds snapshots from a consistent read of the state.
 pub struct SnapshotBuilder {
     state: State,
-    snapshots: PathBuf,
-    built: Arc<AtomicU64>,
+    snapshots: Arc<SnapshotFiles>,
+}
+
+/// The snapshot files in the data folder: `current.snap`, and the temporary files that
+/// replace it or receive a snapshot. Shared by the state machine and its builders,
+/// which openraft runs at the same time as installs.
+struct SnapshotFiles {
+    dir: PathBuf,
+    /// Numbers temporary files and the snapshots built at one log id.
+    next: AtomicU64,
+    /// Held while `current.snap` is compared with its replacement and replaced.
+    replacing: std::sync::Mutex<()>,
+}
+
+impl SnapshotFiles {
+    /// A number not handed out before in this process.
+    fn next(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn current(&self) -> PathBuf {
+        self.dir.join(CURRENT)
+    }
+
+    /// A temporary file's path of its own, named `WHAT-N.tmp`.
+    fn temporary(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{what}-{}.tmp", self.next()))
+    }
+
+    /// Writes a snapshot of `last_log_id` with `write` to a file of its own, fsyncs it
+    /// and makes it `current.snap`, unless that holds a newer snapshot already (a build
+    /// that began before an install can end after it). Returns the written file, open
+    /// for reading.
+    fn replace_current(
+        &self,
+        last_log_id: Option<LogId>,
+        write: impl FnOnce(&mut BufWriter<std::fs::File>) -> Result<(), StorageError>,
+    ) -> Result<std::fs::File, StorageError> {
+        let tmp = self.temporary("current");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| snap_err(ErrorVerb::Write, format!("{}: {e}", tmp.display())))?;
+        let mut out = BufWriter::new(file);
+        let written = write(&mut out).and_then(|()| {
+            let file = out
+                .into_inner()
+                .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+            file.sync_all().map_err(|e| snap_err(ErrorVerb::Write, e))?;
+            Ok(file)
+        });
+        let file = match written {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let _replacing = self
+            .replacing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self.current();
+        let newer_there = std::fs::File::open(&current)
+            .ok()
+            .and_then(|f| read_header(&mut BufReader::new(f)).ok())
+            .is_some_and(|there| there.last_log_id > last_log_id);
+        if newer_there {
+            // The open file stays readable for whoever asked for this one.
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(file);
+        }
+        std::fs::rename(&tmp, &current).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(file)
+    }
 }
 
 fn sm_read(e: impl ToString) -> StorageError {
@@ -100,9 +176,12 @@ impl StateMachine {
         }
         Ok(StateMachine {
             state,
-            snapshots: snapshots.to_path_buf(),
+            snapshots: Arc::new(SnapshotFiles {
+                dir: snapshots.to_path_buf(),
+                next: AtomicU64::new(0),
+                replacing: std::sync::Mutex::new(()),
+            }),
             observer,
-            built: Arc::new(AtomicU64::new(0)),
             incoming: None,
             durable,
             state_flushed: Arc::default(),
@@ -183,33 +262,6 @@ fn snapshot_in(mut file: std::fs::File) -> Result<Snapshot<TypeConfig>, StorageE
     })
 }
 
-/// Writes `path.tmp`, fsyncs it and renames it to `path`; returns the written file,
-/// open for reading.
-fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&mut BufWriter<std::fs::File>) -> Result<(), StorageError>,
-) -> Result<std::fs::File, StorageError> {
-    let tmp = path.with_extension("tmp");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| snap_err(ErrorVerb::Write, format!("{}: {e}", tmp.display())))?;
-    let mut out = BufWriter::new(file);
-    write(&mut out)?;
-    let file = out
-        .into_inner()
-        .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-    file.sync_all().map_err(|e| snap_err(ErrorVerb::Write, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-    if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
-        let _ = dir.sync_all();
-    }
-    Ok(file)
-}
-
 /// Whether applying `entries` may take long: a deploy compiles its module, bulky
 /// inputs and outputs are copied.
 fn slow_to_apply(entries: &[Entry]) -> bool {
@@ -241,8 +293,8 @@ async fn blocking<T: Send + 'static>(
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = self.state.clone();
-        let path = self.snapshots.join(CURRENT);
-        let n = self.built.fetch_add(1, Ordering::Relaxed);
+        let files = self.snapshots.clone();
+        let n = files.next();
         let snapshot = tokio::task::spawn_blocking(move || -> Result<_, StorageError> {
             // Applied commands are not fsynced (the log is): make them durable before
             // the snapshot lets the log behind it be purged.
@@ -263,7 +315,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 last_membership: membership,
                 snapshot_id,
             };
-            let file = write_atomically(&path, |out| {
+            let file = files.replace_current(meta.last_log_id, |out| {
                 let mut header = capnp::message::Builder::new_default();
                 write_snapshot_meta(header.init_root(), &meta);
                 capnp::serialize::write_message(&mut *out, &header)
@@ -353,13 +405,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             state: self.state.clone(),
             snapshots: self.snapshots.clone(),
-            built: self.built.clone(),
         }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let n = self.built.fetch_add(1, Ordering::Relaxed);
-        let path = self.snapshots.join(format!("incoming-{n}.tmp"));
+        let path = self.snapshots.temporary("incoming");
         let file = tokio::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -387,7 +437,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let file = file.into_std().await;
         let state = self.state.clone();
         let observer = self.observer.clone();
-        let current = self.snapshots.join(CURRENT);
+        let files = self.snapshots.clone();
         let incoming = self.incoming.take();
         let meta = meta.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StorageError> {
@@ -416,7 +466,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             reader
                 .seek(SeekFrom::Start(0))
                 .map_err(|e| snap_err(ErrorVerb::Read, e))?;
-            write_atomically(&current, |out| {
+            files.replace_current(meta.last_log_id, |out| {
                 std::io::copy(&mut reader, out)
                     .map(|_| ())
                     .map_err(|e| snap_err(ErrorVerb::Write, e))
@@ -433,7 +483,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let path = self.snapshots.join(CURRENT);
+        let path = self.snapshots.current();
         if !path.exists() {
             return Ok(None);
         }
@@ -459,6 +509,57 @@ mod tests {
     use super::{read_header, StateMachine};
     use crate::consensus::LogStore;
     use crate::state::{NoObserver, State};
+
+    /// A build that began before an install and ends after it leaves the installed,
+    /// newer snapshot as the current one; what it wrote stays readable for openraft.
+    #[test]
+    fn an_older_snapshot_does_not_replace_a_newer_current_one() -> anyhow::Result<()> {
+        use std::io::Write;
+
+        use super::{snapshot_in, SnapshotFiles, SnapshotMeta};
+        use crate::consensus::codec::write_snapshot_meta;
+
+        let dir = tempfile::tempdir()?;
+        let files = SnapshotFiles {
+            dir: dir.path().to_path_buf(),
+            next: std::sync::atomic::AtomicU64::new(0),
+            replacing: std::sync::Mutex::new(()),
+        };
+        let at = |index| SnapshotMeta {
+            last_log_id: Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(1, 1),
+                index,
+            )),
+            last_membership: Default::default(),
+            snapshot_id: format!("at-{index}"),
+        };
+        let replace = |meta: SnapshotMeta| {
+            files.replace_current(meta.last_log_id, |out| {
+                let mut header = capnp::message::Builder::new_default();
+                write_snapshot_meta(header.init_root(), &meta);
+                capnp::serialize::write_message(&mut *out, &header)
+                    .map_err(|e| super::snap_err(openraft::ErrorVerb::Write, e))?;
+                out.flush()
+                    .map_err(|e| super::snap_err(openraft::ErrorVerb::Write, e))
+            })
+        };
+        let current_id = || -> anyhow::Result<String> {
+            let file = std::fs::File::open(files.current())?;
+            Ok(read_header(&mut BufReader::new(file))?.snapshot_id)
+        };
+
+        replace(at(9))?;
+        let older = replace(at(5))?;
+        assert_eq!(current_id()?, "at-9");
+        assert_eq!(snapshot_in(older)?.meta.snapshot_id, "at-5");
+        replace(at(12))?;
+        assert_eq!(current_id()?, "at-12");
+        let left: Vec<_> = std::fs::read_dir(dir.path())?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(left, ["current.snap"], "no temporary files are left");
+        Ok(())
+    }
 
     /// A snapshot handed out while new ones are being built streams the data its
     /// metadata describes (a follower refuses a snapshot whose data is of another
