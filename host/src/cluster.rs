@@ -602,6 +602,12 @@ impl Cluster {
                     e
                 }
             };
+            if let Err(fatal) = &self.raft.metrics().borrow().running_state {
+                // Nothing to wait for: the node exits (see `server::serve`).
+                return Err(ClusterError::Unavailable(format!(
+                    "this node's Raft stopped: {fatal}"
+                )));
+            }
             if Instant::now() >= until {
                 return Err(retry);
             }

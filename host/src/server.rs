@@ -438,18 +438,53 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
             tracing::error!(error = %e, "the public API stopped");
         }
     });
+    // A node whose Raft stopped by itself (a storage error it cannot go on from) can
+    // serve nothing that needs the cluster: it exits with the reason, so that whoever
+    // supervises it restarts it, and the restart recovers from the data folder.
+    let stopped = Arc::new(std::sync::Mutex::new(None));
+    let until = {
+        let stopped = stopped.clone();
+        let raft = node.cluster.raft().clone();
+        async move {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                why = raft_stopped(raft) => {
+                    tracing::error!(error = %why, "Raft stopped; this node exits");
+                    *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                }
+            }
+        }
+    };
     gateway::serve::serve(
         node.http,
         gateway::app(state),
         gateway::serve::default_workers(),
-        shutdown_signal(),
+        until,
     )
     .await
     .context("serving HTTP")?;
+    if let Some(why) = stopped.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        anyhow::bail!(
+            "this node's Raft stopped: {why}; start the node again to recover from its data folder"
+        );
+    }
     if let Err(e) = node.cluster.raft().shutdown().await {
         tracing::warn!(error = %e, "stopping Raft");
     }
     Ok(())
+}
+
+/// Resolves with the reason once `raft` has stopped by itself.
+async fn raft_stopped(raft: crate::consensus::Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "Raft ended".into();
+        }
+    }
 }
 
 /// Runs a server until Ctrl-C or SIGTERM.

@@ -210,6 +210,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until server `id` exits by itself (or fails after [`SETTLE_DEADLINE`]);
+    /// returns its exit status.
+    pub async fn wait_exit(&mut self, id: u64) -> anyhow::Result<std::process::ExitStatus> {
+        let until = Instant::now() + SETTLE_DEADLINE;
+        let server = self.servers.get_mut(&id).context("no such server")?;
+        let child = server.child.as_mut().context("the server is not running")?;
+        loop {
+            if let Some(status) = child.try_wait().context("waiting for the server")? {
+                server.child = None;
+                return Ok(status);
+            }
+            if Instant::now() >= until {
+                bail!("server {id} still runs; its log:\n{}", server.log());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// Stops server `id` with SIGTERM (a graceful stop) and waits for it to exit.
     pub fn stop(&mut self, id: u64) -> anyhow::Result<()> {
         let server = self.servers.get_mut(&id).context("no such server")?;

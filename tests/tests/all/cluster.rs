@@ -515,3 +515,45 @@ async fn a_restarted_server_keeps_its_state_and_unusable_data_folders_fail_clear
         "{stderr}"
     );
 }
+
+/// A node whose Raft stops on a storage error it cannot go on from (here its snapshot
+/// folder was removed, so the next snapshot cannot be written) exits with the reason
+/// instead of serving on without consensus, and a restart recovers from its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_raft_stops_exits_with_the_reason_and_a_restart_recovers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(dir.path(), 1, &["--snapshot-every", "3"])
+        .await
+        .expect("server starts");
+    let (code, body) = deploy_to(cluster.server(1), "before", plain_program("before", 0)).await;
+    assert_eq!(code, StatusCode::CREATED, "{body}");
+    std::fs::remove_dir_all(cluster.server(1).data.join("snapshots")).expect("remove snapshots");
+
+    // Writes go on until the next snapshot is due and cannot be written.
+    let base = cluster.server(1).base();
+    let writes = async {
+        let client = wafer_tests::http();
+        for i in 0..100 {
+            let _ = client
+                .put(format!("{base}/v1/functions/w{i}"))
+                .body(plain_program("w", 0))
+                .send()
+                .await;
+        }
+        std::future::pending::<()>().await
+    };
+    let status = tokio::select! {
+        status = cluster.wait_exit(1) => status.expect("the server exits"),
+        () = writes => unreachable!("the writes never end"),
+    };
+    assert!(!status.success(), "exits with an error: {status}");
+    let log = cluster.server(1).log();
+    assert!(log.contains("Raft stopped"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+
+    cluster.restart(1).expect("restart");
+    assert_eq!(
+        get_eventually(cluster.server(1), "/fn/before").await,
+        "before"
+    );
+}
