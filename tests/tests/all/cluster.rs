@@ -471,6 +471,10 @@ async fn a_restarted_server_keeps_its_state_and_unusable_data_folders_fail_clear
     assert_eq!(get_eventually(cluster.server(1), "/fn/kept").await, "kept");
     let log = cluster.server(1).log();
     assert!(log.contains("caught up with the cluster"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "a log written to a file has no terminal colour codes: {log}"
+    );
     assert!(!log.contains("without catching up"), "{log}");
     let data = cluster.server(1).data.clone();
     cluster.kill(1).expect("kill");
