@@ -441,17 +441,12 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
     // A node whose Raft stopped by itself (a storage error it cannot go on from) can
     // serve nothing that needs the cluster: it exits with the reason, so that whoever
     // supervises it restarts it, and the restart recovers from the data folder.
-    let stopped = Arc::new(std::sync::Mutex::new(None));
-    let until = {
-        let stopped = stopped.clone();
-        let raft = node.cluster.raft().clone();
-        async move {
-            tokio::select! {
-                () = shutdown_signal() => {}
-                why = raft_stopped(raft) => {
-                    tracing::error!(error = %why, "Raft stopped; this node exits");
-                    *stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                }
+    let raft = node.cluster.raft().clone();
+    let until = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            why = raft_stopped(raft) => {
+                tracing::error!(error = %why, "Raft stopped; this node exits");
             }
         }
     };
@@ -463,9 +458,9 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
     )
     .await
     .context("serving HTTP")?;
-    if let Some(why) = stopped.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Err(fatal) = &node.cluster.raft().metrics().borrow().running_state {
         anyhow::bail!(
-            "this node's Raft stopped: {why}; start the node again to recover from its data folder"
+            "this node's Raft stopped: {fatal}; start the node again to recover from its data folder"
         );
     }
     if let Err(e) = node.cluster.raft().shutdown().await {
