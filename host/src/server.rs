@@ -470,15 +470,17 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
 }
 
 /// Resolves with the reason once `raft` has stopped by itself.
+///
+/// Waits on the server metrics, which change with the vote, the leader and the
+/// membership only and whose sender goes when Raft's core ends: the full metrics change
+/// with every commit, and waking this task (on another thread) for each cost the commit
+/// path a thread wake-up per message.
 async fn raft_stopped(raft: crate::consensus::Raft) -> String {
-    let mut metrics = raft.metrics();
-    loop {
-        if let Err(fatal) = &metrics.borrow_and_update().running_state {
-            return fatal.to_string();
-        }
-        if metrics.changed().await.is_err() {
-            return "Raft ended".into();
-        }
+    let mut server_metrics = raft.server_metrics();
+    while server_metrics.changed().await.is_ok() {}
+    match &raft.metrics().borrow().running_state {
+        Err(fatal) => fatal.to_string(),
+        Ok(()) => "Raft ended".into(),
     }
 }
 
