@@ -19,7 +19,9 @@ use serde::de::DeserializeOwned;
 use wafer_proto::raft_capnp::snapshot_meta;
 
 use super::codec::{read_snapshot_meta, write_snapshot_meta};
-use super::{DurableLog, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use super::{
+    DurableLog, Entry, LogId, NodeId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
 use crate::state::{self, reader_options, CommandResponse, Observer, State};
 
 /// Key -> JSON value: `last_applied`, `membership`.
@@ -39,6 +41,8 @@ pub struct StateMachine {
     durable: DurableLog,
     /// When the applied state was last made durable.
     state_flushed: Arc<std::sync::Mutex<super::Paced>>,
+    /// This node.
+    id: NodeId,
 }
 
 /// How often the applied state is made durable. Applies are not fsynced (the log is:
@@ -149,9 +153,11 @@ fn snap_err(verb: ErrorVerb, e: impl ToString) -> StorageError {
 }
 
 impl StateMachine {
-    /// Opens the state machine over `state`, keeping snapshots in `snapshots`, telling
-    /// `observer` of every change, applying entries once `durable` says they are on disk.
+    /// Opens node `id`'s state machine over `state`, keeping snapshots in `snapshots`,
+    /// telling `observer` of every change, applying entries once `durable` says they are
+    /// on disk.
     pub fn open(
+        id: NodeId,
         state: State,
         snapshots: &Path,
         observer: Arc<dyn Observer>,
@@ -185,6 +191,7 @@ impl StateMachine {
             incoming: None,
             durable,
             state_flushed: Arc::default(),
+            id,
         })
     }
 
@@ -351,6 +358,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // The leader may have committed entries it has not flushed yet (see
         // `super::durable`): nothing is answered or observed before they are on disk.
         self.durable.wait_for(last.index).await?;
+        // Raft's tasks share the RPC thread. Entries another node proposed (this node
+        // follows): the reply to the append that carried their commit is ready too, and
+        // the leader's next append to this node waits for it (openraft keeps one request
+        // in flight per follower), so the reply goes out first (a follower's answer to a
+        // commit-only append: ~69 -> ~28 µs). Entries this node proposed as the leader:
+        // their clients wait for this apply, so it goes first.
+        if last.leader_id.voted_for() != Some(self.id) {
+            tokio::task::yield_now().await;
+        }
         let state = self.state.clone();
         let observer = self.observer.clone();
         let state_flushed = self.state_flushed.clone();
@@ -570,6 +586,7 @@ mod tests {
         let state = State::open(&dir.path().join("wafer.redb"))?;
         let log = LogStore::open(state.database().clone(), 0)?;
         let mut sm = StateMachine::open(
+            0,
             state,
             &dir.path().join("snapshots"),
             Arc::new(NoObserver),
