@@ -223,7 +223,6 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         .with_context(|| format!("opening the Raft log {}", log_path.display()))?;
     let durable = log.durable();
     let sm = StateMachine::open(
-        config.id,
         state.clone(),
         &config.data.join("snapshots"),
         Arc::new(crate::state::Observers(vec![

@@ -137,7 +137,6 @@ mod tests {
             let state = State::open(&dir.path().join("wafer.redb")).map_err(|e| io(&e))?;
             let log = LogStore::open(state.database().clone(), 0)?;
             let sm = StateMachine::open(
-                0,
                 state,
                 &dir.path().join("snapshots"),
                 Arc::new(NoObserver),
