@@ -20,13 +20,14 @@ wafer="$root/target/release/wafer"
 work="$(mktemp -d)"
 bench_pid=""
 cleanup() {
-    [ -z "$bench_pid" ] || kill "$bench_pid" 2>/dev/null || true
+    # The load generator and the servers it started share its process group.
+    [ -z "$bench_pid" ] || kill -- -"$bench_pid" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
 
 # The one-node round comes first; the three-node round runs long enough to trace.
-WAFER_BIN="$wafer" "$root/target/release/wafer-bench" commit --clients 1 \
+WAFER_BIN="$wafer" setsid "$root/target/release/wafer-bench" commit --clients 1 \
     --commit-seconds $((seconds + 8)) --etcd /nonexistent >"$work/bench.txt" 2>&1 &
 bench_pid=$!
 node_pid() { pgrep -f -- "$wafer server --id $1 " | head -n1; }
@@ -37,6 +38,7 @@ until [ -n "$(node_pid 3)" ]; do
     sleep 0.2
 done
 sleep 3 # joins and warm-up
+# Node 1 bootstraps the cluster and leads it (the load generator proposes to it).
 leader="$(node_pid 1)"
 followers="$(node_pid 2) $(node_pid 3)"
 # The leader's end of the load generator's connection: the socket on the leader's
