@@ -339,6 +339,15 @@ impl Cluster {
         &self.raft
     }
 
+    /// Why the local Raft stopped by itself (a storage error it cannot go on from), if
+    /// it did: the node can then serve nothing that needs the cluster.
+    pub fn raft_stopped(&self) -> Option<String> {
+        match &self.raft.metrics().borrow().running_state {
+            Err(fatal) => Some(fatal.to_string()),
+            Ok(()) => None,
+        }
+    }
+
     /// The leader this node knows of, with its addresses.
     pub fn leader(&self) -> Option<(NodeId, NodeAddr)> {
         let metrics = self.raft.metrics().borrow().clone();
@@ -602,7 +611,7 @@ impl Cluster {
                     e
                 }
             };
-            if let Err(fatal) = &self.raft.metrics().borrow().running_state {
+            if let Some(fatal) = self.raft_stopped() {
                 // Nothing to wait for: the node exits (see `server::serve`).
                 return Err(ClusterError::Unavailable(format!(
                     "this node's Raft stopped: {fatal}"

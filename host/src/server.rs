@@ -441,11 +441,11 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
     // A node whose Raft stopped by itself (a storage error it cannot go on from) can
     // serve nothing that needs the cluster: it exits with the reason, so that whoever
     // supervises it restarts it, and the restart recovers from the data folder.
-    let raft = node.cluster.raft().clone();
+    let cluster = node.cluster.clone();
     let until = async move {
         tokio::select! {
             () = shutdown_signal() => {}
-            why = raft_stopped(raft) => {
+            why = raft_stopped(&cluster) => {
                 tracing::error!(error = %why, "Raft stopped; this node exits");
             }
         }
@@ -458,7 +458,7 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
     )
     .await
     .context("serving HTTP")?;
-    if let Err(fatal) = &node.cluster.raft().metrics().borrow().running_state {
+    if let Some(fatal) = node.cluster.raft_stopped() {
         anyhow::bail!(
             "this node's Raft stopped: {fatal}; start the node again to recover from its data folder"
         );
@@ -469,19 +469,18 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves with the reason once `raft` has stopped by itself.
+/// Resolves with the reason once the cluster's local Raft has stopped by itself.
 ///
 /// Waits on the server metrics, which change with the vote, the leader and the
 /// membership only and whose sender goes when Raft's core ends: the full metrics change
 /// with every commit, and waking this task (on another thread) for each cost the commit
 /// path a thread wake-up per message.
-async fn raft_stopped(raft: crate::consensus::Raft) -> String {
-    let mut server_metrics = raft.server_metrics();
+async fn raft_stopped(cluster: &Cluster) -> String {
+    let mut server_metrics = cluster.raft().server_metrics();
     while server_metrics.changed().await.is_ok() {}
-    match &raft.metrics().borrow().running_state {
-        Err(fatal) => fatal.to_string(),
-        Ok(()) => "Raft ended".into(),
-    }
+    cluster
+        .raft_stopped()
+        .unwrap_or_else(|| "Raft ended".into())
 }
 
 /// Runs a server until Ctrl-C or SIGTERM.
