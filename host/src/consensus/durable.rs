@@ -21,6 +21,9 @@
 //! vote, truncations, purges) writes the queue first and is durable when it returns, so
 //! a node that stops leading (which saves a new vote first) has everything it appended
 //! on disk before it answers another leader.
+//!
+//! Appends (the queue's, and a follower's) are made durable through the log's
+//! write-ahead file ([`super::wal`]); every other write is a durable redb commit.
 
 use std::collections::VecDeque;
 use std::sync::mpsc;
@@ -30,6 +33,7 @@ use std::time::Duration;
 use redb::{Database, Durability};
 use tokio::sync::watch;
 
+use super::wal::{self, Wal};
 use super::{Entry, LogId, StorageError};
 
 /// How far the log is on disk, and why it cannot get further if a flush failed.
@@ -71,6 +75,17 @@ pub(super) struct Queue {
 /// pages it writes.
 const COMMITTED_EVERY: Duration = Duration::from_secs(1);
 
+/// How often appends are checkpointed into the redb file (a durable commit, after which
+/// the write-ahead file starts over) even when the file has room: redb reuses the pages
+/// that non-durable commits free only after a durable one.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// The writer's side of the log, under [`Shared`]'s write lock.
+pub(super) struct Writer {
+    wal: Wal,
+    checkpointed: super::Paced,
+}
+
 /// What one transaction took from the queue to write.
 struct Taken {
     entries: Vec<(LogId, Arc<[u8]>)>,
@@ -88,8 +103,8 @@ impl Taken {
 pub(super) struct Shared {
     pub(super) db: Arc<Database>,
     /// Held across every write transaction of the log, so that the queue is written
-    /// in order.
-    txn: Mutex<()>,
+    /// in order: the write-ahead file, and when the log was last checkpointed.
+    txn: Mutex<Writer>,
     queue: Mutex<Queue>,
     flushed: watch::Sender<Flushed>,
 }
@@ -150,21 +165,9 @@ impl Shared {
         });
     }
 
-    /// Writes what is queued and `write`'s changes (ending with entry `own`, if it
-    /// appends) in one durable transaction under the log's write lock, then drops the
-    /// written entries from the queue and records how far the log is durable. With
-    /// `skip_if_idle`, does nothing when nothing is queued.
-    pub(super) fn write(
-        &self,
-        own: Option<LogId>,
-        skip_if_idle: bool,
-        write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<(), redb::Error> {
-        let _txn = locked(&self.txn);
+    /// Takes what is queued, to be written under the write lock.
+    fn take_marked(&self) -> Taken {
         let taken = self.take();
-        if skip_if_idle && taken.entries.is_empty() && taken.committed.is_none() {
-            return Ok(());
-        }
         if let Some(last) = taken.last() {
             self.flushed.send_if_modified(|flushed| {
                 let changed = flushed.taken < Some(last);
@@ -172,11 +175,88 @@ impl Shared {
                 changed
             });
         }
+        taken
+    }
+
+    /// Writes what is queued and `write`'s changes in one durable transaction under the
+    /// log's write lock (the write-ahead file starts over after it), then drops the
+    /// written entries from the queue and records how far the log is durable.
+    pub(super) fn write(
+        &self,
+        write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), redb::Error> {
+        let mut writer = locked(&self.txn);
+        let taken = self.take_marked();
+        self.commit_durably(&mut writer, &taken, write)?;
+        self.written(&taken, None);
+        Ok(())
+    }
+
+    /// A durable commit of `taken` and `write`'s changes, which starts the next
+    /// generation of the write-ahead file.
+    fn commit_durably(
+        &self,
+        writer: &mut Writer,
+        taken: &Taken,
+        write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), redb::Error> {
+        let generation = writer.wal.next_generation();
         let mut txn = self.db.begin_write()?;
         set_immediate(&mut txn)?;
-        write_taken(&txn, &taken)?;
+        write_taken(&txn, taken)?;
         write(&txn)?;
+        wal::store_generation(&txn, generation)?;
         txn.commit()?;
+        writer.wal.restart(generation);
+        writer.checkpointed.mark();
+        Ok(())
+    }
+
+    /// Appends what is queued and then `entries` (index, encoding; ending with entry
+    /// `own`, if any) under the log's write lock, durably: one record of the
+    /// write-ahead file and a non-durable redb commit, or a checkpoint (a durable redb
+    /// commit) when the file is full or one is due. Then drops the written entries from
+    /// the queue and records how far the log is durable. With `skip_if_idle`, does
+    /// nothing when nothing is queued.
+    pub(super) fn append(
+        &self,
+        own: Option<LogId>,
+        skip_if_idle: bool,
+        entries: &[(u64, Vec<u8>)],
+    ) -> Result<(), redb::Error> {
+        let mut writer = locked(&self.txn);
+        let taken = self.take_marked();
+        if skip_if_idle && taken.entries.is_empty() && taken.committed.is_none() {
+            return Ok(());
+        }
+        let records = || {
+            taken
+                .entries
+                .iter()
+                .map(|(id, bytes)| (id.index, &bytes[..]))
+                .chain(entries.iter().map(|(index, bytes)| (*index, &bytes[..])))
+        };
+        let insert = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
+            let mut table = txn.open_table(super::log_store::LOG)?;
+            for (index, bytes) in entries {
+                table.insert(*index, bytes.as_slice())?;
+            }
+            Ok(())
+        };
+        let fits = writer.wal.fits(records().map(|(_, bytes)| bytes.len()));
+        if !fits || writer.checkpointed.due(CHECKPOINT_EVERY) {
+            self.commit_durably(&mut writer, &taken, insert)?;
+        } else {
+            let mut txn = self.db.begin_write()?;
+            set_durability(&mut txn, Durability::None)?;
+            write_taken(&txn, &taken)?;
+            insert(&txn)?;
+            // Nothing to make durable without entries: the committed log id is a hint.
+            if records().next().is_some() {
+                writer.wal.append(records())?;
+            }
+            txn.commit()?;
+        }
         self.written(&taken, own);
         Ok(())
     }
@@ -186,7 +266,7 @@ impl Shared {
         if self.flushed.borrow().failed.is_some() {
             return;
         }
-        if let Err(e) = self.write(None, true, |_| Ok(())) {
+        if let Err(e) = self.append(None, true, &[]) {
             tracing::error!(error = %e, "flushing the Raft log failed");
             self.flushed.send_modify(|flushed| {
                 flushed.failed = Some(format!("flushing the Raft log: {e}"));
@@ -216,7 +296,14 @@ impl Shared {
 
 /// Sets `txn` to commit with an fsync.
 pub(super) fn set_immediate(txn: &mut redb::WriteTransaction) -> Result<(), redb::Error> {
-    txn.set_durability(Durability::Immediate).map_err(|e| {
+    set_durability(txn, Durability::Immediate)
+}
+
+fn set_durability(
+    txn: &mut redb::WriteTransaction,
+    durability: Durability,
+) -> Result<(), redb::Error> {
+    txn.set_durability(durability).map_err(|e| {
         redb::Error::from(redb::StorageError::Io(std::io::Error::other(e.to_string())))
     })
 }
@@ -257,10 +344,11 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the flusher thread of the log in `db`, whose last entry (all durable, as
-    /// on opening) is `appended`.
+    /// Starts the flusher thread of the log in `db` with its write-ahead file `wal`,
+    /// whose last entry (all durable, as on opening) is `appended`.
     pub(super) fn start(
         db: Arc<Database>,
+        wal: Wal,
         appended: Option<LogId>,
     ) -> Result<Flusher, std::io::Error> {
         let (flushed, _) = watch::channel(Flushed {
@@ -271,7 +359,15 @@ impl Flusher {
         });
         let shared = Arc::new(Shared {
             db,
-            txn: Mutex::new(()),
+            txn: Mutex::new(Writer {
+                wal,
+                // Opening the write-ahead file was a durable commit.
+                checkpointed: {
+                    let mut now = super::Paced::default();
+                    now.mark();
+                    now
+                },
+            }),
             queue: Mutex::new(Queue::default()),
             flushed,
         });

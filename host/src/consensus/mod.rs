@@ -10,6 +10,7 @@ mod durable;
 mod log_store;
 mod network;
 mod state_machine;
+mod wal;
 
 use std::fmt;
 
@@ -44,9 +45,14 @@ impl Paced {
     fn due(&mut self, every: std::time::Duration) -> bool {
         let due = self.0.is_none_or(|at| at.elapsed() >= every);
         if due {
-            self.0 = Some(std::time::Instant::now());
+            self.mark();
         }
         due
+    }
+
+    /// Counts now as the last time it was due.
+    fn mark(&mut self) {
+        self.0 = Some(std::time::Instant::now());
     }
 }
 
@@ -135,7 +141,11 @@ mod tests {
             };
             let dir = tempfile::tempdir().map_err(|e| io(&e))?;
             let state = State::open(&dir.path().join("wafer.redb")).map_err(|e| io(&e))?;
-            let log = LogStore::open(state.database().clone(), 0)?;
+            let log = LogStore::open(
+                state.database().clone(),
+                &dir.path().join("raft-log.wal"),
+                0,
+            )?;
             let sm = StateMachine::open(
                 state,
                 &dir.path().join("snapshots"),

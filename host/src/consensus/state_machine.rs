@@ -576,7 +576,11 @@ mod tests {
     async fn a_snapshot_handed_out_during_builds_matches_its_metadata() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let state = State::open(&dir.path().join("wafer.redb"))?;
-        let log = LogStore::open(state.database().clone(), 0)?;
+        let log = LogStore::open(
+            state.database().clone(),
+            &dir.path().join("raft-log.wal"),
+            0,
+        )?;
         let mut sm = StateMachine::open(
             state,
             &dir.path().join("snapshots"),

@@ -476,11 +476,33 @@ async fn a_restarted_server_keeps_its_state_and_unusable_data_folders_fail_clear
         "a log written to a file has no terminal colour codes: {log}"
     );
     assert!(!log.contains("without catching up"), "{log}");
+    // Deploys acknowledged just before a crash are in the Raft log's write-ahead file
+    // only (its redb file is checkpointed once a second): the restart replays them.
+    const REPLAYED: &str = "replayed the Raft log's write-ahead file";
+    let replays = log.matches(REPLAYED).count();
+    for name in ["late-1", "late-2", "late-3"] {
+        let (code, body) = deploy_to(cluster.server(1), name, plain_program(name, 0)).await;
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+    }
+    cluster.kill(1).expect("kill");
+    cluster.restart(1).expect("restart");
+    for name in ["kept", "late-1", "late-2", "late-3"] {
+        assert_eq!(
+            get_eventually(cluster.server(1), &format!("/fn/{name}")).await,
+            name
+        );
+    }
+    let log = cluster.server(1).log();
+    assert!(log.matches(REPLAYED).count() > replays, "{log}");
     let data = cluster.server(1).data.clone();
     cluster.kill(1).expect("kill");
 
     // Another node may not use this folder.
     expect_start_failure(2, &data, "belongs to node 1");
+    // A lost write-ahead file of the Raft log (it may hold acknowledged entries).
+    let wal = data.join("raft-log.wal");
+    std::fs::remove_file(&wal).expect("remove the write-ahead file");
+    expect_start_failure(1, &data, "write-ahead file is missing");
     // A damaged Raft log, then a lost one.
     let log_file = data.join("raft-log.redb");
     overwrite_head(&log_file);
