@@ -184,7 +184,8 @@ impl Wal {
                     return Err(at(
                         path,
                         "the Raft log's write-ahead file is missing: the log may lack \
-                         entries this node acknowledged",
+                         entries this node acknowledged; restore the file, or remove the \
+                         data folder and re-add the node with --join",
                     ))
                 }
             },
