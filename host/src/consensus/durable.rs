@@ -247,15 +247,20 @@ impl Shared {
         if !fits || writer.checkpointed.due(CHECKPOINT_EVERY) {
             self.commit_durably(&mut writer, &taken, insert)?;
         } else {
+            // Nothing to make durable without entries: the committed log id is a hint.
+            // The record goes first, so that the disk writes it during the redb commit.
+            let durable = records().next().is_some();
+            if durable {
+                writer.wal.write(records())?;
+            }
             let mut txn = self.db.begin_write()?;
             set_durability(&mut txn, Durability::None)?;
             write_taken(&txn, &taken)?;
             insert(&txn)?;
-            // Nothing to make durable without entries: the committed log id is a hint.
-            if records().next().is_some() {
-                writer.wal.append(records())?;
-            }
             txn.commit()?;
+            if durable {
+                writer.wal.sync()?;
+            }
         }
         self.written(&taken, own);
         Ok(())
