@@ -283,6 +283,57 @@ async fn after_the_leader_is_killed_acknowledged_deploys_survive_and_it_catches_
     assert_eq!(body, "after");
 }
 
+/// Each node in turn is killed (-9) right after deploys it acknowledged, and restarted
+/// while the others go on: every acknowledged deploy is on every node at the end
+/// (appends are durable through the Raft log's write-ahead file, which a restart
+/// replays), and nothing else is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_each_node_in_turn_loses_no_acknowledged_deploy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(dir.path(), 3, &[])
+        .await
+        .expect("cluster starts");
+    let all = [1, 2, 3];
+    let mut acknowledged = Vec::new();
+    for round in 0..6u64 {
+        let leader = cluster.wait_leader(&all).await.expect("a leader");
+        // Round by round the leader and each follower are killed.
+        let victim = if round % 2 == 0 {
+            leader
+        } else {
+            follower_of(leader, &all)
+        };
+        for i in 0..3 {
+            let name = format!("r{round}-{i}");
+            let (code, body) =
+                deploy_to(cluster.server(victim), &name, plain_program(&name, 0)).await;
+            assert_eq!(code, StatusCode::CREATED, "{body}");
+            acknowledged.push(name);
+        }
+        cluster.kill(victim).expect("kill -9");
+        let survivors = cluster.up();
+        let leader = cluster.wait_leader(&survivors).await.expect("a leader");
+        let name = format!("r{round}-without-{victim}");
+        let (code, body) = deploy_to(cluster.server(leader), &name, plain_program(&name, 0)).await;
+        assert_eq!(code, StatusCode::CREATED, "{body}");
+        acknowledged.push(name);
+        cluster.restart(victim).expect("restart");
+    }
+    let leader = cluster.wait_leader(&all).await.expect("a leader");
+    let target = cluster.status(leader).await.expect("status")["last_log_index"]
+        .as_u64()
+        .expect("an index");
+    acknowledged.sort();
+    for id in all {
+        cluster.wait_applied(id, target).await.expect("caught up");
+        assert_eq!(
+            consistent_names(cluster.server(id)).await,
+            acknowledged,
+            "node {id}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_missed_compacted_entries_catches_up_from_a_snapshot() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -553,7 +604,15 @@ async fn a_node_whose_raft_stops_exits_with_the_reason_and_a_restart_recovers() 
         .expect("server starts");
     let (code, body) = deploy_to(cluster.server(1), "before", plain_program("before", 0)).await;
     assert_eq!(code, StatusCode::CREATED, "{body}");
-    std::fs::remove_dir_all(cluster.server(1).data.join("snapshots")).expect("remove snapshots");
+    // The server may be writing a snapshot into the folder meanwhile.
+    let snapshots = cluster.server(1).data.join("snapshots");
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    while let Err(e) = std::fs::remove_dir_all(&snapshots) {
+        assert!(
+            e.kind() == std::io::ErrorKind::DirectoryNotEmpty && Instant::now() < deadline,
+            "remove snapshots: {e}"
+        );
+    }
 
     // Writes go on until the next snapshot is due and cannot be written.
     let base = cluster.server(1).base();
