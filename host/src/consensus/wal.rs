@@ -40,7 +40,7 @@ use super::log_store::{LOG, META};
 /// The first bytes of a write-ahead file (format version 1).
 const MAGIC: &[u8; 8] = b"waferwl1";
 /// The size a new file is created with: the records between two checkpoints.
-pub(super) const CAPACITY: u64 = 4 << 20;
+const CAPACITY: u64 = 4 << 20;
 /// Record header: payload length and checksum.
 const RECORD_HEADER: u64 = 8;
 /// Entry header inside a payload: index and length.
@@ -70,7 +70,7 @@ fn at(path: &Path, e: impl std::fmt::Display) -> redb::Error {
     redb_io(std::io::Error::other(format!("{}: {e}", path.display())))
 }
 
-/// The generation stored in `txn`'s meta table, if any.
+/// The generation stored in the meta table of the log in `db`, if any.
 fn stored_generation(db: &Database) -> Result<Option<u64>, redb::Error> {
     let txn = db.begin_read()?;
     let meta = match txn.open_table(META) {
@@ -117,7 +117,10 @@ fn create(path: &Path) -> Result<File, redb::Error> {
     file.sync_all().map_err(|e| at(&temporary, e))?;
     drop(file);
     std::fs::rename(&temporary, path).map_err(|e| at(path, e))?;
-    let folder = path.parent().unwrap_or(Path::new("."));
+    let folder = path
+        .parent()
+        .filter(|folder| !folder.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     File::open(folder)
         .and_then(|dir| dir.sync_all())
         .map_err(|e| at(folder, e))?;
