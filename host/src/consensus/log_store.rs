@@ -55,8 +55,8 @@ fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl LogStore {
     /// Opens (creating it if need be) the log of node `id` in the redb file at `path`,
-    /// with its write-ahead file beside it (`raft-log.wal` for `raft-log.redb`). A log that an older
-    /// wafer kept in the node's state file `legacy` is moved into it first.
+    /// with its write-ahead file beside it (`raft-log.wal` for `raft-log.redb`). A log
+    /// that an older wafer kept in the node's state file `legacy` is moved into it first.
     pub fn open_file(path: &Path, legacy: &Database, id: NodeId) -> Result<LogStore, StorageError> {
         let db = Database::create(path).map_err(write_err)?;
         migrate(legacy, &db)?;
