@@ -66,6 +66,13 @@ impl IntoResponse for ApiError {
             body["log"] = serde_json::Value::String(log);
         }
         let mut response = (self.status, Json(body)).into_response();
+        // Running out of instances and a cluster between leaders pass: say when to retry.
+        if matches!(self.code, "busy" | "unavailable") {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         response.extensions_mut().insert(info);
         response
     }
@@ -91,7 +98,8 @@ impl From<FunctionError> for ApiError {
             FunctionError::Rejected(RuntimeError::Unsupported(_)) => {
                 (StatusCode::BAD_REQUEST, "unsupported_module")
             }
-            FunctionError::Rejected(RuntimeError::NotACommand) => {
+            FunctionError::Rejected(RuntimeError::NotACommand)
+            | FunctionError::Rejected(RuntimeError::StartSignature(_)) => {
                 (StatusCode::BAD_REQUEST, "not_a_command")
             }
             FunctionError::Rejected(RuntimeError::InitialMemoryTooLarge { .. })

@@ -103,6 +103,12 @@ pub enum RuntimeError {
     /// The module has no `_start` function.
     #[error("module is not a WASI command: it exports no `_start` function")]
     NotACommand,
+    /// The module's `_start` takes parameters or returns results.
+    #[error(
+        "module is not a WASI command: its `_start` must take no parameters and return \
+         nothing, but its type is {0}"
+    )]
+    StartSignature(String),
     /// The module's initial memory is larger than its memory limit.
     #[error("module needs {needed} bytes of initial memory, above its limit of {limit} bytes")]
     InitialMemoryTooLarge {

@@ -30,9 +30,15 @@ pub fn to_binary(upload: &[u8]) -> Result<Cow<'_, [u8]>, RuntimeError> {
             .map_err(|e| RuntimeError::Malformed(format!("invalid WebAssembly text: {e}")));
     }
     let start: Vec<String> = upload.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let hint = if upload.trim_ascii_start().starts_with(b"{") {
+        "; it looks like JSON: a manifest goes in the `x-wafer-manifest` header, and the \
+         body is the module"
+    } else {
+        ""
+    };
     Err(RuntimeError::Malformed(format!(
         "not a WebAssembly module: it does not begin with the `\\0asm` magic bytes \
-         (begins with [{}], {} bytes in all)",
+         (begins with [{}], {} bytes in all){hint}",
         start.join(" "),
         upload.len()
     )))
@@ -73,7 +79,8 @@ pub fn check_module(
         }
     }
     match module.get_export("_start") {
-        Some(ExternType::Func(_)) => {}
+        Some(ExternType::Func(ty)) if ty.params().len() == 0 && ty.results().len() == 0 => {}
+        Some(ExternType::Func(ty)) => return Err(RuntimeError::StartSignature(ty.to_string())),
         _ => return Err(RuntimeError::NotACommand),
     }
     for export in module.exports() {
@@ -113,6 +120,9 @@ mod tests {
             bad_text.to_string().contains("invalid WebAssembly text"),
             "{bad_text}"
         );
+
+        let json = to_binary(b" {\"memory_mb\": 64}").expect_err("json");
+        assert!(json.to_string().contains("x-wafer-manifest"), "{json}");
 
         let junk = to_binary(b"not wasm at all").expect_err("junk");
         assert!(

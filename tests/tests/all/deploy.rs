@@ -134,6 +134,29 @@ async fn forbidden_import_is_named() {
     let library = wat(r#"(module (memory (export "memory") 1) (func (export "helper")))"#);
     let response = deploy(&server, "lib", library, "").await;
     expect_error(response, StatusCode::BAD_REQUEST, "not_a_command").await;
+
+    // A `_start` that wants arguments or returns a value could never be called.
+    let odd_start =
+        wat(r#"(module (func (export "_start") (param i32) (result i32) i32.const 0))"#);
+    let response = deploy(&server, "odd-start", odd_start, "").await;
+    let body = expect_error(response, StatusCode::BAD_REQUEST, "not_a_command").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("must take no parameters and return nothing"),
+        "{body}"
+    );
+    let response = wafer_tests::http()
+        .get(server.url("/v1/functions/odd-start"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        response.status(),
+        StatusCode::NOT_FOUND,
+        "a refused module is not kept"
+    );
 }
 
 #[tokio::test]

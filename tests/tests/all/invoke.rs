@@ -515,20 +515,34 @@ async fn traps_are_reported_and_the_pool_refuses_beyond_its_size() {
         "{body}"
     );
 
-    // Two slots: of three overlapping calls to a 3 s spinner, one is refused at once.
+    // Two slots: of three overlapping calls to a 3 s spinner, one is refused at once,
+    // and told when to try again.
     deploy_example(&server, "spin", "timeout_ms=3000").await;
-    let calls = spawn_gets(&server, "/fn/spin", 3);
-    let mut statuses = Vec::new();
+    let http = wafer_tests::http();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let request = http.get(server.url("/fn/spin"));
+            tokio::spawn(async move {
+                let response = request.send().await?;
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                Ok::<_, reqwest::Error>((response.status(), retry_after))
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
     for call in calls {
-        statuses.push(call.await.expect("join").expect("spin"));
+        answers.push(call.await.expect("join").expect("spin"));
     }
-    statuses.sort();
+    answers.sort();
     assert_eq!(
-        statuses,
+        answers,
         [
-            StatusCode::SERVICE_UNAVAILABLE,
-            StatusCode::GATEWAY_TIMEOUT,
-            StatusCode::GATEWAY_TIMEOUT
+            (StatusCode::SERVICE_UNAVAILABLE, Some("1".to_string())),
+            (StatusCode::GATEWAY_TIMEOUT, None),
+            (StatusCode::GATEWAY_TIMEOUT, None)
         ]
     );
     // Slots come back.
