@@ -617,7 +617,11 @@ async fn logs(client: &Client, name: &str, follow: bool, tail: u64) -> anyhow::R
                 // The function itself is unknown or the token lacks the scope: say so.
                 Err(e @ ClientError::Api { .. }) => return Err(e.into()),
                 Err(e) if cursor.is_none() && !follow => {
-                    eprintln!("wafer: skipping {}: {e}", server.base());
+                    eprintln!(
+                        "wafer: skipping {}: {:#}",
+                        server.base(),
+                        anyhow::Error::from(e)
+                    );
                 }
                 Err(_) => {}
             }

@@ -13,7 +13,11 @@ use crate::state::{FunctionRecord, FunctionSpec};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server could not be reached.
-    #[error("cannot reach the wafer server at {url}: {source} (is `wafer dev` running? set --server or WAFER_SERVER)")]
+    // The cause follows from the error's source chain (printed with `{:#}`).
+    #[error(
+        "cannot reach the wafer server at {url} (is `wafer dev` running? set --server or \
+         WAFER_SERVER)"
+    )]
     Connect {
         /// The server URL.
         url: String,
