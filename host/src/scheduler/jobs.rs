@@ -68,7 +68,7 @@ pub fn assigned(view: &SchedulingView, agent: &AgentId) -> Vec<LaunchSpec> {
             job.current()
                 .is_some_and(|a| a.agent == *agent && a.state.is_live())
         })
-        .filter_map(LaunchSpec::of)
+        .filter_map(|job| LaunchSpec::of(job))
         .collect()
 }
 
@@ -131,6 +131,7 @@ impl JobsFramework {
             .jobs
             .values()
             .filter(|j| j.wants_placement() && !self.launching.contains(&j.id))
+            .map(|j| &**j)
             .collect();
         let mut placed: HashSet<JobId> = HashSet::new();
         for offer in offers {

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::sync::Arc;
 
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 
@@ -721,19 +722,40 @@ fn gone(record: &mut JobRecord, task: TaskRef, agent: &AgentId, at_ms: u64) {
     }
 }
 
-/// The jobs not in a terminal state.
-pub(super) fn read_active(txn: &ReadTransaction) -> Result<BTreeMap<JobId, JobRecord>, StateError> {
-    let active = txn.open_table(ACTIVE_JOBS).map_err(storage)?;
-    let jobs = txn.open_table(JOBS).map_err(storage)?;
-    let mut out = BTreeMap::new();
-    for entry in active.iter().map_err(storage)? {
-        let (id, _) = entry.map_err(storage)?;
-        let id = JobId(id.value());
-        if let Some(bytes) = jobs.get(id.0).map_err(storage)? {
-            out.insert(id, decode(id, bytes.value())?);
+/// The jobs not in a terminal state as last read, each with its stored bytes: a read
+/// parses only the records whose bytes changed since (the leader reads every active
+/// job at each scheduling round, and most of them wait unchanged).
+#[derive(Debug, Default)]
+pub struct ActiveJobs(BTreeMap<JobId, (Box<[u8]>, Arc<JobRecord>)>);
+
+impl ActiveJobs {
+    /// The jobs not in a terminal state in `txn`; keeps them for the next read.
+    pub(super) fn read(
+        &mut self,
+        txn: &ReadTransaction,
+    ) -> Result<BTreeMap<JobId, Arc<JobRecord>>, StateError> {
+        let active = txn.open_table(ACTIVE_JOBS).map_err(storage)?;
+        let jobs = txn.open_table(JOBS).map_err(storage)?;
+        let mut kept = BTreeMap::new();
+        let mut out = BTreeMap::new();
+        for entry in active.iter().map_err(storage)? {
+            let (id, _) = entry.map_err(storage)?;
+            let id = JobId(id.value());
+            let Some(bytes) = jobs.get(id.0).map_err(storage)? else {
+                continue;
+            };
+            let bytes = bytes.value();
+            let entry = match self.0.remove(&id) {
+                Some(known) if *known.0 == *bytes => known,
+                _ => (Box::from(bytes), Arc::new(decode(id, bytes)?)),
+            };
+            out.insert(id, entry.1.clone());
+            kept.insert(id, entry);
         }
+        // Jobs that ended (or vanished with a snapshot) are dropped here.
+        self.0 = kept;
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// Job `job`.
@@ -919,6 +941,69 @@ mod tests {
             Ok(Some(record)) => record,
             other => panic!("job {job}: {other:?}"),
         }
+    }
+
+    /// The scheduling view parses a waiting job once and shares it with later reads; a
+    /// job that changes is read afresh, and one that ends leaves the view.
+    #[test]
+    fn unchanged_active_jobs_are_not_parsed_again() -> Result<(), StateError> {
+        let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
+        let state = State::open(&dir.path().join("s.redb"))?;
+        run(
+            &state,
+            Command::DeployFunction {
+                name: id("f"),
+                spec: FunctionSpec::default(),
+                module: bytes::Bytes::from_static(b"module"),
+                deployed_at_ms: 0,
+            },
+        )?;
+        run(&state, register("a1", "a", Vec::new()))?;
+        run(
+            &state,
+            Command::RegisterFramework {
+                id: id("jobs"),
+                name: "jobs".into(),
+                role: id("jobs"),
+                at_ms: 0,
+            },
+        )?;
+        run(&state, submit(None, 1))?;
+        run(&state, submit(None, 1))?;
+        let first = state.scheduling()?;
+        let again = state.scheduling()?;
+        assert!(Arc::ptr_eq(&first.jobs[&JobId(1)], &again.jobs[&JobId(1)]));
+        assert!(Arc::ptr_eq(&first.jobs[&JobId(2)], &again.jobs[&JobId(2)]));
+
+        run(&state, launch(1, "a1"))?;
+        let launched = state.scheduling()?;
+        assert_eq!(launched.jobs[&JobId(1)].state, TaskState::Starting);
+        assert_eq!(first.jobs[&JobId(1)].state, TaskState::Staging);
+        assert!(Arc::ptr_eq(
+            &first.jobs[&JobId(2)],
+            &launched.jobs[&JobId(2)]
+        ));
+
+        run(&state, report(1, 1, TaskUpdate::Running))?;
+        run(
+            &state,
+            report(
+                1,
+                1,
+                TaskUpdate::Finished {
+                    exit_code: 0,
+                    output: bytes::Bytes::from_static(b"done"),
+                    log: bytes::Bytes::new(),
+                },
+            ),
+        )?;
+        let ended = state.scheduling()?;
+        assert!(
+            !ended.jobs.contains_key(&JobId(1)),
+            "a finished job is not active"
+        );
+        assert_eq!(ended.jobs.len(), 1);
+        Ok(())
     }
 
     #[test]

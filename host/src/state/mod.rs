@@ -131,6 +131,8 @@ pub fn storage<E: Into<redb::Error>>(e: E) -> StateError {
 #[derive(Clone)]
 pub struct State {
     db: Arc<Database>,
+    /// The active jobs as the last [`State::scheduling`] parsed them.
+    active_jobs: Arc<std::sync::Mutex<jobs::ActiveJobs>>,
 }
 
 impl State {
@@ -146,7 +148,10 @@ impl State {
         scheduling::create_tables(&txn)?;
         token::create_tables(&txn)?;
         txn.commit().map_err(storage)?;
-        Ok(State { db: Arc::new(db) })
+        Ok(State {
+            db: Arc::new(db),
+            active_jobs: Arc::default(),
+        })
     }
 
     /// The underlying database.
@@ -179,7 +184,10 @@ impl State {
     /// The scheduling tables: agents, frameworks, roles and allocations.
     pub fn scheduling(&self) -> Result<SchedulingView, StateError> {
         let txn = self.db.begin_read().map_err(storage)?;
-        scheduling::read_view(&txn)
+        // One reader at a time refreshes the parsed jobs; a poisoned cache is only a
+        // cache (every entry is checked against the stored bytes).
+        let mut active = self.active_jobs.lock().unwrap_or_else(|p| p.into_inner());
+        scheduling::read_view(&txn, &mut active)
     }
 
     /// Job `job`.

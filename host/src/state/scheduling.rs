@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::Arc;
 
 use redb::{ReadTransaction, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
@@ -79,8 +80,9 @@ pub struct SchedulingView {
     pub roles: BTreeMap<RoleName, RoleRecord>,
     /// Allocations by id.
     pub allocations: BTreeMap<AllocationId, Allocation>,
-    /// Jobs not in a terminal state.
-    pub jobs: BTreeMap<JobId, JobRecord>,
+    /// Jobs not in a terminal state (shared with the reads before and after this one
+    /// while a record is unchanged).
+    pub jobs: BTreeMap<JobId, Arc<JobRecord>>,
     /// How many jobs ended in each terminal state (`FINISHED`, `FAILED`, `KILLED`).
     pub ended_jobs: BTreeMap<String, u64>,
 }
@@ -131,7 +133,10 @@ fn read_records<T: DeserializeOwned>(
 }
 
 /// Reads the scheduling tables as of `txn`.
-pub(super) fn read_view(txn: &ReadTransaction) -> Result<SchedulingView, StateError> {
+pub(super) fn read_view(
+    txn: &ReadTransaction,
+    active: &mut jobs::ActiveJobs,
+) -> Result<SchedulingView, StateError> {
     let mut view = SchedulingView::default();
     for record in read_records::<AgentRecord>(txn, AGENTS)? {
         view.agents.insert(record.id.clone(), record);
@@ -152,7 +157,7 @@ pub(super) fn read_view(txn: &ReadTransaction) -> Result<SchedulingView, StateEr
         let record: Allocation = decode(&key.value().to_string(), value.value())?;
         view.allocations.insert(record.id, record);
     }
-    view.jobs = jobs::read_active(txn)?;
+    view.jobs = active.read(txn)?;
     for entry in txn
         .open_table(COUNTERS)
         .map_err(storage)?
