@@ -943,14 +943,10 @@ mod tests {
         }
     }
 
-    /// The scheduling view parses a waiting job once and shares it with later reads; a
-    /// job that changes is read afresh, and one that ends leaves the view.
-    #[test]
-    fn unchanged_active_jobs_are_not_parsed_again() -> Result<(), StateError> {
-        let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
-        let state = State::open(&dir.path().join("s.redb"))?;
+    /// Deploys function `f` and registers the `jobs` framework.
+    fn function_and_framework(state: &State) -> Result<(), StateError> {
         run(
-            &state,
+            state,
             Command::DeployFunction {
                 name: id("f"),
                 spec: FunctionSpec::default(),
@@ -958,9 +954,8 @@ mod tests {
                 deployed_at_ms: 0,
             },
         )?;
-        run(&state, register("a1", "a", Vec::new()))?;
         run(
-            &state,
+            state,
             Command::RegisterFramework {
                 id: id("jobs"),
                 name: "jobs".into(),
@@ -968,6 +963,17 @@ mod tests {
                 at_ms: 0,
             },
         )?;
+        Ok(())
+    }
+
+    /// The scheduling view parses a waiting job once and shares it with later reads; a
+    /// job that changes is read afresh, and one that ends leaves the view.
+    #[test]
+    fn unchanged_active_jobs_are_not_parsed_again() -> Result<(), StateError> {
+        let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
+        let state = State::open(&dir.path().join("s.redb"))?;
+        function_and_framework(&state)?;
+        run(&state, register("a1", "a", Vec::new()))?;
         run(&state, submit(None, 1))?;
         run(&state, submit(None, 1))?;
         let first = state.scheduling()?;
@@ -1010,26 +1016,9 @@ mod tests {
     fn jobs_survive_lost_agents_and_only_the_first_result_counts() -> Result<(), StateError> {
         let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
         let state = State::open(&dir.path().join("s.redb"))?;
-        run(
-            &state,
-            Command::DeployFunction {
-                name: id("f"),
-                spec: FunctionSpec::default(),
-                module: bytes::Bytes::from_static(b"module"),
-                deployed_at_ms: 0,
-            },
-        )?;
+        function_and_framework(&state)?;
         run(&state, register("a1", "a", Vec::new()))?;
         run(&state, register("a2", "b", Vec::new()))?;
-        run(
-            &state,
-            Command::RegisterFramework {
-                id: id("jobs"),
-                name: "jobs".into(),
-                role: id("jobs"),
-                at_ms: 0,
-            },
-        )?;
         assert_eq!(
             run(&state, submit(Some("zone=b"), 3))?,
             CommandResponse::JobSubmitted(JobId(1))
