@@ -875,6 +875,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     resources: agent_args.resources(),
                     attributes: agent_args.attributes()?,
                     secret: secret.clone(),
+                    runtime: None,
                 })
             } else {
                 None
@@ -930,6 +931,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 resources: agent.resources(),
                 attributes: agent.attributes()?,
                 secret: ClusterSecret::new(&secret).context("--secret")?,
+                runtime: None,
             })
             .await?;
         }

@@ -195,6 +195,7 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
             resources: config.agent_resources,
             attributes: Default::default(),
             secret: secret.clone(),
+            runtime: None,
         }),
         public_invoke: config.public_invoke,
         admin_token: config.admin_token.clone(),

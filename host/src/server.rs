@@ -537,8 +537,10 @@ pub async fn start_agent(
         return Ok(None);
     };
     config.servers = vec![node.cluster.addr().rpc.clone()];
+    // One runtime per process: the agent runs its work in the server's (which thereby
+    // reaches the agent's accelerator backends too).
+    config.runtime = Some(node.functions.runtime().clone());
     let mut agent = agent::start(config).await?;
-    node.functions.runtime().set_accel(agent.accel.clone());
     if node.cluster.is_member().await {
         agent.registered().await?;
         tracing::info!(agent = %agent.id, executor = agent.rpc, "in-process agent registered");

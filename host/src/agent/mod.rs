@@ -48,6 +48,10 @@ pub struct AgentConfig {
     pub attributes: BTreeMap<String, String>,
     /// The cluster secret (presented to servers; asked of whoever calls the executor).
     pub secret: crate::rpc::ClusterSecret,
+    /// The runtime to run work in: an in-process agent shares its server's (one
+    /// engine, pool and code cache per process). `None`: the agent builds its own, with
+    /// its code cache in DATA/cache.
+    pub runtime: Option<Arc<Runtime>>,
 }
 
 /// Where an agent's registration stands.
@@ -163,24 +167,26 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
         info: info_tx,
         link: accel.clone(),
     });
-    let cache = config.data.join("cache");
-    let runtime = tokio::task::spawn_blocking(move || {
-        Runtime::new(&RuntimeConfig {
-            // Pooled instances, as on servers: invocations routed here under a lease are
-            // latency-bound, and on-demand allocation mmaps and unmaps each instance's
-            // memory and stack (TLB shoot-downs on every core), ~4x the CPU per call.
-            cache_dir: Some(cache),
-            ..RuntimeConfig::default()
-        })
-    })
-    .await??;
+    let runtime = match config.runtime.clone() {
+        Some(shared) => shared,
+        None => {
+            let cache = config.data.join("cache");
+            let runtime = tokio::task::spawn_blocking(move || {
+                Runtime::new(&RuntimeConfig {
+                    // Pooled instances, as on servers: invocations routed here under a
+                    // lease are latency-bound, and on-demand allocation mmaps and unmaps
+                    // each instance's memory and stack (TLB shoot-downs on every core),
+                    // ~4x the CPU per call.
+                    cache_dir: Some(cache),
+                    ..RuntimeConfig::default()
+                })
+            })
+            .await??;
+            Arc::new(runtime)
+        }
+    };
     runtime.set_accel(accel.clone());
-    let worker = Worker::new(
-        id.clone(),
-        rpc.clone(),
-        config.servers.clone(),
-        Arc::new(runtime),
-    );
+    let worker = Worker::new(id.clone(), rpc.clone(), config.servers.clone(), runtime);
     let service = ExecutorService {
         identity: identity.clone(),
         worker: worker.clone(),

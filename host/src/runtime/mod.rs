@@ -333,6 +333,12 @@ pub struct Runtime {
     accel: std::sync::OnceLock<crate::accel::client::AccelLink>,
 }
 
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
 impl Runtime {
     /// Builds the engine and linker.
     pub fn new(config: &RuntimeConfig) -> Result<Runtime, RuntimeError> {

@@ -19,6 +19,30 @@ async fn restart_keeps_functions_and_uses_the_precompiled_cache() {
         Some(2.0),
         "{before}"
     );
+    // The in-process agent runs jobs in the server's runtime: a job of a deployed
+    // function loads the code compiled at deploy (a hit of the node's cache) and
+    // compiles nothing.
+    let job = crate::submit_job(
+        &server,
+        serde_json::json!({ "function": "hello", "input": "" }),
+    )
+    .await;
+    let id = job["id"].as_u64().expect("job id");
+    let ended: serde_json::Value = wafer_tests::get(server.url(&format!("/v1/jobs/{id}?wait=30")))
+        .await
+        .expect("job")
+        .json()
+        .await
+        .expect("job JSON");
+    assert_eq!(ended["state"], "FINISHED", "{ended}");
+    let after_job = metrics(&server).await;
+    assert_eq!(
+        metric(&after_job, "wafer_module_compilations_total"),
+        Some(2.0),
+        "{after_job}"
+    );
+    let hits = |text: &str| metric(text, "wafer_module_cache_hits_total").unwrap_or(-1.0);
+    assert_eq!(hits(&after_job), hits(&before) + 1.0, "{after_job}");
     // No graceful shutdown: what was acknowledged must be on disk.
     server.kill().expect("kill");
 
