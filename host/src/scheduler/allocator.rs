@@ -230,22 +230,34 @@ impl Allocator {
                 });
             role.held = role.held.plus(&allocation.resources);
         }
-        // Outstanding offers: keep those that still fit, in id order.
+        // Outstanding offers. Open ones are kept, in id order, while they fit beside
+        // the committed allocations and the open offers kept before them. Accepted ones
+        // are not weighed: the tasks of an accept already applied show in their
+        // agent's allocation until the accept settles them, so counting the offer too
+        // would rescind open offers that fit. They stay held while their agent and
+        // framework are there (the state machine refuses any task that does not fit).
         let mut rescinded = Vec::new();
+        let mut accepted = Vec::new();
         for (id, (offer, state)) in std::mem::take(&mut self.offers) {
-            let fits = match (
-                self.agents.get(&offer.agent),
-                self.frameworks.contains_key(&offer.framework),
-            ) {
-                (Some(agent), true) => offer.resources.fits_in(&agent.capacity.minus(&agent.held)),
-                _ => false,
+            let known = self.frameworks.contains_key(&offer.framework);
+            let Some(agent) = self.agents.get(&offer.agent).filter(|_| known) else {
+                if state == OfferState::Open {
+                    rescinded.push(offer);
+                }
+                continue;
             };
-            if fits {
-                self.hold(&offer.framework, &offer.agent, &offer.resources);
-                self.offers.insert(id, (offer, state));
-            } else if state == OfferState::Open {
-                rescinded.push(offer);
+            match state {
+                OfferState::Accepted => accepted.push((id, offer)),
+                OfferState::Open if offer.resources.fits_in(&agent.capacity.minus(&agent.held)) => {
+                    self.hold(&offer.framework, &offer.agent, &offer.resources);
+                    self.offers.insert(id, (offer, state));
+                }
+                OfferState::Open => rescinded.push(offer),
             }
+        }
+        for (id, offer) in accepted {
+            self.hold(&offer.framework, &offer.agent, &offer.resources);
+            self.offers.insert(id, (offer, OfferState::Accepted));
         }
         rescinded
     }
@@ -896,6 +908,61 @@ mod tests {
         assert_eq!(rescinded[0].agent.as_str(), "b");
         assert_eq!(allocator.open_offers().len(), 1);
         assert_eq!(allocator.total(), Resources::new(4, 4096));
+        assert!(allocator.overcommitted().is_empty());
+    }
+
+    #[test]
+    fn an_accept_half_applied_does_not_rescind_the_open_offers_beside_it() {
+        let mut allocator = Allocator::new(AllocatorConfig::default());
+        let mut view = SchedulingView::default();
+        let agent = AgentRecord {
+            id: id("a"),
+            rpc: "127.0.0.1:1".into(),
+            resources: Resources::new(4, 4096),
+            allocated: Resources::ZERO,
+            attributes: BTreeMap::new(),
+            state: AgentState::Active,
+            registered_at_ms: 0,
+            changed_at_ms: 0,
+        };
+        view.agents.insert(id("a"), agent.clone());
+        let f: FrameworkId = id("f");
+        view.frameworks.insert(
+            f.clone(),
+            FrameworkRecord {
+                id: f.clone(),
+                name: "f".into(),
+                role: id("r"),
+                registered_at_ms: 0,
+            },
+        );
+        assert!(allocator.sync(&view).is_empty());
+        allocator.set_wants_offers(&f, true);
+        let first = allocator.make_offers(Instant::now());
+        assert_eq!(first.len(), 1);
+        // f accepts half of the agent for two tasks; the other half is offered again.
+        let task = Resources::new(1, 1024);
+        allocator
+            .accept(first[0].id, &f, task.times(2))
+            .map_err(|e| e.to_string())
+            .unwrap();
+        let second = allocator.make_offers(Instant::now());
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].resources, Resources::new(2, 2048));
+        // One task's commit is applied (the agent's allocation has it) before the
+        // accept settles it: the open offer still fits, and nothing is overcommitted
+        // once the accept settles.
+        view.agents.insert(
+            id("a"),
+            AgentRecord {
+                allocated: task,
+                ..agent
+            },
+        );
+        assert!(allocator.sync(&view).is_empty(), "nothing is rescinded");
+        assert_eq!(allocator.open_offers().len(), 1);
+        allocator.settle_part(first[0].id, &task);
+        allocator.settle(first[0].id);
         assert!(allocator.overcommitted().is_empty());
     }
 }

@@ -4,6 +4,7 @@
 //! batch of 1,000 tiny tasks to completion, told of each by task updates.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,9 @@ use wafer::scheduler::driver::{Driver, FrameworkEvent};
 use wafer_tests::cluster::{Cluster, SETTLE_DEADLINE};
 
 /// A framework that takes every offer it gets for as many 1-slot tasks of `function`
-/// as fit, until `limit` tasks were placed (None: forever). Returns the driver and a
-/// task that ends when `limit` tasks finished, with the finished task ids.
+/// as fit, until `limit` tasks were placed (None: forever). Tasks an accept did not
+/// place (its offer was rescinded, say) are placed again from later offers. Returns the
+/// driver and a task that ends when `limit` tasks finished, with the finished task ids.
 async fn greedy(
     servers: Vec<String>,
     id: &str,
@@ -28,7 +30,8 @@ async fn greedy(
     let handle = {
         let driver = driver.clone();
         tokio::spawn(async move {
-            let mut placed = 0usize;
+            // Tasks asked for in accepts, less those the accepts did not place.
+            let placed = Arc::new(AtomicUsize::new(0));
             let mut finished = HashSet::new();
             while let Some(event) = events.recv().await {
                 match event {
@@ -36,7 +39,9 @@ async fn greedy(
                     // would hold the offer's resources idle).
                     FrameworkEvent::Offers(offers) => {
                         for offer in offers {
-                            let want = limit.map_or(usize::MAX, |l| l - placed);
+                            let want = limit.map_or(usize::MAX, |l| {
+                                l.saturating_sub(placed.load(Ordering::SeqCst))
+                            });
                             let fit = (offer.resources.slots as usize)
                                 .min((offer.resources.memory_mb / 128) as usize)
                                 .min(want);
@@ -47,11 +52,16 @@ async fn greedy(
                                 });
                                 continue;
                             }
-                            placed += fit;
+                            placed.fetch_add(fit, Ordering::SeqCst);
                             let tasks = (0..fit)
                                 .map(|i| (function.to_string(), format!("{i}").into_bytes()))
                                 .collect();
-                            tokio::spawn(async move { driver.accept(offer.id, tasks).await });
+                            let placed = placed.clone();
+                            tokio::spawn(async move {
+                                let got =
+                                    driver.accept(offer.id, tasks).await.map_or(0, |j| j.len());
+                                placed.fetch_sub(fit - got, Ordering::SeqCst);
+                            });
                         }
                     }
                     FrameworkEvent::Status(status) if status.state == "FINISHED" => {
@@ -117,7 +127,8 @@ async fn frameworks_share_by_weight_and_run_a_batch_of_1000_tasks() -> anyhow::R
         };
         (get("light"), get("heavy"))
     };
-    // Both hold resources, then sample the shares for a while.
+    // Both hold resources, then sample the shares for a while. Shares move only as
+    // tasks end, so the first second (one sleeper's run) is left out of the mean.
     cluster
         .wait_until_at(
             &[leader],
@@ -131,13 +142,19 @@ async fn frameworks_share_by_weight_and_run_a_batch_of_1000_tasks() -> anyhow::R
         .await?;
     let (mut sum_light, mut sum_heavy, mut samples) = (0.0, 0.0, 0);
     let mut trace = Vec::new();
-    let until = Instant::now() + Duration::from_secs(10);
+    let from = Instant::now() + Duration::from_secs(1);
+    let until = from + Duration::from_secs(10);
     while Instant::now() < until {
         let (l, h) = shares(&cluster.get_json(leader, "/v1/frameworks").await?);
-        trace.push(format!("{:.0}:{:.0}", l * 24.0, h * 24.0));
-        sum_light += l;
-        sum_heavy += h;
-        samples += 1;
+        let sample = format!("{:.0}:{:.0}", l * 24.0, h * 24.0);
+        if Instant::now() < from {
+            trace.push(format!("({sample})"));
+        } else {
+            trace.push(sample);
+            sum_light += l;
+            sum_heavy += h;
+            samples += 1;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ratio = sum_heavy / sum_light.max(1e-9);
