@@ -37,6 +37,9 @@ fn echo() -> anyhow::Result<Vec<u8>> {
 }
 
 /// Runs the benchmark and prints a Markdown table.
+/// Jobs run one at a time for the latency line.
+const LATENCY_JOBS: usize = 50;
+
 pub fn run(args: &JobsArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -61,6 +64,15 @@ pub fn run(args: &JobsArgs) -> anyhow::Result<()> {
         // Warm-up: one job (compiles the module on an agent).
         let first = submit(&http, &bases[0], 0).await?;
         wait_finished(&http, &bases[0], first).await?;
+
+        // Latency: one job at a time, submit -> FINISHED (seen through a long poll).
+        let mut latency = hdrhistogram::Histogram::<u64>::new(3)?;
+        for i in 0..LATENCY_JOBS {
+            let started = Instant::now();
+            let id = submit(&http, &bases[i % bases.len()], i).await?;
+            wait_finished(&http, &bases[i % bases.len()], id).await?;
+            latency.record(started.elapsed().as_micros() as u64)?;
+        }
 
         // Jobs: submit from C clients (round-robin over the servers), then wait.
         let started = Instant::now();
@@ -123,6 +135,12 @@ pub fn run(args: &JobsArgs) -> anyhow::Result<()> {
         );
         println!(
             "| invocations of the same function through the gateways | {invokes_per_sec:.0} | | 1.00x |"
+        );
+        println!();
+        println!(
+            "One job at a time ({LATENCY_JOBS} jobs, one client): submit -> FINISHED p50 {:.1} ms, p99 {:.1} ms.",
+            latency.value_at_quantile(0.5) as f64 / 1000.0,
+            latency.value_at_quantile(0.99) as f64 / 1000.0
         );
         println!();
         Ok(())

@@ -219,6 +219,11 @@ enum Command {
         /// heartbeat five times as often).
         #[arg(long, default_value_t = 5000)]
         agent_timeout_ms: u64,
+        /// How often the leader's scheduler runs a round (checks agents, expires and
+        /// makes offers), ms; it also runs one early whenever a job arrives or ends or
+        /// resources are freed.
+        #[arg(long, default_value_t = 100)]
+        scheduler_tick_ms: u64,
         /// Invocation slots the serverless framework leases on each agent; gateways
         /// route invocations to agents under these leases (0: invocations run on the
         /// servers).
@@ -852,6 +857,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             keep_logs,
             heartbeat_ms,
             agent_timeout_ms,
+            scheduler_tick_ms,
             lease_slots,
             agent,
             agent_listen,
@@ -898,6 +904,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 scheduler: SchedulerConfig {
                     agent_timeout: std::time::Duration::from_millis(agent_timeout_ms.max(50)),
+                    tick: std::time::Duration::from_millis(scheduler_tick_ms.max(1)),
                     lease_slots,
                     ..SchedulerConfig::default()
                 },

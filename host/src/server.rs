@@ -210,6 +210,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         .with_context(|| format!("binding the public API to {}", config.api))?;
     api.set_nonblocking(true)?;
     let events = Arc::new(crate::events::Events::new());
+    let wakeups = Arc::new(crate::scheduler::Wakeups::default());
     let log_path = config.data.join(RAFT_LOG_FILE);
     if known_node && !log_path.exists() && !LogStore::kept_in(state.database()) {
         anyhow::bail!(
@@ -229,6 +230,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
             functions.clone(),
             tokens.clone(),
             events.clone(),
+            wakeups.clone(),
         ])),
         durable.clone(),
     )
@@ -264,7 +266,12 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         .context("starting Raft")?;
     events.follow_leader(&raft);
     let cluster = Arc::new(Cluster::new(config.id, addr, raft, rpc.clone(), durable));
-    let scheduler = Scheduler::new(cluster.clone(), state.clone(), config.scheduler.clone());
+    let scheduler = Scheduler::new(
+        cluster.clone(),
+        state.clone(),
+        config.scheduler.clone(),
+        wakeups,
+    );
     scheduler.start();
     let service = NodeService::new(cluster.clone(), scheduler.clone());
     let serving = rpc.clone();

@@ -5,6 +5,11 @@
 //! `LaunchJob` commands, then telling the agents). A new leader gives every active
 //! agent a full timeout before it judges it, so heartbeats that went to the old leader
 //! are never held against an agent.
+//!
+//! Rounds run every tick, and also early (at most one per [`EARLY_ROUND_GAP`]) on the
+//! leader when it applies a change that can make room or work: a job submitted or
+//! ended, resources released, an agent joining or lost ([`Wakeups`]). A job then waits
+//! for commits, not for the next tick.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -20,9 +25,14 @@ use crate::digest::Digest;
 use crate::rpc::framework::{self as callbacks, TaskStatusInfo};
 use crate::rpc::{write_launch, RpcError};
 use crate::state::{
-    AgentId, AgentRecord, AgentState, Command, FrameworkId, FunctionName, JobId, JobRecord,
-    Rejection, Resources, RoleName, SchedulingView, State, TaskRef, TaskState, TaskUpdate,
+    AgentId, AgentRecord, AgentState, Command, CommandResponse, FrameworkId, FunctionName, JobId,
+    JobRecord, Observer, Rejection, Resources, RoleName, SchedulingView, State, TaskRef, TaskState,
+    TaskUpdate,
 };
+
+/// Least time between the start of one round and an early one (see [`Wakeups`]): bounds
+/// the rounds, each of which reads the scheduling state, while changes pour in.
+pub const EARLY_ROUND_GAP: Duration = Duration::from_millis(5);
 
 /// Settings of the scheduler.
 #[derive(Debug, Clone)]
@@ -110,9 +120,59 @@ pub struct HeartbeatAnswer {
     pub assigned: Vec<LaunchSpec>,
 }
 
+/// Asks for an early scheduling round: told of every change this node applies (it is
+/// one of the state machine's observers), it wakes the round loop for the changes that
+/// can free resources or bring work. Only the leader acts on a wake-up.
+#[derive(Debug, Default)]
+pub struct Wakeups(tokio::sync::Notify);
+
+impl Wakeups {
+    /// Asks for a round soon (one wake-up is kept until the loop takes it).
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+
+    async fn woken(&self) {
+        self.0.notified().await;
+    }
+}
+
+impl Observer for Wakeups {
+    fn applied(&self, _last_index: u64, changes: &[&CommandResponse]) {
+        if changes.iter().any(|change| wakes_the_scheduler(change)) {
+            self.wake();
+        }
+    }
+
+    fn replaced(&self, _last_index: u64) {
+        self.wake();
+    }
+}
+
+/// Whether an applied change can let a round place or offer something new.
+fn wakes_the_scheduler(change: &CommandResponse) -> bool {
+    match change {
+        // A staging job's waiting reason, written by the scheduler itself.
+        CommandResponse::JobUpdated {
+            attempt: 0,
+            state: TaskState::Staging,
+            ..
+        } => false,
+        CommandResponse::JobSubmitted(_)
+        | CommandResponse::JobUpdated { .. }
+        | CommandResponse::Released(_)
+        | CommandResponse::AgentRegistered(_)
+        | CommandResponse::AgentLost { .. }
+        | CommandResponse::FrameworkRegistered(_)
+        | CommandResponse::RoleSet(_) => true,
+        _ => false,
+    }
+}
+
 /// The scheduler of one server.
 pub struct Scheduler {
     cluster: Arc<Cluster>,
+    wakeups: Arc<Wakeups>,
     state: State,
     config: SchedulerConfig,
     metrics: SchedulerMetrics,
@@ -151,12 +211,19 @@ impl LeaseTarget {
 }
 
 impl Scheduler {
-    /// A scheduler for this server; [`Scheduler::start`] runs it.
-    pub fn new(cluster: Arc<Cluster>, state: State, config: SchedulerConfig) -> Arc<Scheduler> {
+    /// A scheduler for this server; [`Scheduler::start`] runs it. `wakeups` must be
+    /// among the observers of the state machine that applies this node's log.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        state: State,
+        config: SchedulerConfig,
+        wakeups: Arc<Wakeups>,
+    ) -> Arc<Scheduler> {
         let allocator = Allocator::new(config.allocator.clone());
         let lease_slots = config.lease_slots;
         Arc::new(Scheduler {
             cluster,
+            wakeups,
             state,
             config,
             leases: Mutex::new((None, Arc::new(Vec::new()))),
@@ -178,18 +245,41 @@ impl Scheduler {
         })
     }
 
-    /// Runs the scheduler's periodic work until the scheduler is dropped.
+    /// Runs the scheduler's rounds, every tick and early when woken (see [`Wakeups`]),
+    /// until the scheduler is dropped.
     pub fn start(self: &Arc<Scheduler>) {
         let weak: Weak<Scheduler> = Arc::downgrade(self);
+        let wakeups = self.wakeups.clone();
         let tick = self.config.tick;
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(tick);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_round = Instant::now();
             loop {
-                interval.tick().await;
+                let early = tokio::select! {
+                    _ = interval.tick() => false,
+                    () = wakeups.woken() => true,
+                };
                 let Some(scheduler) = weak.upgrade() else {
                     return;
                 };
+                if early {
+                    // Followers keep to the tick: only the leader schedules.
+                    if scheduler.cluster.leading_term().is_none() {
+                        continue;
+                    }
+                    let next = last_round + EARLY_ROUND_GAP;
+                    // Not holding the scheduler while waiting: it may be dropped.
+                    drop(scheduler);
+                    tokio::time::sleep_until(next.into()).await;
+                    let Some(again) = weak.upgrade() else {
+                        return;
+                    };
+                    last_round = Instant::now();
+                    again.tick();
+                    continue;
+                }
+                last_round = Instant::now();
                 scheduler.tick();
             }
         });
@@ -676,6 +766,8 @@ impl Scheduler {
                 inner.jobs.launched(*job);
             }
         }
+        // What the offer held and the launches did not take is free to offer again.
+        self.wakeups.wake();
         if any {
             self.metrics.offers_accepted.inc();
         }

@@ -14,5 +14,5 @@ pub mod simulation;
 pub use crate::state::{Constraint, InvalidConstraint};
 pub use allocator::{Allocator, AllocatorConfig, Offer, OfferError, OfferId, Share};
 pub use jobs::LaunchSpec;
-pub use leader::{now_ms, AgentView, Scheduler, SchedulerConfig};
+pub use leader::{now_ms, AgentView, Scheduler, SchedulerConfig, Wakeups};
 pub use metrics::SchedulerMetrics;

@@ -235,3 +235,34 @@ async fn jobs_survive_agent_and_leader_loss_and_honour_constraints() -> anyhow::
     assert_eq!(ids.len(), batch.len(), "every submission got its own job");
     Ok(())
 }
+
+/// Jobs wait for commits, not for the scheduler's tick: with a tick of an hour, the
+/// leader still places each wave of jobs as soon as the previous one ends (it runs a
+/// round early when a job arrives or ends), so a batch three times the agent's slots
+/// finishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_are_placed_when_they_arrive_and_when_slots_free_up() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Cluster::start(
+        dir.path(),
+        1,
+        &["--scheduler-tick-ms", "3600000", "--lease-slots", "0"],
+    )
+    .await?;
+    let agent = cluster.start_agent("a", &["--slots", "2"])?;
+    cluster.wait_agents(&[1], &[&agent.id], "active").await?;
+    deploy(cluster.server(1), "echo", sleepy_echo(0)).await?;
+    let mut jobs = Vec::new();
+    for i in 0..6u64 {
+        let input = format!("wave job {i}");
+        let id = submit(
+            cluster.server(1),
+            json!({ "function": "echo", "input": input }),
+        )
+        .await?;
+        jobs.push((id, input));
+    }
+    check_finished_once(&cluster, 1, &jobs).await?;
+    check_invariant(&cluster, &[1]).await?;
+    Ok(())
+}
