@@ -28,14 +28,14 @@ use wasmtime::{
     PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
 use crate::digest::Digest;
 use cache::ModuleCache;
 pub use limits::Limits;
 use limits::MemoryLimiter;
-use stdio::LogPipe;
+use stdio::{LogPipe, ResponsePipe};
 pub use validate::{to_binary, ALLOWED_IMPORT_MODULES};
 
 /// How often the epoch advances; the granularity of wall-clock timeouts.
@@ -497,8 +497,7 @@ impl Runtime {
         builder.args(&invocation.args).envs(&invocation.env);
         let stdout = match invocation.stdio {
             Stdio::Captured(input) => {
-                // One byte of headroom tells "exactly at the limit" from "beyond it".
-                let out = MemoryOutputPipe::new(max_response.saturating_add(1));
+                let out = ResponsePipe::new(max_response);
                 builder
                     .stdin(MemoryInputPipe::new(input))
                     .stdout(out.clone())
@@ -599,39 +598,24 @@ impl Runtime {
             }
         };
         let memory_refused = store.data().limiter.refused();
-        // The store holds the other handle to stdout: once it is gone the bytes can be
-        // taken without a copy.
         drop(store);
-        let stdout = stdout.map(take_output).unwrap_or_default();
-        if stdout.len() > max_response {
-            exit = Exit::ResponseTooLarge;
-        }
+        let stdout = match stdout {
+            Some(out) if out.overflowed() => {
+                exit = Exit::ResponseTooLarge;
+                Bytes::new()
+            }
+            Some(out) => out.take(),
+            None => Bytes::new(),
+        };
         let (log, log_dropped) = log.contents();
         Ok(Outcome {
             exit,
-            stdout: if stdout.len() > max_response {
-                Bytes::new()
-            } else {
-                stdout
-            },
+            stdout,
             log,
             log_dropped,
             memory_refused,
             duration,
         })
-    }
-}
-
-/// The bytes written to `pipe`, without a copy; called once the store, which held the
-/// only other handles, is dropped.
-fn take_output(pipe: MemoryOutputPipe) -> Bytes {
-    match pipe.try_into_inner() {
-        Some(bytes) => bytes.freeze(),
-        None => {
-            // Unreachable: the WASI context owned every other handle and is gone.
-            tracing::error!("guest stdout still shared after its store was dropped");
-            Bytes::new()
-        }
     }
 }
 

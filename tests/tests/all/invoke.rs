@@ -492,6 +492,61 @@ async fn oversize_response_is_an_error_not_a_truncated_body() {
 }
 
 #[tokio::test]
+async fn a_guest_that_ignores_write_errors_is_stopped_at_its_response_limit() {
+    let (_dir, server) = start(&[]);
+    // Writes 64 bytes to stdout forever and ignores what `fd_write` answers, as a C
+    // program's unchecked `printf` loop would; a 2-minute timeout.
+    let flood = crate::wat(
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 64))
+            (i32.store (i32.const 4) (i32.const 64))
+            (loop $again
+              (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
+              (br $again))))"#,
+    );
+    let response = deploy(
+        &server,
+        "flood",
+        flood,
+        "max_response_bytes=1000&timeout_ms=120000",
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let started = Instant::now();
+    let response = wafer_tests::get(server.url("/fn/flood"))
+        .await
+        .expect("invoke");
+    let body = expect_error(
+        response,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "response_too_large",
+    )
+    .await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("1000 bytes"),
+        "{body}"
+    );
+    // Stopped at the limit, not at its timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = metrics(&server).await;
+    assert_eq!(
+        wafer_tests::metric(&metrics, "wafer_live_instances"),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn traps_are_reported_and_the_pool_refuses_beyond_its_size() {
     let (_dir, server) = start(&["--max-instances", "2"]);
     let recursive = crate::wat(
