@@ -25,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use wasmtime::{
     Config, Engine, Extern, InstanceAllocationStrategy, InstancePre, Linker, Module, ModuleExport,
-    PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
+    PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap, UpdateDeadline, WasmBacktrace,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -593,7 +593,9 @@ impl Runtime {
                     tracing::debug!(error = ?e, "guest trapped");
                     Exit::Trap(trap.to_string())
                 } else {
-                    Exit::Trap(format!("{e:#}"))
+                    // A host call's error or an exception nothing caught.
+                    tracing::debug!(error = ?e, "guest failed");
+                    Exit::Trap(without_backtrace(&e))
                 }
             }
         };
@@ -617,6 +619,18 @@ impl Runtime {
             duration,
         })
     }
+}
+
+/// `e`'s causes, outermost first, without the wasm backtrace wasmtime adds as context
+/// (it names the guest's internals and goes to the node's debug log instead).
+fn without_backtrace(e: &wasmtime::Error) -> String {
+    let backtrace = e.downcast_ref::<WasmBacktrace>().map(|b| b.to_string());
+    let causes: Vec<String> = e
+        .chain()
+        .map(|cause| cause.to_string())
+        .filter(|cause| Some(cause) != backtrace.as_ref())
+        .collect();
+    causes.join(": ")
 }
 
 fn engine_error(e: wasmtime::Error) -> RuntimeError {

@@ -569,6 +569,22 @@ async fn traps_are_reported_and_the_pool_refuses_beyond_its_size() {
             .contains("call stack exhausted"),
         "{body}"
     );
+    // An exception nothing catches: named, without the wasm backtrace.
+    let throws = crate::wat(
+        r#"(module (tag $oops (param i32)) (memory (export "memory") 1)
+          (func (export "_start") (throw $oops (i32.const 42))))"#,
+    );
+    assert_eq!(
+        deploy(&server, "throws", throws, "").await.status(),
+        StatusCode::CREATED
+    );
+    let response = wafer_tests::get(server.url("/fn/throws"))
+        .await
+        .expect("invoke");
+    let body = expect_error(response, StatusCode::INTERNAL_SERVER_ERROR, "trap").await;
+    let message = body["message"].as_str().unwrap_or("");
+    assert!(message.contains("exception"), "{body}");
+    assert!(!message.contains("backtrace"), "{body}");
 
     // Two slots: of three overlapping calls to a 3 s spinner, one is refused at once,
     // and told when to try again.
