@@ -32,6 +32,16 @@ interface Cluster {
   getFunction @2 (name :Text) -> (function :FunctionInfo, error :Error);
   # (deploy) Removes a function.
   deleteFunction @3 (name :Text) -> (error :Error);
+  # (read) The versions of function `name` kept for rollbacks (its newest 10), oldest
+  # first; the last is the current one. Labels belong to the function, not to a
+  # version: they are empty here.
+  listVersions @15 (name :Text) -> (versions :List(FunctionInfo), error :Error);
+  # (deploy) Makes kept version `version` of function `name` current again, as the
+  # function's next version: the same module, limits and env (the labels stay as they
+  # are). `version` 0: the one just before the current version. Answers the new
+  # current record; `error.reason` is `unknown_version` or `already_current` when
+  # there is nothing to restore.
+  rollbackFunction @16 (name :Text, version :UInt64) -> (function :FunctionInfo, error :Error);
   # (invoke) Runs a function once, as an HTTP request to `/fn/NAME` would.
   # `response` is set when the function ran (even if it answered with an error
   # status); `error` when it could not run or failed (a timeout, a trap, an exceeded
@@ -147,6 +157,9 @@ struct FunctionInfo {
   labels @6 :List(KeyValue);
   # When this version was deployed, ms since the Unix epoch.
   deployedAtMs @7 :UInt64;
+  # The earlier version whose module and spec a rollback made current again; 0 when
+  # this version was deployed.
+  restoredFrom @8 :UInt64;
 }
 
 # A function's limits.

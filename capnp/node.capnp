@@ -139,6 +139,15 @@ struct Command {
     revokeToken :group {
       id @54 :Text;
     }
+    # Makes a kept earlier version of function `name` current again, as its next
+    # version (same module and spec; the labels stay as they are now).
+    rollbackFunction :group {
+      name @56 :Text;
+      # The version to restore; 0: the one just before the current version.
+      version @57 :UInt64;
+      # Set by the proposer, so that every replica stores the same time.
+      atMs @58 :UInt64;
+    }
   }
 }
 

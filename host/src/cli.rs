@@ -400,6 +400,23 @@ enum Command {
         #[arg(long = "remove", value_name = "KEY")]
         remove: Vec<String>,
     },
+    /// List the versions of a function the cluster keeps for rollbacks (the newest 10).
+    Versions {
+        /// Function name.
+        name: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an earlier version of a function current again (as its next version: same
+    /// module, limits and environment). Without --to, the version before the current.
+    Rollback {
+        /// Function name.
+        name: String,
+        /// The kept version to restore (see `wafer versions NAME`).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        to: Option<u64>,
+    },
     /// Remove a function.
     Rm {
         /// Function name.
@@ -1197,6 +1214,50 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     labels.join(", ")
                 }
+            );
+        }
+        Command::Versions { name, json } => {
+            let versions = client.versions(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&versions)?);
+            } else {
+                let current = versions.last().map(|v| v.version);
+                let mut table = comfy_table::Table::new();
+                table.load_preset(comfy_table::presets::NOTHING);
+                table.set_header([
+                    "VERSION", "DEPLOYED", "SIZE", "MEMORY", "TIMEOUT", "DIGEST", "",
+                ]);
+                for v in &versions {
+                    let mut note = Vec::new();
+                    if Some(v.version) == current {
+                        note.push("current".to_string());
+                    }
+                    if let Some(from) = v.restored_from {
+                        note.push(format!("rollback to {from}"));
+                    }
+                    table.add_row([
+                        v.version.to_string(),
+                        utc_ms(v.deployed_at_ms),
+                        human_bytes(v.size),
+                        format!("{} MiB", v.spec.limits.memory_mb),
+                        format!("{} ms", v.spec.limits.timeout_ms),
+                        v.digest.short(),
+                        note.join(", "),
+                    ]);
+                }
+                println!("{table}");
+            }
+        }
+        Command::Rollback { name, to } => {
+            let record = client.rollback(&name, to).await?;
+            println!(
+                "{} is now version {} (the module and spec of version {}, {})",
+                record.name,
+                record.version,
+                record
+                    .restored_from
+                    .map_or("?".to_string(), |v| v.to_string()),
+                record.digest.short()
             );
         }
         Command::Rm { name } => {

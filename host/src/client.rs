@@ -411,6 +411,40 @@ impl Client {
         Ok(())
     }
 
+    /// The versions of function `name` the cluster keeps, oldest first (the last is the
+    /// current one), read linearizably.
+    pub async fn versions(&self, name: &str) -> Result<Vec<FunctionRecord>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Versions {
+            versions: Vec<FunctionRecord>,
+        }
+        let response = self
+            .checked(
+                self.http
+                    .get(self.url(&format!("/v1/functions/{name}/versions?consistent=true"))),
+            )
+            .await?;
+        let versions: Versions = response.json().await.map_err(ClientError::Response)?;
+        Ok(versions.versions)
+    }
+
+    /// Makes kept version `version` of function `name` (`None`: the one before the
+    /// current) current again; answers the function's new record.
+    pub async fn rollback(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<FunctionRecord, ClientError> {
+        let response = self
+            .checked(
+                self.http
+                    .post(self.url(&format!("/v1/functions/{name}/rollback")))
+                    .json(&serde_json::json!({ "version": version })),
+            )
+            .await?;
+        response.json().await.map_err(ClientError::Response)
+    }
+
     /// Removes function `name`.
     pub async fn remove(&self, name: &str) -> Result<(), ClientError> {
         self.checked(self.http.delete(self.url(&format!("/v1/functions/{name}"))))

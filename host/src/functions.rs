@@ -227,6 +227,16 @@ impl Functions {
         })
     }
 
+    /// The versions of function `name` the cluster keeps for rollbacks, oldest first, as
+    /// this node's state holds them.
+    pub fn versions(&self, name: &FunctionName) -> Result<Vec<FunctionRecord>, FunctionError> {
+        let versions = self.state.function_versions(name)?;
+        if versions.is_empty() {
+            return Err(FunctionError::NotFound(name.clone()));
+        }
+        Ok(versions)
+    }
+
     /// Every deployed function's record, sorted by name.
     pub fn list(&self) -> Vec<FunctionRecord> {
         let mut records: Vec<FunctionRecord> = self

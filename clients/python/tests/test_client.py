@@ -175,6 +175,41 @@ def test_invoke_with_query_and_errors(wafer):
     run(main())
 
 
+def test_versions_are_kept_and_rolled_back(wafer):
+    name = unique("versioned")
+
+    async def main():
+        async with await Client.connect(wafer.api, wafer.admin_token) as client:
+            first = await client.deploy(name, wafer.module("hello"))
+            await client.deploy(name, wafer.module("wordcount"))
+            assert "Hello" not in (await client.invoke(name)).text
+
+            restored = await client.rollback(name)
+            assert restored.version == 3
+            assert restored.restored_from == 1
+            assert restored.digest == first.digest
+            assert (await client.invoke(name)).text.startswith("Hello, world!")
+
+            versions = await client.list_versions(name)
+            assert [v.version for v in versions] == [1, 2, 3]
+            assert versions[-1].restored_from == 1 and versions[0].restored_from is None
+
+            with pytest.raises(WaferError) as refused:
+                await client.rollback(name, 42)
+            assert refused.value.code == "notFound"
+            assert refused.value.reason == "unknown_version"
+            assert "kept: 1, 2, 3" in refused.value.message
+
+            with pytest.raises(WaferError) as refused:
+                await client.rollback(name, 3)
+            assert refused.value.code == "conflict"
+            assert refused.value.reason == "already_current"
+
+            await client.delete_function(name)
+
+    run(main())
+
+
 def test_read_only_token_cannot_deploy(wafer):
     token = wafer.create_token(["read"], name="python-tests")
 

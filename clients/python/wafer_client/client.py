@@ -297,6 +297,26 @@ class Client:
         check(answer.error)
         return FunctionInfo.from_capnp(answer.function)
 
+    async def list_versions(self, name: str) -> list[FunctionInfo]:
+        """The versions of ``name`` kept for rollbacks, oldest first; the last is current."""
+        request = self._c().listVersions_request()
+        request.name = name
+        answer = await request.send()
+        check(answer.error)
+        return [FunctionInfo.from_capnp(f) for f in answer.versions]
+
+    async def rollback(self, name: str, version: Optional[int] = None) -> FunctionInfo:
+        """Makes kept ``version`` of ``name`` (default: the one before the current)
+        current again, as the function's next version; returns the new record."""
+        if version is not None and version < 1:
+            raise ValueError("versions start at 1")
+        request = self._c().rollbackFunction_request()
+        request.name = name
+        request.version = version or 0
+        answer = await request.send()
+        check(answer.error)
+        return FunctionInfo.from_capnp(answer.function)
+
     async def delete_function(self, name: str) -> None:
         request = self._c().deleteFunction_request()
         request.name = name

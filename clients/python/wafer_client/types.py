@@ -81,6 +81,8 @@ class FunctionInfo:
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     deployed_at_ms: int = 0
+    # The earlier version a rollback restored as this one; None for a deploy.
+    restored_from: Optional[int] = None
 
     @classmethod
     def from_capnp(cls, r: Any) -> "FunctionInfo":
@@ -93,6 +95,7 @@ class FunctionInfo:
             env=_pairs(r.env),
             labels=_pairs(r.labels),
             deployed_at_ms=int(r.deployedAtMs),
+            restored_from=int(r.restoredFrom) or None,
         )
 
 

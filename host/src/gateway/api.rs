@@ -1,4 +1,5 @@
-//! The REST API for functions: deploy (`PUT`), list, show and remove.
+//! The REST API for functions: deploy (`PUT`), list, show, remove, labels, kept
+//! versions and rollback.
 
 use std::sync::Arc;
 
@@ -217,6 +218,68 @@ pub async fn remove(
     let name: FunctionName = name.parse()?;
     commit(&app, Command::DeleteFunction { name: name.clone() }).await?;
     Ok(Json(serde_json::json!({ "name": name, "removed": true })).into_response())
+}
+
+/// `GET /v1/functions/{name}/versions[?consistent=true]`: the versions the cluster keeps
+/// for rollbacks (the newest [`crate::state::VERSIONS_KEPT`]), oldest first; the last is the current
+/// one.
+pub async fn versions(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let name: FunctionName = name.parse()?;
+    read_point(&app, query.as_deref()).await?;
+    let current = app.functions.get(&name)?.record.version;
+    let versions = app.functions.versions(&name)?;
+    Ok(Json(serde_json::json!({
+        "name": name,
+        "current": current,
+        "versions": versions,
+    }))
+    .into_response())
+}
+
+/// Body of `POST /v1/functions/{name}/rollback` (optional).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The kept version to make current again; absent: the one before the current.
+    pub version: Option<u64>,
+}
+
+/// `POST /v1/functions/{name}/rollback` with an optional `{"version": N}`: makes a kept
+/// earlier version current again, as the function's next version (same module and
+/// spec; the labels stay). Without a version, the one just before the current.
+pub async fn rollback(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let name: FunctionName = name.parse()?;
+    let request: RollbackRequest = if body.trim_ascii().is_empty() {
+        RollbackRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "expected no body or {{\"version\": N}} with a kept version: {e}"
+            ))
+        })?
+    };
+    if request.version == Some(0) {
+        return Err(ApiError::bad_request("versions start at 1"));
+    }
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let command = Command::RollbackFunction {
+        name: name.clone(),
+        version: request.version,
+        at_ms,
+    };
+    commit(&app, command).await?;
+    Ok(Json(current_record(&app, &name)?).into_response())
 }
 
 /// Body of `PATCH /v1/functions/{name}/labels`.

@@ -238,6 +238,18 @@ mod tests {
                 false,
                 Access::Scope(Scope::Deploy),
             ),
+            (
+                &post,
+                "/v1/functions/f/rollback",
+                false,
+                Access::Scope(Scope::Deploy),
+            ),
+            (
+                &get,
+                "/v1/functions/f/versions",
+                false,
+                Access::Scope(Scope::Read),
+            ),
             (&post, "/v1/jobs", false, Access::Scope(Scope::Invoke)),
             (
                 &post,

@@ -145,6 +145,8 @@ impl From<Rejection> for ApiError {
         let message = err.to_string();
         let (status, code) = match &err {
             Rejection::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Rejection::UnknownVersion { .. } => (StatusCode::NOT_FOUND, "unknown_version"),
+            Rejection::AlreadyCurrent { .. } => (StatusCode::CONFLICT, "already_current"),
             Rejection::UnknownToken(_) => (StatusCode::NOT_FOUND, "unknown_token"),
             Rejection::InvalidToken(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Rejection::ModuleTooLarge { .. } => {

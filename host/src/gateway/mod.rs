@@ -71,6 +71,11 @@ pub fn app(state: Arc<AppState>) -> Router {
             get(api::show).put(api::deploy).delete(api::remove),
         )
         .route("/v1/functions/{name}/logs", get(api::logs))
+        .route("/v1/functions/{name}/versions", get(api::versions))
+        .route(
+            "/v1/functions/{name}/rollback",
+            axum::routing::post(api::rollback),
+        )
         .route(
             "/v1/functions/{name}/labels",
             axum::routing::patch(api::label),

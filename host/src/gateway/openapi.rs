@@ -25,6 +25,8 @@ mod tests {
         "/v1/functions/{name}",
         "/v1/functions/{name}/labels",
         "/v1/functions/{name}/logs",
+        "/v1/functions/{name}/versions",
+        "/v1/functions/{name}/rollback",
         "/v1/cluster",
         "/v1/nodes",
         "/v1/jobs",

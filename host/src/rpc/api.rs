@@ -194,6 +194,55 @@ impl cluster::Server for ClusterService {
         ))
     }
 
+    async fn list_versions(
+        self: Rc<Self>,
+        params: cluster::ListVersionsParams,
+        mut results: cluster::ListVersionsResults,
+    ) -> Result<(), capnp::Error> {
+        let name = params.get()?.get_name()?.to_str()?.to_string();
+        let outcome = (|| {
+            self.check(Scope::Read)?;
+            let name: FunctionName = name.parse()?;
+            Ok::<_, ApiError>(self.app.functions.versions(&name)?)
+        })();
+        answer!(results, outcome, |versions| {
+            let mut list = results.get().init_versions(versions.len() as u32);
+            for (i, record) in versions.iter().enumerate() {
+                write_function(list.reborrow().get(i as u32), record);
+            }
+        })
+    }
+
+    async fn rollback_function(
+        self: Rc<Self>,
+        params: cluster::RollbackFunctionParams,
+        mut results: cluster::RollbackFunctionResults,
+    ) -> Result<(), capnp::Error> {
+        let params = params.get()?;
+        let name = params.get_name()?.to_str()?.to_string();
+        let version = Some(params.get_version()).filter(|v| *v != 0);
+        let outcome = async {
+            self.check(Scope::Deploy)?;
+            let name: FunctionName = name.parse()?;
+            let at_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let command = Command::RollbackFunction {
+                name: name.clone(),
+                version,
+                at_ms,
+            };
+            crate::gateway::commit(&self.app, command).await?;
+            Ok::<_, ApiError>(self.app.functions.get(&name)?.record.clone())
+        }
+        .await;
+        answer!(results, outcome, |record| write_function(
+            results.get().init_function(),
+            &record
+        ))
+    }
+
     async fn delete_function(
         self: Rc<Self>,
         params: cluster::DeleteFunctionParams,
@@ -831,6 +880,7 @@ fn write_function(mut b: function_info::Builder<'_>, record: &FunctionRecord) {
     b.set_digest(record.digest.to_string().as_str());
     b.set_size(record.size);
     b.set_deployed_at_ms(record.deployed_at_ms);
+    b.set_restored_from(record.restored_from.unwrap_or(0));
     let limits = &record.spec.limits;
     let mut l = b.reborrow().init_limits();
     l.set_memory_mb(limits.memory_mb);

@@ -13,21 +13,15 @@ pub const ALLOWED_IMPORT_MODULES: &[&str] = &["wasi_snapshot_preview1", "wasi_un
 /// The WebAssembly binary of an upload: a core module's binary as is, WebAssembly text
 /// (`.wat`) assembled. Anything else is refused with a message saying what it is.
 pub fn to_binary(upload: &[u8]) -> Result<Cow<'_, [u8]>, RuntimeError> {
-    const MAGIC: &[u8] = b"\0asm";
-    if let Some(header) = upload.strip_prefix(MAGIC) {
-        // Bytes 4..8: version 1 with layer 0 is a core module; layer 1 is a component.
-        if header.get(2..4) == Some(&[1, 0]) {
-            return Err(RuntimeError::Malformed(
-                "this is a WebAssembly component (WASI preview 2); wafer runs core modules \
-                 for WASI preview 1: build for `wasm32-wasip1`"
-                    .into(),
-            ));
-        }
+    if upload.starts_with(MAGIC) {
+        refuse_component(upload)?;
         return Ok(Cow::Borrowed(upload));
     }
     if looks_like_text(upload) {
-        return wat::parse_bytes(upload)
-            .map_err(|e| RuntimeError::Malformed(format!("invalid WebAssembly text: {e}")));
+        let binary = wat::parse_bytes(upload)
+            .map_err(|e| RuntimeError::Malformed(format!("invalid WebAssembly text: {e}")))?;
+        refuse_component(&binary)?;
+        return Ok(binary);
     }
     let start: Vec<String> = upload.iter().take(4).map(|b| format!("{b:02x}")).collect();
     let hint = if upload.trim_ascii_start().starts_with(b"{") {
@@ -42,6 +36,23 @@ pub fn to_binary(upload: &[u8]) -> Result<Cow<'_, [u8]>, RuntimeError> {
         start.join(" "),
         upload.len()
     )))
+}
+
+/// The first bytes of every WebAssembly binary, module or component.
+const MAGIC: &[u8] = b"\0asm";
+
+/// Refuses a component's binary (`(component ...)` text assembles to one too) with a
+/// message that says what to build instead.
+fn refuse_component(binary: &[u8]) -> Result<(), RuntimeError> {
+    // Bytes 4..8: version 1 with layer 0 is a core module; layer 1 is a component.
+    if binary.get(6..8) == Some(&[1, 0]) {
+        return Err(RuntimeError::Malformed(
+            "this is a WebAssembly component (WASI preview 2); wafer runs core modules for \
+             WASI preview 1: build for `wasm32-wasip1`"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `bytes` read as WebAssembly text: UTF-8 whose first token opens an
@@ -113,6 +124,11 @@ mod tests {
         assert!(
             component.to_string().contains("WebAssembly component"),
             "{component}"
+        );
+        let component_text = to_binary(b"(component)").expect_err("component text");
+        assert!(
+            component_text.to_string().contains("WebAssembly component"),
+            "{component_text}"
         );
 
         let bad_text = to_binary(b"(module (func (no_such_instruction)))").expect_err("bad wat");

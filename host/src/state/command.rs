@@ -36,6 +36,16 @@ pub enum Command {
         /// The function.
         name: FunctionName,
     },
+    /// Makes kept version `version` of function `name` (`None`: the version just before
+    /// the current one) current again, as the function's next version.
+    RollbackFunction {
+        /// The function.
+        name: FunctionName,
+        /// The version to restore.
+        version: Option<u64>,
+        /// When, ms since the Unix epoch (chosen by the proposer).
+        at_ms: u64,
+    },
     /// Sets labels `set` and removes labels `remove` of function `name`.
     SetLabels {
         /// The function.
@@ -376,6 +386,24 @@ pub enum Rejection {
     /// A job's settings are invalid.
     #[error("{0}")]
     InvalidJob(String),
+    /// A rollback named a version the function does not keep.
+    #[error("{}", unknown_version(name, *version, kept))]
+    UnknownVersion {
+        /// The function.
+        name: FunctionName,
+        /// The version asked for; 0: the one before the current, which is not kept.
+        version: u64,
+        /// The versions it keeps, oldest first.
+        kept: Vec<u64>,
+    },
+    /// A rollback asked for the version that is already current.
+    #[error("function `{name}` already runs version {version}")]
+    AlreadyCurrent {
+        /// The function.
+        name: FunctionName,
+        /// Its current version.
+        version: u64,
+    },
     /// An agent registered with less capacity than it has allocated.
     #[error("agent `{agent}` cannot shrink to {capacity}: {allocated} is allocated")]
     CapacityBelowAllocated {
@@ -386,6 +414,20 @@ pub enum Rejection {
         /// What is allocated on it.
         allocated: Resources,
     },
+}
+
+/// The message of [`Rejection::UnknownVersion`].
+fn unknown_version(name: &FunctionName, version: u64, kept: &[u64]) -> String {
+    let listed = kept
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if version == 0 {
+        format!("function `{name}` has no earlier version to roll back to (kept: {listed})")
+    } else {
+        format!("function `{name}` keeps no version {version} (kept: {listed})")
+    }
 }
 
 /// Bytes that are not a valid encoded [`Command`].
@@ -441,7 +483,7 @@ impl Command {
     /// Whether the command deploys a function (applying it compiles the module).
     pub fn deploys(&self) -> bool {
         match self {
-            Command::DeployFunction { .. } => true,
+            Command::DeployFunction { .. } | Command::RollbackFunction { .. } => true,
             Command::Batch(commands) => commands.iter().any(Command::deploys),
             _ => false,
         }
@@ -481,6 +523,16 @@ impl Command {
             }
             Command::DeleteFunction { name } => {
                 builder.init_delete_function().set_name(name.as_str());
+            }
+            Command::RollbackFunction {
+                name,
+                version,
+                at_ms,
+            } => {
+                let mut rollback = builder.init_rollback_function();
+                rollback.set_name(name.as_str());
+                rollback.set_version(version.unwrap_or(0));
+                rollback.set_at_ms(*at_ms);
             }
             Command::SetLabels { name, set, remove } => {
                 let mut labels = builder.init_set_labels();
@@ -667,7 +719,7 @@ impl Command {
             Command::DeployFunction { module, spec, .. } => {
                 module.len() + 256 + spec.env.len() * 64
             }
-            Command::DeleteFunction { .. } => 64,
+            Command::DeleteFunction { .. } | Command::RollbackFunction { .. } => 64,
             Command::SetLabels { set, remove, .. } => {
                 64 + set
                     .iter()
@@ -723,6 +775,11 @@ impl Command {
             },
             command::DeleteFunction(delete) => Command::DeleteFunction {
                 name: name(delete.get_name()?)?,
+            },
+            command::RollbackFunction(rollback) => Command::RollbackFunction {
+                name: name(rollback.get_name()?)?,
+                version: Some(rollback.get_version()).filter(|v| *v != 0),
+                at_ms: rollback.get_at_ms(),
             },
             command::SetLabels(labels) => {
                 let mut set = BTreeMap::new();
@@ -983,6 +1040,16 @@ mod tests {
                 deployed_at_ms: 42,
             },
             Command::DeleteFunction { name: name("g")? },
+            Command::RollbackFunction {
+                name: name("g")?,
+                version: None,
+                at_ms: 9,
+            },
+            Command::RollbackFunction {
+                name: name("g")?,
+                version: Some(3),
+                at_ms: 10,
+            },
             Command::SetLabels {
                 name: name("h")?,
                 set: BTreeMap::from([("team".into(), "a".into()), ("tier".into(), "".into())]),

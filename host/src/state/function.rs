@@ -102,6 +102,9 @@ pub struct FunctionRecord {
     /// Labels: free-form metadata set with `wafer label`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The earlier version whose module and spec a rollback made current again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<u64>,
 }
 
 /// Longest label key.

@@ -1,6 +1,7 @@
 //! The replicated state machine's data in the node's redb file: deployed functions
-//! (name -> record), module blobs (digest -> bytes, shared by functions with the same
-//! module) and the scheduling tables (agents, frameworks, roles, allocations), changed
+//! (name -> record), their newest versions (kept for rollbacks), module blobs (digest ->
+//! bytes, shared by every function and version with the same module) and the
+//! scheduling tables (agents, frameworks, roles, allocations), changed
 //! only by applying [`Command`]s in log order.
 //!
 //! `apply` is deterministic: its answer and its effect depend only on the command and
@@ -58,6 +59,15 @@ pub use token::{
 const FUNCTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("functions");
 /// Hex digest -> module bytes.
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+/// The name of the [`VERSIONS`] table (also its rows' name in snapshots).
+const VERSIONS_TABLE: &str = "function_versions";
+/// `NAME/VERSION` (the version in 20 digits, so keys sort by version) -> JSON
+/// [`FunctionRecord`] of that version as it was made: the newest [`VERSIONS_KEPT`]
+/// versions of every function, its current one included.
+const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new(VERSIONS_TABLE);
+
+/// How many versions of a function are kept (and their modules stored) for rollbacks.
+pub const VERSIONS_KEPT: usize = 10;
 
 /// What reading or writing the state can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +155,7 @@ impl State {
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(FUNCTIONS).map_err(storage)?;
         txn.open_table(BLOBS).map_err(storage)?;
+        txn.open_table(VERSIONS).map_err(storage)?;
         scheduling::create_tables(&txn)?;
         token::create_tables(&txn)?;
         txn.commit().map_err(storage)?;
@@ -167,6 +178,26 @@ impl State {
             Some(bytes) => Ok(Some(decode(name.as_str(), bytes.value())?)),
             None => Ok(None),
         }
+    }
+
+    /// The kept versions of function `name`, oldest first (empty for no such function).
+    /// A function deployed before versions were kept lists its current version only.
+    pub fn function_versions(
+        &self,
+        name: &FunctionName,
+    ) -> Result<Vec<FunctionRecord>, StateError> {
+        let txn = self.db.begin_read().map_err(storage)?;
+        let functions = txn.open_table(FUNCTIONS).map_err(storage)?;
+        let Some(current) = functions.get(name.as_str()).map_err(storage)? else {
+            return Ok(Vec::new());
+        };
+        let current = decode(name.as_str(), current.value())?;
+        let versions = txn.open_table(VERSIONS).map_err(storage)?;
+        let mut kept = read_versions(&versions, name)?;
+        if kept.last().map(|v| v.version) != Some(current.version) {
+            kept.push(current);
+        }
+        Ok(kept)
     }
 
     /// Every function, sorted by name.
@@ -268,6 +299,7 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
                     .as_ref()
                     .map(|p| p.labels.clone())
                     .unwrap_or_default(),
+                restored_from: None,
             };
             let hex = record.digest.to_hex();
             if blobs.get(hex.as_str()).map_err(storage)?.is_none() {
@@ -275,13 +307,62 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
                     .insert(hex.as_str(), module.as_ref())
                     .map_err(storage)?;
             }
-            let encoded = encode(&record)?;
-            functions
-                .insert(name.as_str(), encoded.as_slice())
-                .map_err(storage)?;
-            if let Some(previous) = previous {
-                release_blob(&functions, &mut blobs, &previous.digest)?;
+            let mut versions = txn.open_table(VERSIONS).map_err(storage)?;
+            make_current(
+                &mut functions,
+                &mut versions,
+                &mut blobs,
+                previous.as_ref(),
+                &record,
+            )?;
+            Ok(CommandResponse::Deployed(record))
+        }
+        Command::RollbackFunction {
+            name,
+            version,
+            at_ms,
+        } => {
+            let current = match functions.get(name.as_str()).map_err(storage)? {
+                Some(bytes) => decode(name.as_str(), bytes.value())?,
+                None => return Ok(CommandResponse::Rejected(Rejection::NotFound(name.clone()))),
+            };
+            let mut versions = txn.open_table(VERSIONS).map_err(storage)?;
+            let kept = read_versions(&versions, name)?;
+            let wanted = version.unwrap_or(current.version.saturating_sub(1));
+            if wanted == current.version {
+                return Ok(CommandResponse::Rejected(Rejection::AlreadyCurrent {
+                    name: name.clone(),
+                    version: wanted,
+                }));
             }
+            let Some(target) = kept.iter().find(|v| v.version == wanted) else {
+                let mut listed: Vec<u64> = kept.iter().map(|v| v.version).collect();
+                if listed.last() != Some(&current.version) {
+                    listed.push(current.version);
+                }
+                return Ok(CommandResponse::Rejected(Rejection::UnknownVersion {
+                    name: name.clone(),
+                    version: wanted,
+                    kept: listed,
+                }));
+            };
+            let record = FunctionRecord {
+                name: name.clone(),
+                version: current.version + 1,
+                digest: target.digest,
+                size: target.size,
+                spec: target.spec.clone(),
+                deployed_at_ms: *at_ms,
+                labels: current.labels.clone(),
+                restored_from: Some(target.version),
+            };
+            make_current(
+                &mut functions,
+                &mut versions,
+                &mut blobs,
+                Some(&current),
+                &record,
+            )?;
             Ok(CommandResponse::Deployed(record))
         }
         Command::DeleteFunction { name } => {
@@ -289,7 +370,19 @@ pub fn apply(txn: &WriteTransaction, command: &Command) -> Result<CommandRespons
                 Some(bytes) => decode(name.as_str(), bytes.value())?,
                 None => return Ok(CommandResponse::Rejected(Rejection::NotFound(name.clone()))),
             };
-            release_blob(&functions, &mut blobs, &removed.digest)?;
+            let mut versions = txn.open_table(VERSIONS).map_err(storage)?;
+            let mut digests = vec![removed.digest];
+            for version in read_versions(&versions, name)? {
+                versions
+                    .remove(version_key(name, version.version).as_str())
+                    .map_err(storage)?;
+                digests.push(version.digest);
+            }
+            digests.sort();
+            digests.dedup();
+            for digest in &digests {
+                release_blob(&functions, &versions, &mut blobs, digest)?;
+            }
             Ok(CommandResponse::Deleted(removed.name))
         }
         Command::SetLabels { name, .. } => {
@@ -441,6 +534,11 @@ pub fn dump(txn: &ReadTransaction, out: &mut impl Write) -> Result<(), StateErro
         blob.set_module(module.value());
         capnp::serialize::write_message(&mut *out, &message).map_err(io)?;
     }
+    let versions = txn.open_table(VERSIONS).map_err(storage)?;
+    for entry in versions.iter().map_err(storage)? {
+        let (key, record) = entry.map_err(storage)?;
+        write_row(out, VERSIONS_TABLE, key.value().as_bytes(), record.value())?;
+    }
     scheduling::dump(txn, out)?;
     token::dump(txn, out)
 }
@@ -467,10 +565,12 @@ pub fn restore(txn: &WriteTransaction, input: &mut impl BufRead) -> Result<(), S
     let bad = |e: capnp::Error| StateError::Snapshot(e.to_string());
     txn.delete_table(FUNCTIONS).map_err(storage)?;
     txn.delete_table(BLOBS).map_err(storage)?;
+    txn.delete_table(VERSIONS).map_err(storage)?;
     scheduling::clear(txn)?;
     token::clear(txn)?;
     let mut functions = txn.open_table(FUNCTIONS).map_err(storage)?;
     let mut blobs = txn.open_table(BLOBS).map_err(storage)?;
+    let mut versions = txn.open_table(VERSIONS).map_err(storage)?;
     while let Some(message) =
         capnp::serialize::try_read_message(&mut *input, reader_options()).map_err(bad)?
     {
@@ -504,7 +604,13 @@ pub fn restore(txn: &WriteTransaction, input: &mut impl BufRead) -> Result<(), S
                     .and_then(|n| n.to_str().map_err(Into::into))
                     .map_err(bad)?;
                 let (key, value) = (row.get_key().map_err(bad)?, row.get_value().map_err(bad)?);
-                if !token::restore_row(txn, table, key, value)? {
+                if table == VERSIONS_TABLE {
+                    let key = std::str::from_utf8(key)
+                        .map_err(|e| StateError::Snapshot(format!("{VERSIONS_TABLE} key: {e}")))?;
+                    // Refuse a record that would not read back later.
+                    decode(key, value)?;
+                    versions.insert(key, value).map_err(storage)?;
+                } else if !token::restore_row(txn, table, key, value)? {
                     scheduling::restore_row(txn, table, key, value)?;
                 }
             }
@@ -526,16 +632,90 @@ pub(crate) fn function_record(
     Ok(record)
 }
 
-/// Deletes blob `digest` unless a function still refers to it.
+/// Stores `record` as function's current version (it replaces `previous`), keeps it
+/// among the function's versions, drops the versions past [`VERSIONS_KEPT`] and the
+/// modules nothing refers to any more.
+fn make_current(
+    functions: &mut redb::Table<&str, &[u8]>,
+    versions: &mut redb::Table<&str, &[u8]>,
+    blobs: &mut redb::Table<&str, &[u8]>,
+    previous: Option<&FunctionRecord>,
+    record: &FunctionRecord,
+) -> Result<(), StateError> {
+    let name = &record.name;
+    let encoded = encode(record)?;
+    functions
+        .insert(name.as_str(), encoded.as_slice())
+        .map_err(storage)?;
+    // A function deployed before versions were kept has no row for its current one.
+    if let Some(previous) = previous {
+        let key = version_key(name, previous.version);
+        if versions.get(key.as_str()).map_err(storage)?.is_none() {
+            let mut kept = previous.clone();
+            kept.labels.clear();
+            versions
+                .insert(key.as_str(), encode(&kept)?.as_slice())
+                .map_err(storage)?;
+        }
+    }
+    let mut kept = record.clone();
+    kept.labels.clear();
+    versions
+        .insert(
+            version_key(name, record.version).as_str(),
+            encode(&kept)?.as_slice(),
+        )
+        .map_err(storage)?;
+    let all = read_versions(versions, name)?;
+    let dropped = &all[..all.len().saturating_sub(VERSIONS_KEPT)];
+    for old in dropped {
+        versions
+            .remove(version_key(name, old.version).as_str())
+            .map_err(storage)?;
+    }
+    for old in dropped {
+        release_blob(functions, versions, blobs, &old.digest)?;
+    }
+    Ok(())
+}
+
+/// The key of version `version` of function `name` in [`VERSIONS`].
+fn version_key(name: &FunctionName, version: u64) -> String {
+    format!("{name}/{version:020}")
+}
+
+/// The kept versions of function `name`, oldest first.
+fn read_versions(
+    versions: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &FunctionName,
+) -> Result<Vec<FunctionRecord>, StateError> {
+    // Names never contain '/', and '0' sorts just after it: this range holds exactly
+    // the keys `NAME/...`.
+    let (start, end) = (format!("{name}/"), format!("{name}0"));
+    let mut out = Vec::new();
+    for entry in versions
+        .range::<&str>(start.as_str()..end.as_str())
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        out.push(decode(key.value(), value.value())?);
+    }
+    Ok(out)
+}
+
+/// Deletes blob `digest` unless a function or a kept version still refers to it.
 fn release_blob(
     functions: &redb::Table<&str, &[u8]>,
+    versions: &redb::Table<&str, &[u8]>,
     blobs: &mut redb::Table<&str, &[u8]>,
     digest: &Digest,
 ) -> Result<(), StateError> {
-    for entry in functions.iter().map_err(storage)? {
-        let (key, value) = entry.map_err(storage)?;
-        if decode(key.value(), value.value())?.digest == *digest {
-            return Ok(());
+    for table in [functions, versions] {
+        for entry in table.iter().map_err(storage)? {
+            let (key, value) = entry.map_err(storage)?;
+            if decode(key.value(), value.value())?.digest == *digest {
+                return Ok(());
+            }
         }
     }
     blobs.remove(digest.to_hex().as_str()).map_err(storage)?;
@@ -620,7 +800,8 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         assert_eq!(state.get_function(&name("a"))?.map(|r| r.version), Some(2));
         assert!(matches!(delete(&state, "b")?, CommandResponse::Deleted(_)));
-        assert!(state.get_blob(&Digest::of(b"module-1"))?.is_none());
+        // module-1 is still a's version 1, kept for rollbacks.
+        assert!(state.get_blob(&Digest::of(b"module-1"))?.is_some());
         assert_eq!(
             state.get_blob(&Digest::of(b"module-2"))?.as_deref(),
             Some(&b"module-2"[..])
@@ -628,6 +809,128 @@ mod tests {
         assert_eq!(
             delete(&state, "b")?,
             CommandResponse::Rejected(Rejection::NotFound(name("b")))
+        );
+        // Removing a function removes its kept versions and the modules only they used.
+        assert!(matches!(delete(&state, "a")?, CommandResponse::Deleted(_)));
+        assert!(state.get_blob(&Digest::of(b"module-1"))?.is_none());
+        assert!(state.get_blob(&Digest::of(b"module-2"))?.is_none());
+        assert!(state.function_versions(&name("a"))?.is_empty());
+        Ok(())
+    }
+
+    fn rollback(state: &State, n: &str, to: Option<u64>) -> Result<CommandResponse, StateError> {
+        let txn = state.database().begin_write().map_err(storage)?;
+        let out = apply(
+            &txn,
+            &Command::RollbackFunction {
+                name: name(n),
+                version: to,
+                at_ms: 7,
+            },
+        )?;
+        txn.commit().map_err(storage)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_rollback_makes_a_kept_version_current_again_as_the_next_version() -> Result<(), StateError>
+    {
+        let dir = tempfile::tempdir().map_err(|e| StateError::Snapshot(e.to_string()))?;
+        let state = State::open(&dir.path().join("s.redb"))?;
+        assert_eq!(
+            rollback(&state, "f", None)?,
+            CommandResponse::Rejected(Rejection::NotFound(name("f")))
+        );
+        deploy(&state, "f", b"module-1")?;
+        assert_eq!(
+            rollback(&state, "f", None)?,
+            CommandResponse::Rejected(Rejection::UnknownVersion {
+                name: name("f"),
+                version: 0,
+                kept: vec![1],
+            })
+        );
+        deploy(&state, "f", b"module-2")?;
+        let txn = state.database().begin_write().map_err(storage)?;
+        apply(
+            &txn,
+            &Command::SetLabels {
+                name: name("f"),
+                set: [("team".to_string(), "a".to_string())].into(),
+                remove: Vec::new(),
+            },
+        )?;
+        txn.commit().map_err(storage)?;
+
+        // Back to version 1: its module, as version 3, with today's labels.
+        let CommandResponse::Deployed(restored) = rollback(&state, "f", None)? else {
+            panic!("a rollback answers with the new record");
+        };
+        assert_eq!(restored.version, 3);
+        assert_eq!(restored.digest, Digest::of(b"module-1"));
+        assert_eq!(restored.restored_from, Some(1));
+        assert_eq!(restored.deployed_at_ms, 7);
+        assert_eq!(labels(&state, "f")?.len(), 1);
+        assert_eq!(state.get_function(&name("f"))?, Some(restored));
+        let versions: Vec<(u64, Digest)> = state
+            .function_versions(&name("f"))?
+            .into_iter()
+            .map(|v| (v.version, v.digest))
+            .collect();
+        assert_eq!(
+            versions,
+            [
+                (1, Digest::of(b"module-1")),
+                (2, Digest::of(b"module-2")),
+                (3, Digest::of(b"module-1")),
+            ]
+        );
+        assert_eq!(
+            rollback(&state, "f", Some(3))?,
+            CommandResponse::Rejected(Rejection::AlreadyCurrent {
+                name: name("f"),
+                version: 3,
+            })
+        );
+        assert_eq!(
+            rollback(&state, "f", Some(9))?,
+            CommandResponse::Rejected(Rejection::UnknownVersion {
+                name: name("f"),
+                version: 9,
+                kept: vec![1, 2, 3],
+            })
+        );
+
+        // Only the newest VERSIONS_KEPT stay, and a module no kept version uses goes.
+        for _ in 0..VERSIONS_KEPT {
+            deploy(&state, "f", b"module-3")?;
+        }
+        let kept: Vec<u64> = state
+            .function_versions(&name("f"))?
+            .iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(kept, (4..=13).collect::<Vec<u64>>());
+        assert!(state.get_blob(&Digest::of(b"module-1"))?.is_none());
+        assert!(state.get_blob(&Digest::of(b"module-2"))?.is_none());
+        assert!(matches!(
+            rollback(&state, "f", Some(2))?,
+            CommandResponse::Rejected(Rejection::UnknownVersion { .. })
+        ));
+
+        // The kept versions travel in snapshots.
+        let mut stream = Vec::new();
+        dump(
+            &state.database().begin_read().map_err(storage)?,
+            &mut stream,
+        )?;
+        let target = State::open(&dir.path().join("t.redb"))?;
+        let txn = target.database().begin_write().map_err(storage)?;
+        restore(&txn, &mut stream.as_slice())?;
+        txn.commit().map_err(storage)?;
+        assert_eq!(
+            target.function_versions(&name("f"))?,
+            state.function_versions(&name("f"))?
         );
         Ok(())
     }

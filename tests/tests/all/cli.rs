@@ -418,3 +418,140 @@ async fn function_logs_are_kept_per_invocation_and_followed_with_the_cli() {
     let (_, fresh) = logs("hello/logs").await;
     assert!(texts(&fresh).is_empty(), "{fresh}");
 }
+
+/// The body `GET /fn/{name}` answers.
+async fn invoke_text(server: &wafer_tests::DevServer, name: &str) -> String {
+    wafer_tests::http()
+        .get(server.url(&format!("/fn/{name}")))
+        .send()
+        .await
+        .expect("invoke")
+        .text()
+        .await
+        .expect("body")
+}
+
+#[tokio::test]
+async fn rollback_restores_an_earlier_version_and_survives_a_restart() {
+    let (dir, server) = start(&[]);
+    let base = server.base().to_string();
+    let run = |args: &'static [&'static str]| {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || wafer(&base, args, None))
+    };
+    assert!(crate::deploy(
+        &server,
+        "greet",
+        example("hello").expect("hello"),
+        "memory_mb=32"
+    )
+    .await
+    .status()
+    .is_success());
+    assert!(crate::deploy(
+        &server,
+        "greet",
+        example("wordcount").expect("wordcount"),
+        ""
+    )
+    .await
+    .status()
+    .is_success());
+    assert!(!invoke_text(&server, "greet").await.contains("Hello"));
+
+    let out = run(&["versions", "greet"]).await.expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows[0].trim_start().starts_with('1') && rows[0].contains("32 MiB"),
+        "{table}"
+    );
+    assert!(
+        rows[1].trim_start().starts_with('2') && rows[1].contains("current"),
+        "{table}"
+    );
+
+    // Without --to: back to the version before the current one, as version 3.
+    let out = run(&["rollback", "greet"]).await.expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("greet is now version 3 (the module and spec of version 1"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(invoke_text(&server, "greet")
+        .await
+        .starts_with("Hello, world!"));
+    let record: serde_json::Value = wafer_tests::get(server.url("/v1/functions/greet"))
+        .await
+        .expect("show")
+        .json()
+        .await
+        .expect("record");
+    assert_eq!(record["version"], 3, "{record}");
+    assert_eq!(record["memory_mb"], 32, "{record}");
+    assert_eq!(record["restored_from"], 1, "{record}");
+
+    // Versions that are not kept, the current one, and bad bodies are refused clearly.
+    let rollback = |body: &'static str| {
+        wafer_tests::http()
+            .post(server.url("/v1/functions/greet/rollback"))
+            .body(body)
+            .send()
+    };
+    let refused = rollback(r#"{"version": 9}"#).await.expect("rollback");
+    assert_eq!(refused.status(), reqwest::StatusCode::NOT_FOUND);
+    let text = refused.text().await.expect("body");
+    assert!(
+        text.contains("unknown_version") && text.contains("keeps no version 9 (kept: 1, 2, 3)"),
+        "{text}"
+    );
+    let refused = rollback(r#"{"version": 3}"#).await.expect("rollback");
+    assert_eq!(refused.status(), reqwest::StatusCode::CONFLICT);
+    assert!(refused
+        .text()
+        .await
+        .expect("body")
+        .contains("already runs version 3"));
+    let refused = rollback(r#"{"versoin": 1}"#).await.expect("rollback");
+    assert_eq!(refused.status(), reqwest::StatusCode::BAD_REQUEST);
+    let out = run(&["rollback", "nobody"]).await.expect("join");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no function named `nobody`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The kept versions survive a restart, and any of them can be restored.
+    server.kill().expect("stop");
+    let server = wafer_tests::DevServer::start(&dir.path().join("data"), &["--no-examples"])
+        .expect("restart");
+    assert!(invoke_text(&server, "greet")
+        .await
+        .starts_with("Hello, world!"));
+    let response = wafer_tests::http()
+        .post(server.url("/v1/functions/greet/rollback"))
+        .json(&serde_json::json!({ "version": 2 }))
+        .send()
+        .await
+        .expect("rollback");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert!(!invoke_text(&server, "greet").await.contains("Hello"));
+    let versions: serde_json::Value = wafer_tests::get(server.url("/v1/functions/greet/versions"))
+        .await
+        .expect("versions")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(versions["current"], 4, "{versions}");
+    let listed: Vec<u64> = versions["versions"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|v| v["version"].as_u64())
+        .collect();
+    assert_eq!(listed, [1, 2, 3, 4]);
+}
