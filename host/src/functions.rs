@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::guest_logs::GuestLogs;
 use crate::metrics::{FunctionStats, Metrics};
@@ -215,15 +214,11 @@ impl Functions {
         // Compiling now rejects a bad module before it is replicated, and leaves the
         // compiled code in the cache for when the command is applied.
         self.runtime.prepare(&wasm, &spec.limits)?;
-        let deployed_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         Ok(Command::DeployFunction {
             name: name.clone(),
             spec,
             module: bytes::Bytes::from(wasm.into_owned()),
-            deployed_at_ms,
+            deployed_at_ms: crate::scheduler::now_ms(),
         })
     }
 

@@ -269,14 +269,10 @@ pub async fn rollback(
     if request.version == Some(0) {
         return Err(ApiError::bad_request("versions start at 1"));
     }
-    let at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
     let command = Command::RollbackFunction {
         name: name.clone(),
         version: request.version,
-        at_ms,
+        at_ms: crate::scheduler::now_ms(),
     };
     commit(&app, command).await?;
     Ok(Json(current_record(&app, &name)?).into_response())

@@ -224,14 +224,10 @@ impl cluster::Server for ClusterService {
         let outcome = async {
             self.check(Scope::Deploy)?;
             let name: FunctionName = name.parse()?;
-            let at_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
             let command = Command::RollbackFunction {
                 name: name.clone(),
                 version,
-                at_ms,
+                at_ms: crate::scheduler::now_ms(),
             };
             crate::gateway::commit(&self.app, command).await?;
             Ok::<_, ApiError>(self.app.functions.get(&name)?.record.clone())
