@@ -114,6 +114,8 @@ pub struct Function {
     pub env: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
     pub deployed_at_ms: u64,
+    /// The earlier version a rollback made current again as this one.
+    pub restored_from: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

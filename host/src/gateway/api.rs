@@ -220,9 +220,9 @@ pub async fn remove(
     Ok(Json(serde_json::json!({ "name": name, "removed": true })).into_response())
 }
 
-/// `GET /v1/functions/{name}/versions[?consistent=true]`: the versions the cluster keeps
-/// for rollbacks (the newest [`crate::state::VERSIONS_KEPT`]), oldest first; the last is the current
-/// one.
+/// `GET /v1/functions/{name}/versions[?consistent=true]`: the versions the cluster
+/// keeps for rollbacks (the newest [`crate::state::VERSIONS_KEPT`]), oldest first; the
+/// last is the current one.
 pub async fn versions(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,

@@ -1,9 +1,9 @@
 //! The web console in real headless Chromium, driven over WebDriver (chromedriver +
 //! fantoccini) against a real `wafer dev`: a bad token is refused with a message, a
 //! read-only token sees everything and gets no controls, an admin deploys a function
-//! from a file, invokes it from the try-it panel, and watches a job turn FINISHED
-//! without reloading. Along the way: labels on every input, keyboard order, a narrow
-//! window, and no errors in Chromium's console log.
+//! from a file, rolls it back after a second deploy, invokes it from the try-it panel,
+//! and watches a job turn FINISHED without reloading. Along the way: labels on every
+//! input, keyboard order, a narrow window, and no errors in Chromium's console log.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -347,6 +347,36 @@ async fn the_console_works_in_chromium() {
         .expect("record");
     assert_eq!(record["env"]["MODE"], "console", "{record}");
     assert_eq!(unlabelled(&c).await, Vec::<Value>::new());
+
+    // A second version deployed elsewhere shows (from the event stream), and
+    // "Roll back" restores the first.
+    assert!(!exists(&c, "button[aria-label='Roll back md2']").await);
+    let second = http()
+        .put(server.url("/v1/functions/md2"))
+        .body(std::fs::read(functions.join("wordcount.wasm")).expect("wordcount.wasm"))
+        .send()
+        .await
+        .expect("deploy version 2");
+    assert!(second.status().is_success());
+    wait_text(&c, "#functions tr[data-function='md2'] .version", |t| {
+        t == "2"
+    })
+    .await;
+    click(&c, "button[aria-label='Roll back md2']").await;
+    wait_text(&c, "#functions tr[data-function='md2'] .version", |t| {
+        t == "3 (from 1)"
+    })
+    .await;
+    let record: Value = http()
+        .get(server.url("/v1/functions/md2"))
+        .send()
+        .await
+        .expect("show")
+        .json()
+        .await
+        .expect("record");
+    assert_eq!(record["restored_from"], 1, "{record}");
+    assert_eq!(record["env"]["MODE"], "console", "{record}");
 
     // Invoke it from the try-it panel.
     click(&c, "#try-function option[value='md2']").await;

@@ -1,7 +1,7 @@
 //! Functions: the deployed list, deploying a `.wasm` file with limits and env (upload
-//! progress shown), removal with confirmation, and a try-it panel that invokes a
-//! function and shows status, headers, body and duration, then the function's recent
-//! guest logs.
+//! progress shown), rolling back to the version before, removal with confirmation, and
+//! a try-it panel that invokes a function and shows status, headers, body and duration,
+//! then the function's recent guest logs.
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -55,10 +55,15 @@ fn FunctionTable(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
             .join(", ");
         let deployed = f.deployed_at_ms;
         let (key, shown) = (name.clone(), name.clone());
+        let version = match f.restored_from {
+            Some(from) => format!("{} (from {from})", f.version),
+            None => f.version.to_string(),
+        };
+        let current = f.version;
         view! {
             <tr data-function=key>
                 <td><strong>{shown}</strong></td>
-                <td>{f.version}</td>
+                <td class="version">{version}</td>
                 <td><code title=f.digest.clone()>{short}</code></td>
                 <td>{bytes(f.size)}</td>
                 <td>{format!("{} MiB", f.memory_mb)}</td>
@@ -66,7 +71,7 @@ fn FunctionTable(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
                 <td>{labels}</td>
                 <td>{move || ago(ctx.now_ms.get(), deployed)}</td>
                 <td class="actions">
-                    <RowActions ctx=ctx name=name selected=selected confirming=confirming/>
+                    <RowActions ctx=ctx name=name version=current selected=selected confirming=confirming/>
                 </td>
             </tr>
         }
@@ -90,15 +95,28 @@ fn FunctionTable(ctx: Ctx, selected: RwSignal<String>) -> impl IntoView {
     }
 }
 
-/// A function's buttons: try it, and delete (after a confirmation).
+/// A function's buttons: try it, roll back to the version before (from version 2 on),
+/// and delete (after a confirmation).
 #[component]
 fn RowActions(
     ctx: Ctx,
     name: String,
+    version: u64,
     selected: RwSignal<String>,
     confirming: RwSignal<Option<String>>,
 ) -> impl IntoView {
     let name = StoredValue::new(name);
+    let roll_back = move |_| {
+        let token = ctx.token();
+        let target = name.get_value();
+        spawn_local(async move {
+            let path = format!("/v1/functions/{}/rollback", api::encode(&target));
+            match api::call("POST", &path, &token, None).await {
+                Ok(_) => ctx.refresh_functions(),
+                Err(e) => ctx.failed(&e),
+            }
+        });
+    };
     let remove = move |_| {
         let token = ctx.token();
         let target = name.get_value();
@@ -117,6 +135,13 @@ fn RowActions(
         let try_button = ctx.can_invoke().then(|| {
             view! {
                 <button aria-label=format!("Try {n}") on:click=move |_| selected.set(name.get_value())>"Try"</button>
+            }
+        });
+        let roll_back_button = (ctx.can_deploy() && version > 1).then(|| {
+            view! {
+                <button aria-label=format!("Roll back {n}")
+                    title="Make the version before the current one current again"
+                    on:click=roll_back>"Roll back"</button>
             }
         });
         let delete = if !ctx.can_deploy() {
@@ -141,7 +166,7 @@ fn RowActions(
                 .into_any(),
             )
         };
-        view! { {try_button} {delete} }
+        view! { {try_button} {roll_back_button} {delete} }
     }
 }
 
