@@ -38,7 +38,8 @@ pub struct Cli {
     command: Command,
 }
 
-/// Who may call a server's API, shared by `server` and `dev`.
+/// Who may call a server's gateway and how long it waits on them, shared by `server`
+/// and `dev`.
 #[derive(Debug, Clone, clap::Args)]
 struct AccessArgs {
     /// Let callers without a token invoke functions (`/fn/...`); everything else still
@@ -49,6 +50,17 @@ struct AccessArgs {
     /// [default: a random one, printed and kept in DATA/admin.token].
     #[arg(long, env = "WAFER_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// How long the gateway waits on a silent client, ms: for the first bytes after it
+    /// connects, for a request's headers, between requests on a kept-alive connection,
+    /// and for more of a request's body (then 408 `request_timeout`).
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    client_timeout_ms: u64,
+}
+
+impl AccessArgs {
+    fn client_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.client_timeout_ms)
+    }
 }
 
 /// The default data folder of `wafer dev`, where the CLI finds its admin token.
@@ -855,6 +867,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 agent_resources: agent.resources(),
                 public_invoke: access.public_invoke,
+                client_timeout: access.client_timeout(),
                 admin_token: access.admin_token,
                 secret,
             })
@@ -927,6 +940,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 agent,
                 public_invoke: access.public_invoke,
+                client_timeout: access.client_timeout(),
                 admin_token: access.admin_token,
                 secret,
             })

@@ -40,6 +40,8 @@ pub struct DevConfig {
     pub agent_resources: crate::state::Resources,
     /// Whether the invocation routes are open to callers without a token.
     pub public_invoke: bool,
+    /// How long the gateway waits on a silent client.
+    pub client_timeout: std::time::Duration,
     /// The admin token's secret at first start (none: a random one).
     pub admin_token: Option<String>,
     /// The cluster secret (none: the one in DATA/cluster.secret, made at first start).
@@ -198,6 +200,7 @@ pub async fn run(config: DevConfig) -> anyhow::Result<()> {
             runtime: None,
         }),
         public_invoke: config.public_invoke,
+        client_timeout: config.client_timeout,
         admin_token: config.admin_token.clone(),
         secret,
     };

@@ -36,6 +36,8 @@ pub enum ErrorKind {
     ResponseTooLarge,
     /// Request over its limit.
     RequestTooLarge,
+    /// The client stopped sending the request's body.
+    ClientTimeout,
     /// No instance slot free.
     Busy,
     /// Instantiation failed.

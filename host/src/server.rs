@@ -92,6 +92,8 @@ pub struct ServerConfig {
     pub agent: Option<AgentConfig>,
     /// Whether the invocation routes are open to callers without a token.
     pub public_invoke: bool,
+    /// How long the gateway waits on a silent client (see [`gateway::serve`]).
+    pub client_timeout: std::time::Duration,
     /// The secret of the admin token a new cluster starts with (none: a random one).
     pub admin_token: Option<String>,
     /// The secret nodes of this cluster authenticate each other with.
@@ -114,6 +116,8 @@ pub struct Node {
     pub tokens: Arc<crate::auth::Tokens>,
     /// Whether the invocation routes are open to callers without a token.
     pub public_invoke: bool,
+    /// How long the gateway waits on a silent client.
+    pub client_timeout: std::time::Duration,
     /// The node's event stream.
     pub events: Arc<crate::events::Events>,
     /// The public Cap'n Proto API's listener.
@@ -287,6 +291,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<Node> {
         local_agent: config.agent.is_some(),
         tokens,
         public_invoke: config.public_invoke,
+        client_timeout: config.client_timeout,
         events,
         api,
         secret: config.secret.clone(),
@@ -426,6 +431,7 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
         tokens: node.tokens.clone(),
         public_invoke: node.public_invoke,
         events: node.events.clone(),
+        client_timeout: node.client_timeout,
     });
     // Its own thread: public clients never delay Raft traffic.
     let api_rpc = RpcHandle::start(node.secret.clone()).context("starting the API's RPC thread")?;
@@ -461,6 +467,7 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
         node.http,
         gateway::app(state),
         gateway::serve::default_workers(),
+        node.client_timeout,
         until,
     )
     .await

@@ -43,7 +43,7 @@ pub async fn deploy(
         }
     };
     let limit = app.functions.max_module_bytes();
-    let wasm = read_body(body, &headers, limit, "module").await?;
+    let wasm = read_body(body, &headers, limit, "module", app.client_timeout).await?;
     let functions = app.functions.clone();
     let target = name.clone();
     let command =

@@ -159,7 +159,14 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let body = super::read_body(body, &headers, MAX_TOKEN_REQUEST_BYTES, "token request").await?;
+    let body = super::read_body(
+        body,
+        &headers,
+        MAX_TOKEN_REQUEST_BYTES,
+        "token request",
+        app.client_timeout,
+    )
+    .await?;
     let request: CreateRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "expected {{\"scopes\": [\"read\", ...], \"name\": \"...\", \"ttl_secs\": N}}: {e}"

@@ -86,9 +86,22 @@ async fn run(
 ) -> Result<Response, Failure> {
     let name = &function.record.name;
     let limits = function.record.spec.limits;
-    let input = read_body(body, &headers, limits.max_request_bytes, "request body")
-        .await
-        .map_err(|e| (ErrorKind::RequestTooLarge, e))?;
+    let input = read_body(
+        body,
+        &headers,
+        limits.max_request_bytes,
+        "request body",
+        app.client_timeout,
+    )
+    .await
+    .map_err(|e| {
+        let kind = if e.status == StatusCode::REQUEST_TIMEOUT {
+            ErrorKind::ClientTimeout
+        } else {
+            ErrorKind::RequestTooLarge
+        };
+        (kind, e)
+    })?;
     let path_info = match path {
         Some(p) => format!("/{p}"),
         None => "/".to_string(),

@@ -73,7 +73,14 @@ pub async fn submit(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let body = super::read_body(body, &headers, MAX_JOB_REQUEST_BYTES, "job request").await?;
+    let body = super::read_body(
+        body,
+        &headers,
+        MAX_JOB_REQUEST_BYTES,
+        "job request",
+        app.client_timeout,
+    )
+    .await?;
     let request: JobRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "expected {{\"function\": NAME, \"input\": TEXT, \"constraints\": [\"k=v\"], \

@@ -55,6 +55,9 @@ pub struct AppState {
     pub public_invoke: bool,
     /// The node's event stream.
     pub events: Arc<crate::events::Events>,
+    /// How long a client may pause while sending a request body (and, in
+    /// [`serve`], its headers) before it is refused.
+    pub client_timeout: std::time::Duration,
 }
 
 /// The gateway's router.
@@ -154,12 +157,14 @@ const DRAIN_MAX_BYTES: u64 = 64 << 20;
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads a request body of at most `limit` bytes; a larger one (by `Content-Length` or
-/// as it streams) is a 413 naming `what`.
+/// as it streams) is a 413 naming `what`. A client that sends nothing of it for `idle`
+/// gets a 408: a slow upload is fine, a stalled one does not hold the request for ever.
 pub async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: u64,
     what: &str,
+    idle: std::time::Duration,
 ) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -178,7 +183,21 @@ pub async fn read_body(
         return Err(too_large());
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(frame) = body.frame().await {
+    let stalled = |received: usize| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the client sent nothing more of the {what} for {} ms (after {received} bytes)",
+                idle.as_millis(),
+            ),
+        )
+    };
+    // (A timer is armed only while a frame is not there yet.)
+    while let Some(frame) = tokio::time::timeout(idle, body.frame())
+        .await
+        .map_err(|_| stalled(buf.len()))?
+    {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the {what}: {e}")))?;
         if let Ok(data) = frame.into_data() {
             if (buf.len() + data.len()) as u64 > limit {

@@ -4,13 +4,19 @@
 //!
 //! A guest never holds its worker for long: it yields at every epoch tick (see
 //! [`crate::runtime`]), so the other connections of that worker keep being served.
+//!
+//! Slow or silent clients cannot hold connections open for ever: one that sends nothing
+//! for the client timeout after connecting, or takes longer than that to send a
+//! request's headers, is disconnected, and so is an HTTP/1 connection left idle that
+//! long between requests. (A body that stalls is the handlers' to refuse: see
+//! [`super::read_body`].)
 
 use std::future::Future;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::{mpsc, watch};
@@ -46,16 +52,23 @@ pub fn default_workers() -> usize {
 
 /// Serves `app` on `listener` with `workers` worker threads until `shutdown` resolves,
 /// then lets open connections finish their current requests (within a grace period).
+/// `client_timeout` bounds how long a client may stay silent (see the module's doc).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     workers: usize,
+    client_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut pool = Vec::new();
     for index in 0..workers.max(1) {
-        pool.push(start_worker(index, app.clone(), stop_rx.clone())?);
+        pool.push(start_worker(
+            index,
+            app.clone(),
+            client_timeout,
+            stop_rx.clone(),
+        )?);
     }
     tokio::pin!(shutdown);
     let mut next = 0usize;
@@ -111,9 +124,37 @@ fn hand_off(
     Err(ServeError::NoWorkers)
 }
 
+/// The first bytes an HTTP/2 client with prior knowledge ("h2c") sends.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits, at most `timeout`, until `stream` has sent enough for hyper to tell HTTP/1
+/// from HTTP/2: a byte that leaves the HTTP/2 preface, or the whole preface. Hyper's
+/// own header timeout starts only once it knows the protocol, so without this a client
+/// that connects and says nothing would hold its connection for ever. False: the
+/// client closed, or did not get that far in time.
+async fn protocol_known(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
+    let sniff = async {
+        let mut head = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = match stream.peek(&mut head).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            if n == H2_PREFACE.len() || head[..n] != H2_PREFACE[..n] {
+                return true;
+            }
+            // Part of the preface: wait for the rest (peeking again at once would
+            // spin, since the bytes already there keep the socket readable).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(timeout, sniff).await.unwrap_or(false)
+}
+
 fn start_worker(
     index: usize,
     app: Router,
+    client_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Worker, ServeError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -126,7 +167,19 @@ fn start_worker(
         .spawn(move || {
             runtime.block_on(async move {
                 let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-                let builder = auto::Builder::new(TokioExecutor::new());
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                // Also closes HTTP/1 connections idle that long between requests: the
+                // wait for the next request's headers is timed too.
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(client_timeout);
+                // HTTP/2 connections are pinged when idle, so dead peers are dropped.
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(client_timeout);
+                let builder = std::sync::Arc::new(builder);
                 loop {
                     tokio::select! {
                         _ = stop.wait_for(|stopped| *stopped) => break,
@@ -141,12 +194,16 @@ fn start_worker(
                             };
                             let _ = stream.set_nodelay(true);
                             let service = TowerToHyperService::new(app.clone());
-                            let conn = builder
-                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                                .into_owned();
-                            let conn = graceful.watch(conn);
+                            let (builder, watcher) = (builder.clone(), graceful.watcher());
                             tokio::spawn(async move {
-                                if let Err(err) = conn.await {
+                                if !protocol_known(&stream, client_timeout).await {
+                                    tracing::debug!("a client sent no request in time");
+                                    return;
+                                }
+                                let conn = builder
+                                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                    .into_owned();
+                                if let Err(err) = watcher.watch(conn).await {
                                     tracing::debug!(error = %err, "connection ended");
                                 }
                             });

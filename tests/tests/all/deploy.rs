@@ -412,3 +412,107 @@ async fn text_modules_deploy_and_components_are_refused_by_name() {
         "{body}"
     );
 }
+
+/// Sends `request` (possibly nothing, possibly incomplete) on a new connection and
+/// reads until the server closes it; what it answered. Fails if the server still holds
+/// the connection after 20 s.
+async fn answer_before_close(base: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("send");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server still holds a connection that sent {:?}",
+        String::from_utf8_lossy(request)
+    );
+    // A reset (the server closing with unread bytes) also ends the connection.
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn slow_or_silent_clients_are_disconnected_and_the_server_keeps_serving() {
+    let (_dir, server) = start(&["--client-timeout-ms", "500"]);
+    deploy_example(&server, "hello", "").await;
+    let auth = format!("authorization: Bearer {}\r\n", wafer_tests::ADMIN_TOKEN);
+
+    // Connects and says nothing; starts an HTTP/2 preface and stops; stops in the
+    // middle of its headers: each is disconnected without an answer.
+    for request in [
+        &b""[..],
+        b"PRI * HTTP/2.0\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: wafer\r\n",
+    ] {
+        let answer = answer_before_close(server.base(), request).await;
+        assert_eq!(answer, "", "{request:?}");
+    }
+
+    // Stops in the middle of a body, with a length or chunked: a 408 that says so.
+    for framing in [
+        "content-length: 100\r\n\r\nabc",
+        "transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n",
+    ] {
+        let request = format!("POST /fn/hello HTTP/1.1\r\nhost: wafer\r\n{auth}{framing}");
+        let answer = answer_before_close(server.base(), request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(answer.contains(r#""error":"request_timeout""#), "{answer}");
+        assert!(answer.contains("after 3 bytes"), "{answer}");
+    }
+    let exported = crate::metrics(&server).await;
+    assert!(
+        exported
+            .contains("wafer_invocation_errors_total{function=\"hello\",kind=\"ClientTimeout\"} 2"),
+        "{exported}"
+    );
+
+    // A kept-alive connection is answered, then closed once idle that long.
+    let answer = answer_before_close(
+        server.base(),
+        b"GET /healthz HTTP/1.1\r\nhost: wafer\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+
+    // A slow client that keeps sending is served, however long it takes in all (here
+    // 8 bytes over 1.4 s, well past the timeout).
+    let (status, body) = slow_post(server.base(), &auth, 8).await;
+    assert!(status.starts_with("HTTP/1.1 200 OK"), "{status}");
+    assert!(body.contains("body: 8 bytes"), "{body}");
+
+    // And the server goes on serving.
+    let response = wafer_tests::get(server.url("/fn/hello"))
+        .await
+        .expect("invoke");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+/// POSTs `bytes` bytes to `hello`, one every 200 ms (the pace of this slow client, not
+/// a wait for the server): the status line and the body.
+async fn slow_post(base: &str, auth: &str, bytes: usize) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /fn/hello HTTP/1.1\r\nhost: wafer\r\n{auth}content-length: {bytes}\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let mut pace = tokio::time::interval(std::time::Duration::from_millis(200));
+    for _ in 0..bytes {
+        pace.tick().await;
+        stream.write_all(b"x").await.expect("a byte");
+    }
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
