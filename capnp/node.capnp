@@ -365,6 +365,8 @@ struct Outcome {
     memoryLimit @2 :Void;
     responseTooLarge @3 :Void;
     trap @4 :Text;
+    # The guest used all of its fuel (`Limits.fuel`).
+    outOfFuel @10 :Void;
   }
   stdout @5 :Data;
   log @6 :Data;

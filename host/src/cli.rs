@@ -75,6 +75,10 @@ struct LimitArgs {
     /// Wall-clock timeout, ms [default: 10000].
     #[arg(long = "timeout", value_name = "MS")]
     timeout_ms: Option<u64>,
+    /// Fuel for each run, about one unit per WebAssembly instruction: the same budget
+    /// on every node and every run [default: 0, unmetered].
+    #[arg(long = "fuel", value_name = "UNITS")]
+    fuel: Option<u64>,
     /// Environment variable for the function (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -96,6 +100,9 @@ impl LimitArgs {
         }
         if let Some(ms) = self.timeout_ms {
             spec.limits.timeout_ms = ms;
+        }
+        if let Some(units) = self.fuel {
+            spec.limits.fuel = units;
         }
         if let Some(n) = self.accel {
             spec.limits.accel = n;
@@ -1394,6 +1401,10 @@ async fn run_local(
             ExitCode::from(137)
         }
         Exit::ResponseTooLarge => ExitCode::from(1),
+        Exit::OutOfFuel => {
+            eprintln!("error: used all of its fuel ({} units)", limits.fuel);
+            ExitCode::from(134)
+        }
         Exit::Trap(message) => {
             eprintln!("error: trapped: {message}");
             ExitCode::from(134)

@@ -38,6 +38,8 @@ pub enum ErrorKind {
     RequestTooLarge,
     /// The client stopped sending the request's body.
     ClientTimeout,
+    /// The guest used all of its fuel.
+    FuelExhausted,
     /// No instance slot free.
     Busy,
     /// Instantiation failed.

@@ -46,7 +46,9 @@ pub struct Worker {
     runtime: Arc<Runtime>,
     /// Where attempts run (the process's main runtime, not the RPC thread's).
     spawner: tokio::runtime::Handle,
-    modules: Mutex<HashMap<Digest, Prepared>>,
+    /// Prepared modules by digest and whether they count fuel (limits with a fuel
+    /// limit need code compiled for it).
+    modules: Mutex<HashMap<(Digest, bool), Prepared>>,
     tasks: Mutex<HashMap<TaskRef, TaskEntry>>,
     /// Which server to try first (the last one that answered).
     preferred: Mutex<usize>,
@@ -243,6 +245,10 @@ impl Worker {
                 ),
                 &log,
             ),
+            Exit::OutOfFuel => failed_with_log(
+                format!("used all of its fuel ({} units)", spec.limits.fuel),
+                &log,
+            ),
             Exit::Trap(message) => failed_with_log(format!("trapped: {message}"), &log),
         }
     }
@@ -290,11 +296,12 @@ impl Worker {
 
     /// The prepared module `digest`: cached, else fetched and compiled.
     async fn prepared(&self, digest: Digest, limits: Limits) -> Result<Prepared, String> {
+        let key = (digest, limits.fuel > 0);
         if let Some(prepared) = self
             .modules
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&digest)
+            .get(&key)
         {
             return Ok(prepared.clone());
         }
@@ -319,7 +326,7 @@ impl Worker {
         self.modules
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(digest, prepared.clone());
+            .insert(key, prepared.clone());
         Ok(prepared)
     }
 

@@ -23,7 +23,7 @@ const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 pub const MANIFEST_HEADER: &str = "x-wafer-manifest";
 
 /// `PUT /v1/functions/{name}`: the body is the module; limits come from the
-/// `x-wafer-manifest` JSON header and/or the query (`memory_mb`, `timeout_ms`,
+/// `x-wafer-manifest` JSON header and/or the query (`memory_mb`, `timeout_ms`, `fuel`,
 /// `max_request_bytes`, `max_response_bytes`, `max_log_bytes`, repeated `env=KEY=VALUE`),
 /// the query winning.
 pub async fn deploy(
@@ -102,6 +102,7 @@ fn apply_query(spec: &mut FunctionSpec, query: &str) -> Result<(), ApiError> {
         match key.as_ref() {
             "memory_mb" => spec.limits.memory_mb = number()?,
             "timeout_ms" => spec.limits.timeout_ms = number()?,
+            "fuel" => spec.limits.fuel = number()?,
             "max_request_bytes" => spec.limits.max_request_bytes = number()?,
             "max_response_bytes" => spec.limits.max_response_bytes = number()?,
             "max_log_bytes" => spec.limits.max_log_bytes = number()?,
@@ -125,7 +126,7 @@ fn apply_query(spec: &mut FunctionSpec, query: &str) -> Result<(), ApiError> {
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown query parameter {other:?} (expected memory_mb, timeout_ms, \
-                     max_request_bytes, max_response_bytes, max_log_bytes, accel, \
+                     fuel, max_request_bytes, max_response_bytes, max_log_bytes, accel, \
                      accel_memory_mb, accel_type or env)"
                 )))
             }

@@ -331,6 +331,15 @@ fn respond(
             ),
         ),
         Exit::MemoryLimit => memory_limit(""),
+        Exit::OutOfFuel => fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "fuel_exhausted",
+            ErrorKind::FuelExhausted,
+            format!(
+                "function `{name}` used all of its fuel ({} units) before it finished",
+                limits.fuel
+            ),
+        ),
         Exit::ResponseTooLarge => fail(
             StatusCode::INTERNAL_SERVER_ERROR,
             "response_too_large",

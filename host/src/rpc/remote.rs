@@ -33,6 +33,7 @@ pub fn write_outcome(mut b: outcome::Builder<'_>, o: &Outcome) {
             Exit::Timeout => exit.set_timeout(()),
             Exit::MemoryLimit => exit.set_memory_limit(()),
             Exit::ResponseTooLarge => exit.set_response_too_large(()),
+            Exit::OutOfFuel => exit.set_out_of_fuel(()),
             Exit::Trap(message) => exit.set_trap(message.as_str()),
         }
     }
@@ -51,6 +52,7 @@ pub fn read_outcome(r: outcome::Reader<'_>) -> Result<Outcome, capnp::Error> {
         Which::Timeout(()) => Exit::Timeout,
         Which::MemoryLimit(()) => Exit::MemoryLimit,
         Which::ResponseTooLarge(()) => Exit::ResponseTooLarge,
+        Which::OutOfFuel(()) => Exit::OutOfFuel,
         Which::Trap(message) => Exit::Trap(message?.to_str()?.to_string()),
     };
     Ok(Outcome {

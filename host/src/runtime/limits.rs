@@ -43,6 +43,13 @@ pub struct Limits {
     pub max_response_bytes: u64,
     /// Captured log (stderr and `wafer.log`), bytes; output beyond it is dropped.
     pub max_log_bytes: u64,
+    /// Fuel for one run, about one unit per WebAssembly instruction executed, the same
+    /// count on every node and every run (0: unmetered, bounded by the timeout alone).
+    /// A run that uses it all ends with `fuel_exhausted`. Metered functions run in a
+    /// second engine whose code counts fuel as it goes (tight loops run up to ~2x
+    /// slower), so unmetered ones never pay for it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub fuel: u64,
 }
 
 impl Default for Limits {
@@ -56,6 +63,7 @@ impl Default for Limits {
             accel: 0,
             accel_memory_mb: DEFAULT_ACCEL_MEMORY_MB,
             accel_type: None,
+            fuel: 0,
         }
     }
 }

@@ -1,6 +1,8 @@
-//! The WebAssembly runtime: one wasmtime engine (pooling allocator, epoch interruption),
+//! The WebAssembly runtime: a wasmtime engine (pooling allocator, epoch interruption),
 //! module validation and compilation with an on-disk cache, and invocations that each
-//! run in a fresh instance under the function's limits.
+//! run in a fresh instance under the function's limits. Functions with a fuel limit run
+//! in a second engine, started when the first one is prepared, whose code counts fuel
+//! (so the others never pay for the counting).
 //!
 //! Guests run as futures on the caller's async executor (wasmtime's async support, on a
 //! fiber stack): at every epoch tick a running guest yields to the executor, and once
@@ -152,6 +154,8 @@ pub enum Exit {
     MemoryLimit,
     /// The guest wrote more than its response limit to stdout.
     ResponseTooLarge,
+    /// The guest used all of its fuel.
+    OutOfFuel,
     /// The guest trapped (unreachable, out-of-bounds access, ...).
     Trap(String),
 }
@@ -227,6 +231,8 @@ pub struct Prepared {
     start: ModuleExport,
     digest: Digest,
     from_cache: bool,
+    /// Compiled by the engine that counts fuel.
+    metered: bool,
 }
 
 impl Prepared {
@@ -238,6 +244,11 @@ impl Prepared {
     /// Whether the code came from the precompiled cache.
     pub fn from_cache(&self) -> bool {
         self.from_cache
+    }
+
+    /// Whether it was compiled to count fuel (for limits with a fuel limit).
+    pub fn metered(&self) -> bool {
+        self.metered
     }
 }
 
@@ -320,30 +331,21 @@ impl Drop for RunningGuard<'_> {
     }
 }
 
-/// The engine, linker and module cache of one node.
-pub struct Runtime {
+/// One wasmtime engine and what is tied to it: its linker, its precompiled-code cache
+/// and its epoch thread.
+struct EngineSet {
     engine: Engine,
     linker: Linker<InstanceState>,
-    provided: BTreeSet<(String, String)>,
     cache: Option<ModuleCache>,
-    max_memory_mb: u64,
-    metrics: RuntimeMetrics,
     ticker: EpochTicker,
-    /// The node's accelerator backends, once its agent has them.
-    accel: std::sync::OnceLock<crate::accel::client::AccelLink>,
 }
 
-impl std::fmt::Debug for Runtime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").finish_non_exhaustive()
-    }
-}
-
-impl Runtime {
-    /// Builds the engine and linker.
-    pub fn new(config: &RuntimeConfig) -> Result<Runtime, RuntimeError> {
+impl EngineSet {
+    /// Builds an engine for `config`; `metered`: its code counts fuel.
+    fn start(config: &RuntimeConfig, metered: bool) -> Result<EngineSet, RuntimeError> {
         let mut wasm_config = Config::new();
         wasm_config.epoch_interruption(true);
+        wasm_config.consume_fuel(metered);
         if config.pooling {
             let mut pool = PoolingAllocationConfig::default();
             pool.total_core_instances(config.max_instances)
@@ -373,7 +375,8 @@ impl Runtime {
             .map_err(engine_error)?;
         imports::add_to_linker(&mut linker).map_err(engine_error)?;
         imports::add_accel_to_linker(&mut linker).map_err(engine_error)?;
-        let provided = provided_imports(&engine, &linker);
+        // The cache's file names carry the engine's configuration, so the two engines'
+        // code for one module sit side by side.
         let cache = match &config.cache_dir {
             Some(dir) => Some(ModuleCache::open(dir, &engine).map_err(|e| {
                 RuntimeError::Engine(format!("module cache {}: {e}", dir.display()))
@@ -382,16 +385,61 @@ impl Runtime {
         };
         let ticker = EpochTicker::start(engine.clone())
             .map_err(|e| RuntimeError::Engine(format!("starting the epoch thread: {e}")))?;
-        Ok(Runtime {
+        Ok(EngineSet {
             engine,
             linker,
-            provided,
             cache,
-            max_memory_mb: config.max_memory_mb,
-            metrics: RuntimeMetrics::default(),
             ticker,
+        })
+    }
+}
+
+/// The engines, linkers and module caches of one node.
+pub struct Runtime {
+    /// Functions without a fuel limit.
+    plain: EngineSet,
+    /// Functions with one: started when the first is prepared.
+    metered: std::sync::OnceLock<EngineSet>,
+    config: RuntimeConfig,
+    provided: BTreeSet<(String, String)>,
+    metrics: RuntimeMetrics,
+    /// The node's accelerator backends, once its agent has them.
+    accel: std::sync::OnceLock<crate::accel::client::AccelLink>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Builds the engine and linker for functions without a fuel limit.
+    pub fn new(config: &RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let plain = EngineSet::start(config, false)?;
+        let provided = provided_imports(&plain.engine, &plain.linker);
+        Ok(Runtime {
+            plain,
+            metered: std::sync::OnceLock::new(),
+            config: config.clone(),
+            provided,
+            metrics: RuntimeMetrics::default(),
             accel: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The engine for functions with (`metered`) or without a fuel limit; the metered
+    /// one is started on first use.
+    fn engines(&self, metered: bool) -> Result<&EngineSet, RuntimeError> {
+        if !metered {
+            return Ok(&self.plain);
+        }
+        if let Some(set) = self.metered.get() {
+            return Ok(set);
+        }
+        let started = EngineSet::start(&self.config, true)?;
+        // Two first preparations at once: one engine wins, the other is dropped.
+        Ok(self.metered.get_or_init(|| started))
     }
 
     /// Gives granted guests the node's accelerator backends (once; later calls are
@@ -426,11 +474,13 @@ impl Runtime {
     /// and links it.
     pub fn prepare(&self, wasm: &[u8], limits: &Limits) -> Result<Prepared, RuntimeError> {
         self.check_limits(limits)?;
+        let metered = limits.fuel > 0;
+        let set = self.engines(metered)?;
         let digest = Digest::of(wasm);
-        let cached = self
+        let cached = set
             .cache
             .as_ref()
-            .and_then(|c| c.load(&self.engine, &digest));
+            .and_then(|c| c.load(&set.engine, &digest));
         let from_cache = cached.is_some();
         let module = match cached {
             Some(module) => {
@@ -438,21 +488,21 @@ impl Runtime {
                 module
             }
             None => {
-                if self.cache.is_some() {
+                if set.cache.is_some() {
                     self.metrics.cache_misses.inc();
                 }
                 // Validation alone tells a malformed module from a valid one that this
                 // engine will not take (pool limits such as table size or memory count).
-                Module::validate(&self.engine, wasm)
+                Module::validate(&set.engine, wasm)
                     .map_err(|e| RuntimeError::Malformed(format!("{e:#}")))?;
-                let module = Module::new(&self.engine, wasm)
+                let module = Module::new(&set.engine, wasm)
                     .map_err(|e| RuntimeError::Unsupported(format!("{e:#}")))?;
                 self.metrics.compilations.inc();
                 module
             }
         };
         validate::check_module(&module, &self.provided, limits.memory_bytes())?;
-        if let (Some(cache), false) = (&self.cache, from_cache) {
+        if let (Some(cache), false) = (&set.cache, from_cache) {
             if let Err(err) = cache.store(&digest, &module) {
                 tracing::warn!(%digest, error = %err, "could not store precompiled module");
             }
@@ -460,7 +510,7 @@ impl Runtime {
         let start = module
             .get_export_index("_start")
             .ok_or(RuntimeError::NotACommand)?;
-        let pre = self
+        let pre = set
             .linker
             .instantiate_pre(&module)
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
@@ -469,15 +519,16 @@ impl Runtime {
             start,
             digest,
             from_cache,
+            metered,
         })
     }
 
     /// Checks that `limits` are within what this node allows.
     pub fn check_limits(&self, limits: &Limits) -> Result<(), RuntimeError> {
-        if limits.memory_mb > self.max_memory_mb {
+        if limits.memory_mb > self.config.max_memory_mb {
             return Err(RuntimeError::MemoryLimitTooHigh {
                 requested: limits.memory_mb,
-                max: self.max_memory_mb,
+                max: self.config.max_memory_mb,
             });
         }
         Ok(())
@@ -527,7 +578,30 @@ impl Runtime {
             accel,
             accel_error: String::new(),
         };
-        let mut store = Store::new(&self.engine, state);
+        let set = match (prepared.metered, self.metered.get()) {
+            (false, _) if limits.fuel == 0 => &self.plain,
+            (true, Some(metered)) => metered,
+            _ => {
+                return Err(InvokeError::Instantiate(format!(
+                    "module {} was prepared for {} fuel limit",
+                    prepared.digest.short(),
+                    if prepared.metered { "a" } else { "no" }
+                )))
+            }
+        };
+        let mut store = Store::new(&set.engine, state);
+        if prepared.metered {
+            // (Preparation follows the limits, so a metered module comes with a fuel
+            // limit; without one it would get all the fuel there is.)
+            let fuel = if limits.fuel > 0 {
+                limits.fuel
+            } else {
+                u64::MAX
+            };
+            store
+                .set_fuel(fuel)
+                .map_err(|e| InvokeError::Instantiate(format!("setting fuel: {e:#}")))?;
+        }
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_callback(move |_| {
             Ok(if Instant::now() >= deadline {
@@ -543,7 +617,7 @@ impl Runtime {
         store.set_epoch_deadline(1);
 
         let started = Instant::now();
-        let _running = self.ticker.enter();
+        let _running = set.ticker.enter();
         self.metrics.live_instances.inc();
         let _live = LiveGuard(&self.metrics.live_instances);
         let run = async {
@@ -587,6 +661,8 @@ impl Runtime {
                     Exit::MemoryLimit
                 } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
                     Exit::Timeout
+                } else if matches!(e.downcast_ref::<Trap>(), Some(Trap::OutOfFuel)) {
+                    Exit::OutOfFuel
                 } else if let Some(trap) = e.downcast_ref::<Trap>() {
                     // The trap itself ("wasm trap: call stack exhausted"); the wasm
                     // backtrace goes to the node's debug log, not to the caller.

@@ -659,3 +659,118 @@ async fn a_guest_that_gives_up_after_a_refused_growth_reports_the_memory_limit()
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.text().await.expect("body"), "smaller please\n");
 }
+
+#[tokio::test]
+async fn a_fuel_limit_stops_a_guest_where_its_budget_ends_and_leaves_others_unmetered() {
+    let (_dir, server) = start(&[]);
+    let http = wafer_tests::http();
+    // An endless loop with a long timeout: its fuel ends it, with its own error.
+    deploy_example(&server, "spin", "fuel=5000000&timeout_ms=60000").await;
+    let shown: serde_json::Value = http
+        .get(server.url("/v1/functions/spin"))
+        .send()
+        .await
+        .expect("show")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(shown["fuel"], 5_000_000, "{shown}");
+    for _ in 0..2 {
+        let response = http
+            .get(server.url("/fn/spin"))
+            .send()
+            .await
+            .expect("invoke");
+        let body = expect_error(
+            response,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "fuel_exhausted",
+        )
+        .await;
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("5000000 units"),
+            "{body}"
+        );
+    }
+    // The same module with enough fuel, one with too little for its start-up, and one
+    // without a limit: WASI and the `wafer` imports work in the metered engine too.
+    deploy_example(&server, "hello", "fuel=100000000").await;
+    let (status, body) = text(
+        http.get(server.url("/fn/hello?name=fuel"))
+            .send()
+            .await
+            .expect("invoke"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("Hello, fuel!"), "{body}");
+    let wasm = wafer_tests::example("hello").expect("example");
+    let response = deploy(&server, "starved", wasm.clone(), "fuel=100").await;
+    assert!(response.status().is_success());
+    let response = http
+        .get(server.url("/fn/starved"))
+        .send()
+        .await
+        .expect("invoke");
+    expect_error(
+        response,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "fuel_exhausted",
+    )
+    .await;
+    let response = deploy(&server, "free", wasm, "").await;
+    assert!(response.status().is_success());
+    let (status, body) = text(
+        http.get(server.url("/fn/free?name=free"))
+            .send()
+            .await
+            .expect("invoke"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let shown: serde_json::Value = http
+        .get(server.url("/v1/functions/free"))
+        .send()
+        .await
+        .expect("show")
+        .json()
+        .await
+        .expect("json");
+    assert!(shown.get("fuel").is_none(), "unmetered: {shown}");
+
+    let exported = metrics(&server).await;
+    assert!(
+        exported
+            .contains("wafer_invocation_errors_total{function=\"spin\",kind=\"FuelExhausted\"} 2"),
+        "{exported}"
+    );
+    // A job of it fails the same way.
+    let job = crate::submit_job(
+        &server,
+        serde_json::json!({"function": "spin", "max_attempts": 1}),
+    )
+    .await;
+    let id = job["id"].as_u64().expect("id");
+    let ended: serde_json::Value = http
+        .get(server.url(&format!("/v1/jobs/{id}?wait=60")))
+        .send()
+        .await
+        .expect("wait")
+        .json()
+        .await
+        .expect("job");
+    assert_eq!(ended["state"], "FAILED", "{ended}");
+    assert!(
+        ended["attempts"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("used all of its fuel (5000000 units)")),
+        "{ended}"
+    );
+    // A bad value is refused at deploy.
+    let wasm = wafer_tests::example("spin").expect("example");
+    let response = deploy(&server, "spin", wasm, "fuel=lots").await;
+    expect_error(response, StatusCode::BAD_REQUEST, "invalid_limit").await;
+}

@@ -85,6 +85,30 @@ async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Res
     let ran_on = invoke_all(&cluster, 24).await?;
     assert_eq!(ran_on, both, "invocations ran on the leased agents");
 
+    // A function with a fuel limit runs on an agent too (these servers run none), and
+    // running out of fuel there comes back as such, not as a trap or a timeout.
+    let response = wafer_tests::http()
+        .put(
+            cluster
+                .server(1)
+                .url("/v1/functions/spin?fuel=3000000&timeout_ms=60000"),
+        )
+        .body(example("spin")?)
+        .send()
+        .await?;
+    anyhow::ensure!(response.status().is_success(), "deploy spin");
+    cluster
+        .get_json(2, "/v1/functions/spin?consistent=true")
+        .await?;
+    let response = wafer_tests::http()
+        .get(cluster.server(2).url("/fn/spin"))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"], "fuel_exhausted", "{body}");
+
     // Agent a dies: every invocation still succeeds (the gateways skip it), and once
     // its lease is gone they all run on b.
     a.kill()?;
