@@ -169,6 +169,8 @@ struct Limits {
   maxRequestBytes @2 :UInt64;
   maxResponseBytes @3 :UInt64;
   maxLogBytes @4 :UInt64;
+  # Fuel for one run, about one unit per wasm instruction (0: unmetered).
+  fuel @5 :UInt64;
 }
 
 struct KeyValue {

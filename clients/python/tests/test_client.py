@@ -253,6 +253,15 @@ def test_manifest_limits_and_failed_invocations(wafer):
                 await client.invoke(spin)
             assert refused.value.code == "timeout"
 
+            info = await client.deploy(
+                spin, wafer.module("spin"), manifest={"fuel": 2_000_000, "timeout_ms": 60_000}
+            )
+            assert info.limits.fuel == 2_000_000
+            with pytest.raises(WaferError) as refused:
+                await client.invoke(spin)
+            assert refused.value.code == "failed"
+            assert refused.value.reason == "fuel_exhausted"
+
             info = await client.deploy(hog, wafer.module("hog"), manifest='{"memory_mb": 32}')
             assert info.limits.memory_mb == 32
             with pytest.raises(WaferError) as refused:

@@ -55,6 +55,8 @@ class Limits:
     max_request_bytes: int
     max_response_bytes: int
     max_log_bytes: int
+    # Fuel for one run, about one unit per wasm instruction; 0: unmetered.
+    fuel: int = 0
 
     @classmethod
     def from_capnp(cls, r: Any) -> "Limits":
@@ -64,6 +66,7 @@ class Limits:
             max_request_bytes=int(r.maxRequestBytes),
             max_response_bytes=int(r.maxResponseBytes),
             max_log_bytes=int(r.maxLogBytes),
+            fuel=int(r.fuel),
         )
 
 

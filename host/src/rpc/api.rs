@@ -884,6 +884,7 @@ fn write_function(mut b: function_info::Builder<'_>, record: &FunctionRecord) {
     l.set_max_request_bytes(limits.max_request_bytes);
     l.set_max_response_bytes(limits.max_response_bytes);
     l.set_max_log_bytes(limits.max_log_bytes);
+    l.set_fuel(limits.fuel);
     write_pairs(
         b.reborrow().init_env(record.spec.env.len() as u32),
         record.spec.env.iter(),
