@@ -373,6 +373,8 @@ struct Outcome {
   logDropped @7 :UInt64;
   memoryRefused @8 :Bool;
   durationNs @9 :UInt64;
+  # Fuel the run used (0: it did not count fuel).
+  fuelUsed @11 :UInt64;
 }
 
 # One item of a state snapshot. A snapshot file is a stream of single-segment messages:

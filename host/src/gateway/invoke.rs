@@ -137,6 +137,7 @@ async fn run(
         tracing::debug!(function = %name, log = %String::from_utf8_lossy(&outcome.log), "guest log");
     }
     let (log, dropped) = (outcome.log.clone(), outcome.log_dropped);
+    let fuel_used = outcome.fuel_used;
     let response = respond(name, function, outcome);
     if !log.is_empty() || dropped > 0 {
         app.functions.logs().record(
@@ -156,6 +157,11 @@ async fn run(
         );
     }
     let mut response = response?;
+    if let Some(used) = fuel_used {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-wafer-fuel-used"), used.into());
+    }
     if let Some(agent) = ran_on {
         if let Ok(value) = HeaderValue::from_str(agent.as_str()) {
             response

@@ -42,6 +42,7 @@ pub fn write_outcome(mut b: outcome::Builder<'_>, o: &Outcome) {
     b.set_log_dropped(o.log_dropped);
     b.set_memory_refused(o.memory_refused);
     b.set_duration_ns(u64::try_from(o.duration.as_nanos()).unwrap_or(u64::MAX));
+    b.set_fuel_used(o.fuel_used.unwrap_or(0));
 }
 
 /// Reads an `Outcome`.
@@ -62,6 +63,7 @@ pub fn read_outcome(r: outcome::Reader<'_>) -> Result<Outcome, capnp::Error> {
         log_dropped: r.get_log_dropped(),
         memory_refused: r.get_memory_refused(),
         duration: Duration::from_nanos(r.get_duration_ns()),
+        fuel_used: Some(r.get_fuel_used()).filter(|used| *used > 0),
     })
 }
 

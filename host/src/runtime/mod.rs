@@ -196,6 +196,8 @@ pub struct Outcome {
     pub memory_refused: bool,
     /// Time from instantiation to exit.
     pub duration: Duration,
+    /// Fuel the run used, when it counted fuel.
+    pub fuel_used: Option<u64>,
 }
 
 /// Counters the runtime keeps; the gateway exports them.
@@ -590,14 +592,14 @@ impl Runtime {
             }
         };
         let mut store = Store::new(&set.engine, state);
-        if prepared.metered {
-            // (Preparation follows the limits, so a metered module comes with a fuel
-            // limit; without one it would get all the fuel there is.)
-            let fuel = if limits.fuel > 0 {
-                limits.fuel
-            } else {
-                u64::MAX
-            };
+        // (Preparation follows the limits, so a metered module comes with a fuel limit;
+        // without one it would get all the fuel there is.)
+        let fuel = prepared.metered.then_some(if limits.fuel > 0 {
+            limits.fuel
+        } else {
+            u64::MAX
+        });
+        if let Some(fuel) = fuel {
             store
                 .set_fuel(fuel)
                 .map_err(|e| InvokeError::Instantiate(format!("setting fuel: {e:#}")))?;
@@ -676,6 +678,7 @@ impl Runtime {
             }
         };
         let memory_refused = store.data().limiter.refused();
+        let fuel_used = fuel.map(|given| given.saturating_sub(store.get_fuel().unwrap_or(0)));
         drop(store);
         let stdout = match stdout {
             Some(out) if out.overflowed() => {
@@ -693,6 +696,7 @@ impl Runtime {
             log_dropped,
             memory_refused,
             duration,
+            fuel_used,
         })
     }
 }

@@ -747,6 +747,46 @@ async fn a_fuel_limit_stops_a_guest_where_its_budget_ends_and_leaves_others_unme
             .contains("wafer_invocation_errors_total{function=\"spin\",kind=\"FuelExhausted\"} 2"),
         "{exported}"
     );
+    // A metered run says what it used, the same count every time, and that count is a
+    // budget it runs under.
+    let counted = crate::plain_program("counted\n", 0);
+    let response = deploy(&server, "counted", counted.clone(), "fuel=1000000").await;
+    assert!(response.status().is_success());
+    let mut used = Vec::new();
+    for _ in 0..3 {
+        let response = http
+            .get(server.url("/fn/counted"))
+            .send()
+            .await
+            .expect("invoke");
+        assert_eq!(response.status(), StatusCode::OK);
+        let header = response.headers().get("x-wafer-fuel-used").cloned();
+        used.push(
+            header
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .expect("x-wafer-fuel-used"),
+        );
+    }
+    assert!(
+        used[0] > 0 && used.iter().all(|u| *u == used[0]),
+        "{used:?}"
+    );
+    let response = deploy(&server, "counted", counted, &format!("fuel={}", used[0])).await;
+    assert!(response.status().is_success());
+    let response = http
+        .get(server.url("/fn/counted"))
+        .send()
+        .await
+        .expect("invoke");
+    assert_eq!(response.status(), StatusCode::OK);
+    // An unmetered run has no such header.
+    let response = http
+        .get(server.url("/fn/free"))
+        .send()
+        .await
+        .expect("invoke");
+    assert!(response.headers().get("x-wafer-fuel-used").is_none());
+
     // A job of it fails the same way.
     let job = crate::submit_job(
         &server,

@@ -108,6 +108,31 @@ async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Res
     let body: Value = response.json().await?;
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["error"], "fuel_exhausted", "{body}");
+    // One with enough fuel answers, with what it used.
+    let response = wafer_tests::http()
+        .put(
+            cluster
+                .server(1)
+                .url("/v1/functions/metered?fuel=100000000"),
+        )
+        .body(example("hello")?)
+        .send()
+        .await?;
+    anyhow::ensure!(response.status().is_success(), "deploy metered");
+    cluster
+        .get_json(3, "/v1/functions/metered?consistent=true")
+        .await?;
+    let response = wafer_tests::http()
+        .get(cluster.server(3).url("/fn/metered"))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-wafer-agent"));
+    let used = response
+        .headers()
+        .get("x-wafer-fuel-used")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    assert!(used.is_some_and(|u| u > 0 && u < 100_000_000), "{used:?}");
 
     // Agent a dies: every invocation still succeeds (the gateways skip it), and once
     // its lease is gone they all run on b.
