@@ -329,6 +329,7 @@ async fn the_console_works_in_chromium() {
         .expect("choose the file");
     type_into(&c, "#deploy-name", "md2").await;
     type_into(&c, "#deploy-memory", "64").await;
+    type_into(&c, "#deploy-fuel", "500000000").await;
     type_into(&c, "#deploy-env", "MODE=console").await;
     click(&c, "#deploy-button").await;
     let deployed = wait_text(&c, "#deploy-result", |t| !t.is_empty()).await;
@@ -346,6 +347,7 @@ async fn the_console_works_in_chromium() {
         .await
         .expect("record");
     assert_eq!(record["env"]["MODE"], "console", "{record}");
+    assert_eq!(record["fuel"], 500_000_000, "{record}");
     assert_eq!(unlabelled(&c).await, Vec::<Value>::new());
 
     // A second version deployed elsewhere shows (from the event stream), and

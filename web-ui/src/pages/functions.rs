@@ -201,6 +201,7 @@ fn DeployForm(ctx: Ctx) -> impl IntoView {
     let name = RwSignal::new(String::new());
     let memory = RwSignal::new(String::new());
     let timeout = RwSignal::new(String::new());
+    let fuel = RwSignal::new(String::new());
     let env = RwSignal::new(String::new());
     let progress = RwSignal::new(None::<(f64, f64)>);
     let result = RwSignal::new(None::<Result<String, String>>);
@@ -239,6 +240,7 @@ fn DeployForm(ctx: Ctx) -> impl IntoView {
         for (key, value) in [
             ("memory_mb", memory.get_untracked()),
             ("timeout_ms", timeout.get_untracked()),
+            ("fuel", fuel.get_untracked()),
         ] {
             let value = value.trim().to_string();
             if !value.is_empty() {
@@ -304,6 +306,12 @@ fn DeployForm(ctx: Ctx) -> impl IntoView {
                         <label for="deploy-timeout">"Timeout (ms)"</label>
                         <input id="deploy-timeout" type="number" min="1" placeholder="10000"
                             prop:value=move || timeout.get() on:input=move |ev| timeout.set(event_target_value(&ev))/>
+                    </div>
+                    <div>
+                        <label for="deploy-fuel">"Fuel (units)"</label>
+                        <input id="deploy-fuel" type="number" min="0" placeholder="unmetered"
+                            title="A CPU budget per run: about one unit per WebAssembly instruction"
+                            prop:value=move || fuel.get() on:input=move |ev| fuel.set(event_target_value(&ev))/>
                     </div>
                 </div>
                 <label for="deploy-env">"Environment (KEY=VALUE per line)"</label>
