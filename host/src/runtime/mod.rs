@@ -247,11 +247,6 @@ impl Prepared {
     pub fn from_cache(&self) -> bool {
         self.from_cache
     }
-
-    /// Whether it was compiled to count fuel (for limits with a fuel limit).
-    pub fn metered(&self) -> bool {
-        self.metered
-    }
 }
 
 /// Ticks the epoch thread goes on with after the last guest ended before it parks: under
