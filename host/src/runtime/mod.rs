@@ -18,7 +18,7 @@ mod validate;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,7 @@ pub struct RuntimeConfig {
     /// Use wasmtime's pooling instance allocator (pre-reserved slots) instead of
     /// allocating each instance's memory with mmap on demand.
     pub pooling: bool,
-    /// Most instances alive at once (pool size).
+    /// Most instances alive at once: the node's total, and each engine's pool size.
     pub max_instances: u32,
     /// Highest memory limit a function may ask for, MiB.
     pub max_memory_mb: u64,
@@ -397,6 +397,8 @@ pub struct Runtime {
     plain: EngineSet,
     /// Functions with one: started when the first is prepared.
     metered: std::sync::OnceLock<EngineSet>,
+    /// Instances alive in either engine: `max_instances` bounds the two together.
+    slots: Slots,
     config: RuntimeConfig,
     provided: BTreeSet<(String, String)>,
     metrics: RuntimeMetrics,
@@ -418,6 +420,7 @@ impl Runtime {
         Ok(Runtime {
             plain,
             metered: std::sync::OnceLock::new(),
+            slots: Slots::new(config.max_instances),
             config: config.clone(),
             provided,
             metrics: RuntimeMetrics::default(),
@@ -586,6 +589,12 @@ impl Runtime {
                 )))
             }
         };
+        let Some(_slot) = self.slots.take() else {
+            return Err(InvokeError::Busy(format!(
+                "all {} instance slots of this node are in use",
+                self.config.max_instances
+            )));
+        };
         let mut store = Store::new(&set.engine, state);
         // (Preparation follows the limits, so a metered module comes with a fuel limit;
         // without one it would get all the fuel there is.)
@@ -714,6 +723,40 @@ fn engine_error(e: wasmtime::Error) -> RuntimeError {
 
 struct LiveGuard<'a>(&'a Gauge);
 
+/// A count of the instances alive, bounded: each engine's pool has `max_instances`
+/// slots, and this keeps the node as a whole to that many too.
+struct Slots {
+    used: AtomicU32,
+    max: u32,
+}
+
+impl Slots {
+    fn new(max: u32) -> Slots {
+        Slots {
+            used: AtomicU32::new(0),
+            max,
+        }
+    }
+
+    /// One slot, given back when the guard drops; `None` when all are taken.
+    fn take(&self) -> Option<SlotGuard<'_>> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SlotGuard(&self.used))
+    }
+}
+
+struct SlotGuard<'a>(&'a AtomicU32);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Drop for LiveGuard<'_> {
     fn drop(&mut self) {
         self.0.dec();
@@ -734,4 +777,84 @@ fn provided_imports(engine: &Engine, linker: &Linker<InstanceState>) -> BTreeSet
         .iter(&mut store)
         .map(|(module, name, _)| (module.to_string(), name.to_string()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPIN: &str = r#"(module (memory (export "memory") 1)
+        (func (export "_start") (loop $l (br $l))))"#;
+    const EMPTY: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+
+    fn run() -> Invocation {
+        Invocation {
+            args: vec!["t".into()],
+            env: Vec::new(),
+            stdio: Stdio::Captured(Bytes::new()),
+        }
+    }
+
+    /// `max_instances` bounds the node, not each engine: with two slots, a plain and
+    /// a metered guest alive leave none for a third call, which is refused as busy at
+    /// once; when they end, calls run again.
+    #[tokio::test]
+    async fn max_instances_bounds_plain_and_metered_guests_together() {
+        let runtime = Arc::new(
+            Runtime::new(&RuntimeConfig {
+                max_instances: 2,
+                ..RuntimeConfig::default()
+            })
+            .expect("runtime"),
+        );
+        let spin = wat::parse_str(SPIN).expect("wat");
+        let plain_limits = Limits {
+            timeout_ms: 60_000,
+            ..Limits::default()
+        };
+        let metered_limits = Limits {
+            fuel: u64::MAX / 2,
+            ..plain_limits
+        };
+        let plain = runtime.prepare(&spin, &plain_limits).expect("prepare");
+        let metered = runtime.prepare(&spin, &metered_limits).expect("prepare");
+        let spinners: Vec<_> = [(plain, plain_limits), (metered, metered_limits)]
+            .into_iter()
+            .map(|(prepared, limits)| {
+                let runtime = runtime.clone();
+                tokio::spawn(async move { runtime.invoke(&prepared, &limits, run()).await })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while runtime.metrics().live_instances.get() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the spinning guests never started"
+            );
+            tokio::task::yield_now().await;
+        }
+
+        let empty = wat::parse_str(EMPTY).expect("wat");
+        let limits = Limits::default();
+        let prepared = runtime.prepare(&empty, &limits).expect("prepare");
+        match runtime.invoke(&prepared, &limits, run()).await {
+            Err(InvokeError::Busy(why)) => {
+                assert!(why.contains("all 2 instance slots"), "{why}")
+            }
+            other => panic!("expected busy, got {other:?}"),
+        }
+
+        for spinner in &spinners {
+            spinner.abort();
+        }
+        for spinner in spinners {
+            let _ = spinner.await;
+        }
+        assert_eq!(runtime.metrics().live_instances.get(), 0);
+        let outcome = runtime
+            .invoke(&prepared, &limits, run())
+            .await
+            .expect("a slot is free again");
+        assert_eq!(outcome.exit, Exit::Code(0));
+    }
 }
