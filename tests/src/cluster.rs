@@ -288,6 +288,25 @@ impl Cluster {
         Ok(body)
     }
 
+    /// Deploys `wasm` through node `id` (`PUT /v1/functions/{name_query}`, with any
+    /// limits as a query) and checks that the deploy succeeded.
+    pub async fn deploy(&self, id: u64, name_query: &str, wasm: Vec<u8>) -> anyhow::Result<()> {
+        let path = format!("/v1/functions/{name_query}");
+        let response = self
+            .http
+            .put(self.server(id).url(&path))
+            .body(wasm)
+            .send()
+            .await
+            .with_context(|| format!("PUT {path} on node {id}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!("PUT {path} on node {id}: {status}: {body}");
+        }
+        Ok(())
+    }
+
     /// Polls until `check` holds for the statuses of `nodes` (all reachable), or fails
     /// after [`SETTLE_DEADLINE`] showing the last statuses.
     pub async fn wait_until(

@@ -338,14 +338,7 @@ async fn the_console_works_in_chromium() {
         t.contains("64 MiB")
     })
     .await;
-    let record: Value = http()
-        .get(server.url("/v1/functions/md2"))
-        .send()
-        .await
-        .expect("show")
-        .json()
-        .await
-        .expect("record");
+    let record = crate::get_json(&server, "/v1/functions/md2").await;
     assert_eq!(record["env"]["MODE"], "console", "{record}");
     assert_eq!(record["fuel"], 500_000_000, "{record}");
     assert_eq!(unlabelled(&c).await, Vec::<Value>::new());
@@ -369,14 +362,7 @@ async fn the_console_works_in_chromium() {
         t == "3 (from 1)"
     })
     .await;
-    let record: Value = http()
-        .get(server.url("/v1/functions/md2"))
-        .send()
-        .await
-        .expect("show")
-        .json()
-        .await
-        .expect("record");
+    let record = crate::get_json(&server, "/v1/functions/md2").await;
     assert_eq!(record["restored_from"], 1, "{record}");
     assert_eq!(record["env"]["MODE"], "console", "{record}");
 

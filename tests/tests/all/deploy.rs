@@ -30,14 +30,7 @@ async fn deploy_list_show_and_remove() {
     let record: serde_json::Value = second.json().await.expect("record");
     assert_eq!(record["version"], 2);
 
-    let list: serde_json::Value = http
-        .get(server.url("/v1/functions"))
-        .send()
-        .await
-        .expect("list")
-        .json()
-        .await
-        .expect("json");
+    let list = crate::get_json(&server, "/v1/functions").await;
     let names: Vec<&str> = list["functions"]
         .as_array()
         .expect("array")

@@ -663,22 +663,12 @@ async fn a_guest_that_gives_up_after_a_refused_growth_reports_the_memory_limit()
 #[tokio::test]
 async fn a_fuel_limit_stops_a_guest_where_its_budget_ends_and_leaves_others_unmetered() {
     let (_dir, server) = start(&[]);
-    let http = wafer_tests::http();
     // An endless loop with a long timeout: its fuel ends it, with its own error.
     deploy_example(&server, "spin", "fuel=5000000&timeout_ms=60000").await;
-    let shown: serde_json::Value = http
-        .get(server.url("/v1/functions/spin"))
-        .send()
-        .await
-        .expect("show")
-        .json()
-        .await
-        .expect("json");
+    let shown = crate::get_json(&server, "/v1/functions/spin").await;
     assert_eq!(shown["fuel"], 5_000_000, "{shown}");
     for _ in 0..2 {
-        let response = http
-            .get(server.url("/fn/spin"))
-            .send()
+        let response = wafer_tests::get(server.url("/fn/spin"))
             .await
             .expect("invoke");
         let body = expect_error(
@@ -699,8 +689,7 @@ async fn a_fuel_limit_stops_a_guest_where_its_budget_ends_and_leaves_others_unme
     // without a limit: WASI and the `wafer` imports work in the metered engine too.
     deploy_example(&server, "hello", "fuel=100000000").await;
     let (status, body) = text(
-        http.get(server.url("/fn/hello?name=fuel"))
-            .send()
+        wafer_tests::get(server.url("/fn/hello?name=fuel"))
             .await
             .expect("invoke"),
     )
@@ -710,9 +699,7 @@ async fn a_fuel_limit_stops_a_guest_where_its_budget_ends_and_leaves_others_unme
     let wasm = wafer_tests::example("hello").expect("example");
     let response = deploy(&server, "starved", wasm.clone(), "fuel=100").await;
     assert!(response.status().is_success());
-    let response = http
-        .get(server.url("/fn/starved"))
-        .send()
+    let response = wafer_tests::get(server.url("/fn/starved"))
         .await
         .expect("invoke");
     expect_error(
@@ -724,21 +711,13 @@ async fn a_fuel_limit_stops_a_guest_where_its_budget_ends_and_leaves_others_unme
     let response = deploy(&server, "free", wasm, "").await;
     assert!(response.status().is_success());
     let (status, body) = text(
-        http.get(server.url("/fn/free?name=free"))
-            .send()
+        wafer_tests::get(server.url("/fn/free?name=free"))
             .await
             .expect("invoke"),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let shown: serde_json::Value = http
-        .get(server.url("/v1/functions/free"))
-        .send()
-        .await
-        .expect("show")
-        .json()
-        .await
-        .expect("json");
+    let shown = crate::get_json(&server, "/v1/functions/free").await;
     assert!(shown.get("fuel").is_none(), "unmetered: {shown}");
 
     let exported = metrics(&server).await;
@@ -754,9 +733,7 @@ async fn a_fuel_limit_stops_a_guest_where_its_budget_ends_and_leaves_others_unme
     assert!(response.status().is_success());
     let mut used = Vec::new();
     for _ in 0..3 {
-        let response = http
-            .get(server.url("/fn/counted"))
-            .send()
+        let response = wafer_tests::get(server.url("/fn/counted"))
             .await
             .expect("invoke");
         assert_eq!(response.status(), StatusCode::OK);
@@ -773,16 +750,12 @@ async fn a_fuel_limit_stops_a_guest_where_its_budget_ends_and_leaves_others_unme
     );
     let response = deploy(&server, "counted", counted, &format!("fuel={}", used[0])).await;
     assert!(response.status().is_success());
-    let response = http
-        .get(server.url("/fn/counted"))
-        .send()
+    let response = wafer_tests::get(server.url("/fn/counted"))
         .await
         .expect("invoke");
     assert_eq!(response.status(), StatusCode::OK);
     // An unmetered run has no such header.
-    let response = http
-        .get(server.url("/fn/free"))
-        .send()
+    let response = wafer_tests::get(server.url("/fn/free"))
         .await
         .expect("invoke");
     assert!(response.headers().get("x-wafer-fuel-used").is_none());
@@ -794,14 +767,7 @@ async fn a_fuel_limit_stops_a_guest_where_its_budget_ends_and_leaves_others_unme
     )
     .await;
     let id = job["id"].as_u64().expect("id");
-    let ended: serde_json::Value = http
-        .get(server.url(&format!("/v1/jobs/{id}?wait=60")))
-        .send()
-        .await
-        .expect("wait")
-        .json()
-        .await
-        .expect("job");
+    let ended = crate::get_json(&server, &format!("/v1/jobs/{id}?wait=60")).await;
     assert_eq!(ended["state"], "FAILED", "{ended}");
     assert!(
         ended["attempts"][0]["reason"]

@@ -68,12 +68,7 @@ async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Res
             |all| all.iter().all(|answer| leased_agents(answer) == both),
         )
         .await?;
-    let response = wafer_tests::http()
-        .put(cluster.server(1).url("/v1/functions/hello"))
-        .body(example("hello")?)
-        .send()
-        .await?;
-    anyhow::ensure!(response.status().is_success(), "deploy");
+    cluster.deploy(1, "hello", example("hello")?).await?;
     // Every server serves it (a linearizable read waits until each has applied it).
     for id in [1, 2, 3] {
         cluster
@@ -87,16 +82,9 @@ async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Res
 
     // A function with a fuel limit runs on an agent too (these servers run none), and
     // running out of fuel there comes back as such, not as a trap or a timeout.
-    let response = wafer_tests::http()
-        .put(
-            cluster
-                .server(1)
-                .url("/v1/functions/spin?fuel=3000000&timeout_ms=60000"),
-        )
-        .body(example("spin")?)
-        .send()
+    cluster
+        .deploy(1, "spin?fuel=3000000&timeout_ms=60000", example("spin")?)
         .await?;
-    anyhow::ensure!(response.status().is_success(), "deploy spin");
     cluster
         .get_json(2, "/v1/functions/spin?consistent=true")
         .await?;
@@ -109,16 +97,9 @@ async fn invocations_run_under_leases_and_survive_an_agent_loss() -> anyhow::Res
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["error"], "fuel_exhausted", "{body}");
     // One with enough fuel answers, with what it used.
-    let response = wafer_tests::http()
-        .put(
-            cluster
-                .server(1)
-                .url("/v1/functions/metered?fuel=100000000"),
-        )
-        .body(example("hello")?)
-        .send()
+    cluster
+        .deploy(1, "metered?fuel=100000000", example("hello")?)
         .await?;
-    anyhow::ensure!(response.status().is_success(), "deploy metered");
     cluster
         .get_json(3, "/v1/functions/metered?consistent=true")
         .await?;
@@ -187,12 +168,7 @@ async fn leases_grow_with_load_and_shrink_when_it_goes() -> anyhow::Result<()> {
         )
         .await?;
     let http = wafer_tests::http();
-    let response = http
-        .put(cluster.server(1).url("/v1/functions/slow"))
-        .body(crate::sleepy_echo(300))
-        .send()
-        .await?;
-    anyhow::ensure!(response.status().is_success(), "deploy");
+    cluster.deploy(1, "slow", crate::sleepy_echo(300)).await?;
 
     // Twelve clients keep it busy: the lease grows past its start.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -107,6 +107,16 @@ pub async fn expect_error(
     json
 }
 
+/// `GET path` with the admin token, and its JSON body.
+pub async fn get_json(server: &DevServer, path: &str) -> serde_json::Value {
+    wafer_tests::get(server.url(path))
+        .await
+        .expect("GET request")
+        .json()
+        .await
+        .expect("JSON body")
+}
+
 /// The server's `/metrics` text.
 pub async fn metrics(server: &DevServer) -> String {
     wafer_tests::get(server.url("/metrics"))
