@@ -103,11 +103,13 @@ async fn checks(
                 &probe_limits,
                 Invocation {
                     args: vec!["accel-probe".into()],
-                    env: vec![
-                        ("REQUEST_METHOD".into(), "GET".into()),
-                        ("PATH_INFO".into(), "/".into()),
-                        ("QUERY_STRING".into(), format!("case={case}")),
-                    ],
+                    env: [
+                        ("REQUEST_METHOD", "GET".to_string()),
+                        ("PATH_INFO", "/".to_string()),
+                        ("QUERY_STRING", format!("case={case}")),
+                    ]
+                    .into_iter()
+                    .collect(),
                     stdio: Stdio::Captured(Vec::new().into()),
                 },
             )
@@ -132,7 +134,7 @@ async fn checks(
             &matmul_limits,
             Invocation {
                 args: vec!["matmul".into()],
-                env: Vec::new(),
+                env: Default::default(),
                 stdio: Stdio::Captured(br#"{"n": 512, "seed": 3}"#.to_vec().into()),
             },
         )
@@ -282,7 +284,7 @@ async fn through_wafer(
             &limits,
             Invocation {
                 args: vec!["accel-bench".into()],
-                env: Vec::new(),
+                env: Default::default(),
                 stdio: Stdio::Captured(input.into_bytes().into()),
             },
         )

@@ -627,12 +627,14 @@ fn instantiate_one(args: &InstantiateArgs, label: &str, wasm: &[u8]) -> anyhow::
     let limits = Limits::default();
     let invocation = Invocation {
         args: vec!["hello".into()],
-        env: vec![
-            ("REQUEST_METHOD".into(), "GET".into()),
-            ("PATH_INFO".into(), "/".into()),
-            ("QUERY_STRING".into(), "name=bench".into()),
-            ("HTTP_HOST".into(), "localhost".into()),
-        ],
+        env: [
+            ("REQUEST_METHOD", "GET"),
+            ("PATH_INFO", "/"),
+            ("QUERY_STRING", "name=bench"),
+            ("HTTP_HOST", "localhost"),
+        ]
+        .into_iter()
+        .collect(),
         stdio: wafer::runtime::Stdio::Captured(bytes::Bytes::new()),
     };
     let rt = tokio::runtime::Builder::new_current_thread()

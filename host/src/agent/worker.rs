@@ -203,11 +203,7 @@ impl Worker {
         };
         let invocation = Invocation {
             args: vec![spec.function.to_string()],
-            env: spec
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            env: spec.env.iter().collect(),
             stdio: Stdio::Captured(input),
         };
         let outcome = match self

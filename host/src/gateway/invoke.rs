@@ -16,7 +16,7 @@ use crate::functions::Deployed;
 use crate::functions::FunctionError;
 use crate::guest_logs::LogRecord;
 use crate::metrics::ErrorKind;
-use crate::runtime::{Exit, Invocation, InvokeError, Outcome, Stdio};
+use crate::runtime::{Environ, Exit, Invocation, InvokeError, Outcome, Stdio};
 use crate::state::FunctionName;
 
 /// Most bytes of guest log returned in an error response.
@@ -250,9 +250,7 @@ fn wagi_env(
     headers: &HeaderMap,
     path_info: &str,
     content_length: usize,
-) -> Vec<(String, String)> {
-    let mut env = Vec::with_capacity(function.env().len() + headers.len() + 12);
-    env.extend(function.env().iter().cloned());
+) -> Environ {
     let host = headers
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -262,32 +260,53 @@ fn wagi_env(
         _ => (host, "80"),
     };
     let query = uri.query().unwrap_or("");
-    let script = format!("/fn/{name}");
-    env.push(("REQUEST_METHOD".into(), method.as_str().into()));
-    env.push(("PATH_INFO".into(), path_info.into()));
-    env.push(("QUERY_STRING".into(), query.into()));
-    env.push(("X_FULL_URL".into(), format!("http://{host}{uri}")));
-    env.push(("X_MATCHED_ROUTE".into(), format!("{script}/...")));
-    env.push(("SCRIPT_NAME".into(), script));
-    env.push(("SERVER_NAME".into(), server_name.into()));
-    env.push(("SERVER_PORT".into(), server_port.into()));
-    env.push(("SERVER_PROTOCOL".into(), "HTTP/1.1".into()));
-    env.push((
-        "SERVER_SOFTWARE".into(),
-        concat!("wafer/", env!("CARGO_PKG_VERSION")).into(),
-    ));
-    env.push(("GATEWAY_INTERFACE".into(), "CGI/1.1".into()));
-    env.push(("CONTENT_LENGTH".into(), content_length.to_string()));
+    // Room for the fixed variables and every header (a guess: one allocation usually).
+    let bytes = 512
+        + function
+            .env()
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>()
+        + headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 7)
+            .sum::<usize>()
+        + 2 * (host.len() + uri.path().len() + query.len());
+    let mut env = Environ::with_capacity(function.env().len() + headers.len() + 13, bytes);
+    for (key, value) in function.env() {
+        env.push(key, value);
+    }
+    env.push("REQUEST_METHOD", method.as_str());
+    env.push("PATH_INFO", path_info);
+    env.push("QUERY_STRING", query);
+    env.push_fmt("X_FULL_URL", format_args!("http://{host}{uri}"));
+    env.push_fmt("X_MATCHED_ROUTE", format_args!("/fn/{name}/..."));
+    env.push_fmt("SCRIPT_NAME", format_args!("/fn/{name}"));
+    env.push("SERVER_NAME", server_name);
+    env.push("SERVER_PORT", server_port);
+    env.push("SERVER_PROTOCOL", "HTTP/1.1");
+    env.push(
+        "SERVER_SOFTWARE",
+        concat!("wafer/", env!("CARGO_PKG_VERSION")),
+    );
+    env.push("GATEWAY_INTERFACE", "CGI/1.1");
+    env.push_fmt("CONTENT_LENGTH", format_args!("{content_length}"));
     for (key, value) in headers {
         let Ok(value) = value.to_str() else { continue };
         match key.as_str() {
-            "content-type" => env.push(("CONTENT_TYPE".into(), value.into())),
+            "content-type" => env.push("CONTENT_TYPE", value),
             // Credentials for wafer itself are not the guest's business.
             "content-length" | "authorization" | "proxy-authorization" | "cookie" => {}
-            other => {
-                let var = format!("HTTP_{}", other.to_ascii_uppercase().replace('-', "_"));
-                env.push((var, value.into()));
-            }
+            other => env.push_with(
+                |b| {
+                    b.push_str("HTTP_");
+                    b.extend(other.chars().map(|c| match c {
+                        '-' => '_',
+                        c => c.to_ascii_uppercase(),
+                    }));
+                },
+                |b| b.push_str(value),
+            ),
         }
     }
     env

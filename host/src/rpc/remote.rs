@@ -92,8 +92,8 @@ pub async fn run_remote(
             let mut env = p.reborrow().init_env(invocation.env.len() as u32);
             for (i, (key, value)) in invocation.env.iter().enumerate() {
                 let mut label = env.reborrow().get(i as u32);
-                label.set_key(key.as_str());
-                label.set_value(value.as_str());
+                label.set_key(key);
+                label.set_value(value);
             }
             if let Stdio::Captured(stdin) = &invocation.stdio {
                 p.set_stdin(stdin);
@@ -136,12 +136,9 @@ pub fn read_run(
     for arg in p.get_args()? {
         args.push(arg?.to_str()?.to_string());
     }
-    let mut env = Vec::new();
+    let mut env = crate::runtime::Environ::default();
     for label in p.get_env()? {
-        env.push((
-            label.get_key()?.to_str()?.to_string(),
-            label.get_value()?.to_str()?.to_string(),
-        ));
+        env.push(label.get_key()?.to_str()?, label.get_value()?.to_str()?);
     }
     Ok((
         module,
