@@ -353,13 +353,17 @@ fn deployed(record: FunctionRecord, prepared: Prepared) -> Deployed {
 
 /// Rejects reserved or malformed environment names and out-of-range limits.
 fn check_spec(spec: &FunctionSpec) -> Result<(), FunctionError> {
-    for name in spec.env.keys() {
+    for (name, value) in &spec.env {
         let reason = if name.is_empty() {
             Some("the name is empty")
         } else if name.contains('=') || name.contains('\0') {
             Some("names may not contain '=' or NUL")
         } else if RESERVED_ENV.contains(&name.as_str()) || name.starts_with("HTTP_") {
             Some("the name is reserved for request metadata")
+        } else if value.contains('\0') {
+            // The guest reads NUL-terminated strings: it would silently see the
+            // value cut short.
+            Some("values may not contain NUL")
         } else {
             None
         };

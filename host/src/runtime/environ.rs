@@ -1,10 +1,11 @@
 //! The guest's environment variables. wafer answers WASI's `environ_sizes_get` and
-//! `environ_get` itself (preview 1 and preview 0 alike) from one block built per run:
-//! wasmtime-wasi's versions copy every variable twice per call (two allocations a
-//! variable, on each of the two calls), which was a sixth of the allocations of a WAGI
-//! request to `hello`. What the guest sees is the same: `KEY=VALUE\0` strings and a
-//! pointer to each, in the order given; a pointer out of bounds or misaligned traps,
-//! as WASI asks.
+//! `environ_get` itself (preview 1 and preview 0 alike) from one block per run, which
+//! the gateway writes the WAGI variables straight into. wasmtime-wasi's versions clone
+//! the whole list on each call (two allocations a variable, per call), and its context
+//! builder copies it once more: together a third of a `hello` request's allocations
+//! (215 before, 137 after; see docs/benchmarks.md). What the guest sees is the same:
+//! `KEY=VALUE\0` strings and a pointer to each, in the order given; a pointer out of
+//! bounds or misaligned traps, as WASI asks.
 
 use wasmtime::{Caller, Extern, Linker};
 

@@ -193,6 +193,26 @@ async fn bad_names_limits_env_and_manifests_are_rejected() {
         "invalid_env",
     )
     .await;
+    // A NUL in a value would end the variable early for the guest: refused, not
+    // silently cut short.
+    let smuggled = expect_error(
+        deploy(
+            &server,
+            "f",
+            wasm.clone(),
+            "env=A=x%00REQUEST_METHOD%3DPOST",
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_env",
+    )
+    .await;
+    assert!(
+        smuggled["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("values may not contain NUL")),
+        "{smuggled}"
+    );
     expect_error(
         deploy(&server, "f", wasm.clone(), "memroy_mb=3").await,
         StatusCode::BAD_REQUEST,
