@@ -114,7 +114,12 @@ pub enum RuntimeError {
     )]
     StartSignature(String),
     /// The module's initial memory is larger than its memory limit.
-    #[error("module needs {needed} bytes of initial memory, above its limit of {limit} bytes")]
+    #[error(
+        "module needs {} of memory at start, above its memory limit of {} \
+         (raise `memory_mb`, or build the guest with a smaller initial memory)",
+        mib(*needed),
+        mib(*limit)
+    )]
     InitialMemoryTooLarge {
         /// Initial memory, bytes.
         needed: u64,
@@ -329,6 +334,16 @@ struct RunningGuard<'a>(&'a AtomicUsize);
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// `bytes` in MiB for messages: `2 MiB`, `2.06 MiB`.
+fn mib(bytes: u64) -> String {
+    let mib = bytes as f64 / f64::from(1 << 20);
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{mib:.0} MiB")
+    } else {
+        format!("{mib:.2} MiB")
     }
 }
 
@@ -822,6 +837,41 @@ mod tests {
                     (drop (call $write (i32.const 1) (i32.const 1032) (i32.const 1) (i32.const 1100)))))"#
         ))
         .expect("wat")
+    }
+
+    /// A module whose initial memory is above its limit is refused when it is prepared
+    /// (deployed), whether it exports that memory or not, instead of failing every call.
+    #[test]
+    fn initial_memory_above_the_limit_is_refused_at_prepare() {
+        let runtime = Runtime::new(&RuntimeConfig::default()).expect("runtime");
+        let limits = Limits {
+            memory_mb: 2,
+            ..Limits::default()
+        };
+        for memory in [r#"(memory (export "memory") 33)"#, "(memory 33)"] {
+            let wasm = wat::parse_str(format!(r#"(module {memory} (func (export "_start")))"#))
+                .expect("wat");
+            match runtime.prepare(&wasm, &limits) {
+                Err(RuntimeError::InitialMemoryTooLarge { needed, limit }) => {
+                    assert_eq!((needed, limit), (33 << 16, 2 << 20), "{memory}");
+                    let message = RuntimeError::InitialMemoryTooLarge { needed, limit }.to_string();
+                    assert!(
+                        message.contains("2.06 MiB") && message.contains("limit of 2 MiB"),
+                        "{message}"
+                    );
+                }
+                Err(other) => panic!("{memory}: {other}"),
+                Ok(_) => panic!("{memory}: prepared"),
+            }
+            let fits = wat::parse_str(format!(
+                r#"(module {} (func (export "_start")))"#,
+                memory.replace("33", "32")
+            ))
+            .expect("wat");
+            runtime
+                .prepare(&fits, &limits)
+                .expect("32 pages fit in 2 MiB");
+        }
     }
 
     /// Both WASI modules hand out the variables in order, `KEY=VALUE\0` each with a

@@ -65,6 +65,9 @@ fn looks_like_text(bytes: &[u8]) -> bool {
     text.starts_with('(') || text.starts_with(";;")
 }
 
+/// Bytes in a WebAssembly page (the engine leaves the custom-page-sizes proposal off).
+const WASM_PAGE_BYTES: u64 = 64 << 10;
+
 /// Rejects `module` unless it is a WASI preview 1 command whose every import is one the
 /// host defines (`provided`), and whose initial memory fits in `memory_limit` bytes.
 pub fn check_module(
@@ -94,16 +97,17 @@ pub fn check_module(
         Some(ExternType::Func(ty)) => return Err(RuntimeError::StartSignature(ty.to_string())),
         _ => return Err(RuntimeError::NotACommand),
     }
-    for export in module.exports() {
-        if let ExternType::Memory(mem) = export.ty() {
-            let min_bytes = mem.minimum().saturating_mul(mem.page_size());
-            if min_bytes > memory_limit {
-                return Err(RuntimeError::InitialMemoryTooLarge {
-                    needed: min_bytes,
-                    limit: memory_limit,
-                });
-            }
-        }
+    // Every defined memory, exported or not (imported ones were refused above).
+    let needed = module
+        .resources_required()
+        .max_initial_memory_size
+        .unwrap_or(0)
+        .saturating_mul(WASM_PAGE_BYTES);
+    if needed > memory_limit {
+        return Err(RuntimeError::InitialMemoryTooLarge {
+            needed,
+            limit: memory_limit,
+        });
     }
     Ok(())
 }

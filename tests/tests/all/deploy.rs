@@ -175,6 +175,21 @@ async fn bad_names_limits_env_and_manifests_are_rejected() {
         "invalid_limit",
     )
     .await;
+    // A module that needs more memory at start than its limit is refused at deploy,
+    // whether or not it exports that memory, instead of failing every call.
+    let big_memory = br#"(module (memory 33) (func (export "_start")))"#.to_vec();
+    let refused = expect_error(
+        deploy(&server, "f", big_memory, "memory_mb=2").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_limit",
+    )
+    .await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2.06 MiB of memory at start")),
+        "{refused}"
+    );
     expect_error(
         deploy(&server, "f", wasm.clone(), "timeout_ms=0").await,
         StatusCode::BAD_REQUEST,
