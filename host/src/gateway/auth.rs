@@ -209,7 +209,7 @@ pub async fn create(
 /// `DELETE /v1/tokens/{id}`: revokes a token; it stops working at once.
 pub async fn revoke(
     State(app): State<Arc<AppState>>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    super::extract::Path(id): super::extract::Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id: TokenId = id
         .parse()

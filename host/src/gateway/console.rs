@@ -4,7 +4,7 @@
 //! `.gz` twin was built, clients that accept gzip get it. A binary built without the
 //! console answers `/` with how to build it.
 
-use axum::extract::Path;
+use super::extract::Path;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 

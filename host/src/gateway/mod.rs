@@ -8,6 +8,7 @@ mod cluster;
 pub mod console;
 mod error;
 mod events;
+pub mod extract;
 mod invoke;
 mod jobs;
 mod openapi;

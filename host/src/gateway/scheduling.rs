@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
+
+use super::extract::Query;
 use axum::Json;
 use serde::Deserialize;
 
@@ -106,7 +108,7 @@ pub struct RoleRequest {
 /// `PUT /v1/roles/{role}`: sets a role's weight and quota.
 pub async fn set_role(
     State(app): State<Arc<AppState>>,
-    axum::extract::Path(role): axum::extract::Path<String>,
+    super::extract::Path(role): super::extract::Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let role: crate::state::RoleName = role

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 use tokio::sync::broadcast::error::RecvError;
@@ -23,6 +23,7 @@ use wafer_proto::cluster_capnp::{
 };
 
 use crate::events::{Event, EventKind};
+use crate::gateway::extract::Path;
 use crate::gateway::{read_job, wait_job, ApiError, ApiErrorInfo, AppState};
 use crate::state::{
     Command, Constraint, FunctionName, FunctionRecord, FunctionSpec, JobId, JobRecord, Resources,

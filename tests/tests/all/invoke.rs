@@ -353,6 +353,31 @@ async fn unknown_function_and_oversize_request() {
         "method_not_allowed",
     )
     .await;
+    // A path or query string that cannot be decoded is a JSON error like the others.
+    let response = http
+        .get(server.url("/fn/nobody/%ff%fe"))
+        .send()
+        .await
+        .expect("invoke");
+    let body = expect_error(response, StatusCode::BAD_REQUEST, "bad_request").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("malformed path") && m.contains("UTF-8")),
+        "{body}"
+    );
+    let response = http
+        .get(server.url("/v1/nodes?consistent=maybe"))
+        .send()
+        .await
+        .expect("nodes");
+    let body = expect_error(response, StatusCode::BAD_REQUEST, "bad_request").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("malformed query string") && m.contains("consistent")),
+        "{body}"
+    );
     // Unknown names leave no trace in the metrics (callers cannot grow them unboundedly).
     let exported = metrics(&server).await;
     assert!(!exported.contains("nobody"), "{exported}");
