@@ -47,6 +47,14 @@ pub async fn invoke(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // The guest reads PATH_INFO up to its first NUL: refused rather than cut short.
+    if params.path.as_deref().is_some_and(|p| p.contains('\0')) {
+        super::discard(body, &headers).await;
+        return ApiError::bad_request(
+            "malformed path: it holds a NUL (%00), which the guest would read as the end of PATH_INFO",
+        )
+        .into_response();
+    }
     // Unknown names answer 404 without a metric of their own: callers must not be able
     // to grow the metric families without bound.
     let function = match params

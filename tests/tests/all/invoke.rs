@@ -367,6 +367,16 @@ async fn unknown_function_and_oversize_request() {
         "{body}"
     );
     let response = http
+        .get(server.url("/fn/nobody/a%00b"))
+        .send()
+        .await
+        .expect("invoke");
+    let body = expect_error(response, StatusCode::BAD_REQUEST, "bad_request").await;
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains("NUL")),
+        "{body}"
+    );
+    let response = http
         .get(server.url("/v1/nodes?consistent=maybe"))
         .send()
         .await
