@@ -107,6 +107,22 @@ pub async fn expect_error(
     json
 }
 
+/// [`expect_error`], and a message that says each of `words`.
+pub async fn expect_error_saying(
+    response: reqwest::Response,
+    status: StatusCode,
+    code: &str,
+    words: &[&str],
+) -> serde_json::Value {
+    let json = expect_error(response, status, code).await;
+    let message = json["message"].as_str().unwrap_or_default();
+    assert!(
+        words.iter().all(|w| message.contains(w)),
+        "the message should say {words:?}: {json}"
+    );
+    json
+}
+
 /// `GET path` with the admin token, and its JSON body.
 pub async fn get_json(server: &DevServer, path: &str) -> serde_json::Value {
     wafer_tests::get(server.url(path))
