@@ -5,13 +5,12 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-
-use super::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::{discard, read_body, AppState};
 use crate::cluster::Committed;
 use crate::state::{

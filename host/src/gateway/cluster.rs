@@ -3,14 +3,13 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-
-use super::extract::Path;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::AppState;
 use crate::consensus::NodeId;
 

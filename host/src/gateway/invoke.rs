@@ -5,14 +5,13 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-
-use super::extract::Path;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use wafer_guest::http::CgiHead;
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::{read_body, AppState};
 use crate::functions::Deployed;
 use crate::functions::FunctionError;

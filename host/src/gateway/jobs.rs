@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{RawQuery, State};
-
-use super::extract::Path;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,6 +13,7 @@ use serde::Deserialize;
 
 use super::api::{commit, read_point};
 use super::error::ApiError;
+use super::extract::Path;
 use super::AppState;
 use crate::events::EventKind;
 use crate::scheduler::now_ms;

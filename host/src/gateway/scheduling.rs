@@ -3,12 +3,11 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-
-use super::extract::Query;
 use axum::Json;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::extract::Query;
 use super::AppState;
 
 /// Query of reads that may ask for a linearizable answer.
