@@ -13,6 +13,7 @@ use crate::agent::AgentConfig;
 use crate::client::{Client, ClientError};
 use crate::dev::{self, DevConfig};
 use crate::rpc::ClusterSecret;
+use crate::runtime::limits::human_bytes;
 use crate::runtime::{Exit, Invocation, Limits, Runtime, RuntimeConfig, Stdio};
 use crate::scheduler::SchedulerConfig;
 use crate::server::{self, Membership, RaftSettings, ServerConfig};
@@ -1410,14 +1411,6 @@ async fn run_local(
             ExitCode::from(134)
         }
     })
-}
-
-fn human_bytes(n: u64) -> String {
-    match n {
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
-    }
 }
 
 /// A `--data` argument's bytes: text, `@FILE`, or `-` for stdin.

@@ -3,6 +3,15 @@
 use serde::{Deserialize, Serialize};
 use wasmtime::ResourceLimiter;
 
+/// `n` bytes for people: `512 B`, `4.0 KiB`, `2.1 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
 /// Default linear-memory limit of a function, in MiB.
 pub const DEFAULT_MEMORY_MB: u64 = 128;
 /// Default wall-clock limit of one invocation, in milliseconds.

@@ -117,8 +117,8 @@ pub enum RuntimeError {
     #[error(
         "module needs {} of memory at start, above its memory limit of {} \
          (raise `memory_mb`, or build the guest with a smaller initial memory)",
-        mib(*needed),
-        mib(*limit)
+        limits::human_bytes(*needed),
+        limits::human_bytes(*limit)
     )]
     InitialMemoryTooLarge {
         /// Initial memory, bytes.
@@ -334,16 +334,6 @@ struct RunningGuard<'a>(&'a AtomicUsize);
 impl Drop for RunningGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// `bytes` in MiB for messages: `2 MiB`, `2.06 MiB`.
-fn mib(bytes: u64) -> String {
-    let mib = bytes as f64 / f64::from(1 << 20);
-    if bytes.is_multiple_of(1 << 20) {
-        format!("{mib:.0} MiB")
-    } else {
-        format!("{mib:.2} MiB")
     }
 }
 
@@ -856,7 +846,7 @@ mod tests {
                     assert_eq!((needed, limit), (33 << 16, 2 << 20), "{memory}");
                     let message = RuntimeError::InitialMemoryTooLarge { needed, limit }.to_string();
                     assert!(
-                        message.contains("2.06 MiB") && message.contains("limit of 2 MiB"),
+                        message.contains("2.1 MiB") && message.contains("limit of 2.0 MiB"),
                         "{message}"
                     );
                 }

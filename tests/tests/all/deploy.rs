@@ -182,7 +182,7 @@ async fn bad_names_limits_env_and_manifests_are_rejected() {
         deploy(&server, "f", big_memory, "memory_mb=2").await,
         StatusCode::BAD_REQUEST,
         "invalid_limit",
-        &["2.06 MiB of memory at start"],
+        &["2.1 MiB of memory at start", "limit of 2.0 MiB"],
     )
     .await;
     expect_error(
