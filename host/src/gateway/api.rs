@@ -39,7 +39,7 @@ pub async fn deploy(
     let (name, spec) = match deploy_target(&name, &headers, query.as_deref()) {
         Ok(target) => target,
         Err(err) => {
-            discard(body, &headers).await;
+            discard(body, &headers);
             return Err(err);
         }
     };

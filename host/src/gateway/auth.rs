@@ -101,7 +101,7 @@ pub async fn check(State(app): State<Arc<AppState>>, mut request: Request, next:
         }
         Err(err) => {
             let (parts, body) = request.into_parts();
-            super::discard(body, &parts.headers).await;
+            super::discard(body, &parts.headers);
             let unauthorized = !err.is_forbidden();
             let mut response = ApiError::from(err).into_response();
             if unauthorized {

@@ -48,7 +48,7 @@ pub async fn invoke(
 ) -> Response {
     // The guest reads PATH_INFO up to its first NUL: refused rather than cut short.
     if params.path.as_deref().is_some_and(|p| p.contains('\0')) {
-        super::discard(body, &headers).await;
+        super::discard(body, &headers);
         return ApiError::bad_request(
             "malformed path: it holds a NUL (%00), which the guest would read as the end of PATH_INFO",
         )
@@ -64,7 +64,7 @@ pub async fn invoke(
     {
         Ok(function) => function,
         Err(err) => {
-            super::discard(body, &headers).await;
+            super::discard(body, &headers);
             return err.into_response();
         }
     };

@@ -151,10 +151,10 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-/// Most bytes of an oversize body read and thrown away so that the client, still
-/// sending, gets to read the 413 instead of a reset connection.
+/// Most bytes of a rejected body read and thrown away after the answer went out, so
+/// that a client still sending gets to read the answer instead of a reset connection.
 const DRAIN_MAX_BYTES: u64 = 64 << 20;
-/// How long draining an oversize body may take.
+/// How long the reading and throwing away may go on.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads a request body of at most `limit` bytes; a larger one (by `Content-Length` or
@@ -180,7 +180,7 @@ pub async fn read_body(
         .and_then(|v| v.parse::<u64>().ok());
     let mut body = body;
     if declared.is_some_and(|len| len > limit) {
-        discard(body, headers).await;
+        discard(body, headers);
         return Err(too_large());
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
@@ -202,7 +202,7 @@ pub async fn read_body(
         let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the {what}: {e}")))?;
         if let Ok(data) = frame.into_data() {
             if (buf.len() + data.len()) as u64 > limit {
-                drain(body).await;
+                drain_after_answer(body);
                 return Err(too_large());
             }
             buf.extend_from_slice(&data);
@@ -215,21 +215,28 @@ pub async fn read_body(
 ///
 /// A client that sent `Expect: 100-continue` has not sent the body yet and will not once
 /// it reads the error, so the body is left unread (hyper then closes the connection,
-/// and no upload is wasted). Any other body is drained, within bounds: answering
-/// without reading it would cost the client its keep-alive connection, possibly while
-/// it is already sending its next request on it.
-pub(crate) async fn discard(body: Body, headers: &HeaderMap) {
+/// and no upload is wasted). Any other body is drained: see [`drain_after_answer`].
+pub(crate) fn discard(body: Body, headers: &HeaderMap) {
     let expects_continue = headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if !expects_continue {
-        drain(body).await;
+        drain_after_answer(body);
     }
 }
 
-/// Reads and discards what is left of `body`, within bounds.
-async fn drain(mut body: Body) {
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+/// Reads and discards what is left of `body` in a task of its own, within bounds
+/// ([`DRAIN_MAX_BYTES`], [`DRAIN_TIMEOUT`]), while the answer goes out at once: a
+/// lingering close, as web servers do it.
+///
+/// hyper writes the answer while it goes on reading the body for this task. A body
+/// that ends within the bounds leaves the connection usable for the client's next
+/// request (closing it instead would cost the client its keep-alive connection,
+/// possibly while it is already sending its next request on it). Past the bounds the
+/// body is dropped and hyper closes the connection; by then the client has had the
+/// answer for a while, so the reset that unread bytes cause does not swallow it.
+fn drain_after_answer(mut body: Body) {
+    tokio::spawn(tokio::time::timeout(DRAIN_TIMEOUT, async move {
         let mut seen = 0u64;
         while let Some(Ok(frame)) = body.frame().await {
             seen += frame.data_ref().map_or(0, |d| d.len() as u64);
@@ -237,6 +244,5 @@ async fn drain(mut body: Body) {
                 break;
             }
         }
-    })
-    .await;
+    }));
 }

@@ -343,6 +343,48 @@ async fn rejected_requests_keep_the_connection_usable() {
 }
 
 #[tokio::test]
+async fn an_oversize_upload_is_answered_before_the_client_has_sent_it() {
+    let (_dir, server) = start(&["--max-module-mb", "1"]);
+    let auth = format!("authorization: Bearer {}\r\n", wafer_tests::ADMIN_TOKEN);
+    let size = 3 << 19; // 1.5 MiB: over the limit, well within what the server drains
+    let zeros = vec![0u8; size];
+    let (first, rest) = zeros.split_at(1024);
+    let health: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: wafer\r\n\r\n";
+    let declared = format!(
+        "PUT /v1/functions/big HTTP/1.1\r\nhost: wafer\r\n{auth}content-length: {size}\r\n\r\n"
+    );
+    let chunked = format!(
+        "PUT /v1/functions/big HTTP/1.1\r\nhost: wafer\r\n{auth}transfer-encoding: chunked\r\n\r\n"
+    );
+    let whole_chunk = format!("{size:x}\r\n");
+    let last_chunks = format!("\r\n{:x}\r\n", first.len());
+    // Each element is written whole before its answer is read: the client sends the
+    // head and the first part of the body, then waits for the 413 before it sends the
+    // rest. A server that read the whole body before answering would not answer until
+    // it gave up on the body and closed the connection.
+    let statuses = statuses_on_one_connection(
+        server.base(),
+        &[
+            [declared.as_bytes(), first].concat(),
+            [rest, health].concat(),
+            // Streamed without a length: the 413 goes out once the limit is passed.
+            [chunked.as_bytes(), whole_chunk.as_bytes(), &zeros[..]].concat(),
+            [last_chunks.as_bytes(), first, &b"\r\n0\r\n\r\n"[..], health].concat(),
+        ],
+    )
+    .await;
+    assert_eq!(
+        statuses,
+        [
+            "HTTP/1.1 413 Payload Too Large",
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 413 Payload Too Large",
+            "HTTP/1.1 200 OK"
+        ]
+    );
+}
+
+#[tokio::test]
 async fn a_client_expecting_100_continue_gets_the_rejection_before_uploading() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let (_dir, server) = start(&[]);
