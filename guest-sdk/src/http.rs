@@ -53,7 +53,13 @@ impl Request {
                 "CONTENT_LENGTH" => headers.push(("content-length".to_string(), value.into())),
                 _ => {
                     if let Some(name) = key.strip_prefix("HTTP_") {
-                        let name = name.to_ascii_lowercase().replace('_', "-");
+                        let name = name
+                            .chars()
+                            .map(|c| match c {
+                                '_' => '-',
+                                c => c.to_ascii_lowercase(),
+                            })
+                            .collect();
                         headers.push((name, value.into()));
                     }
                 }
@@ -155,7 +161,13 @@ impl Response {
     /// Adds a header. Names and values must not contain line breaks; any that do are
     /// replaced with spaces so the header block stays well formed.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Response {
-        let clean = |s: String| s.replace(['\r', '\n'], " ");
+        let clean = |s: String| {
+            if s.contains(['\r', '\n']) {
+                s.replace(['\r', '\n'], " ")
+            } else {
+                s
+            }
+        };
         self.headers.push((clean(name.into()), clean(value.into())));
         self
     }
@@ -184,10 +196,20 @@ impl Response {
     /// The response as the CGI output a WAGI host reads: `Status:`, headers, a blank
     /// line, then the body.
     pub fn to_cgi(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + 64);
-        out.extend_from_slice(format!("Status: {}\n", self.status).as_bytes());
+        let head: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 3)
+            .sum();
+        let mut out = Vec::with_capacity(16 + head + 1 + self.body.len());
+        out.extend_from_slice(b"Status: ");
+        out.extend_from_slice(self.status.to_string().as_bytes());
+        out.push(b'\n');
         for (name, value) in &self.headers {
-            out.extend_from_slice(format!("{name}: {value}\n").as_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.push(b'\n');
         }
         out.push(b'\n');
         out.extend_from_slice(&self.body);
