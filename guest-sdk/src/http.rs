@@ -19,10 +19,18 @@ pub struct Request {
 
 impl Request {
     /// Reads the request of this invocation: environment variables and all of stdin.
+    ///
+    /// A variable that is not UTF-8 (which a host other than wafer may pass on from a
+    /// header) is read with U+FFFD in place of the bytes that are not.
     pub fn from_env() -> std::io::Result<Request> {
         let mut body = Vec::new();
         std::io::stdin().read_to_end(&mut body)?;
-        Ok(Request::from_vars(std::env::vars(), body))
+        let text = |s: std::ffi::OsString| {
+            s.into_string()
+                .unwrap_or_else(|s| s.to_string_lossy().into_owned())
+        };
+        let vars = std::env::vars_os().map(|(k, v)| (text(k), text(v)));
+        Ok(Request::from_vars(vars, body))
     }
 
     /// Builds a request from WAGI/CGI variables (`REQUEST_METHOD`, `PATH_INFO`,

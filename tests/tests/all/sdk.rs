@@ -17,8 +17,19 @@ fn greeter() -> PathBuf {
 }
 
 fn run(query: &str, body: &[u8]) -> Output {
+    run_with(query, body, &[])
+}
+
+/// [`run`] with more environment variables, given as bytes.
+fn run_with(query: &str, body: &[u8], extra: &[(&str, &[u8])]) -> Output {
+    use std::os::unix::ffi::OsStrExt;
     let mut child = Command::new(greeter())
         .env_clear()
+        .envs(
+            extra
+                .iter()
+                .map(|(k, v)| (*k, std::ffi::OsStr::from_bytes(v))),
+        )
         .env("REQUEST_METHOD", "POST")
         .env("PATH_INFO", "/")
         .env("QUERY_STRING", query)
@@ -72,4 +83,17 @@ fn a_panic_becomes_a_500_naming_it_and_exit_status_70() {
     assert!(stdout.contains("asked to panic"), "{stdout}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("asked to panic"), "{stderr}");
+}
+
+#[test]
+fn a_variable_that_is_not_utf8_does_not_break_the_request() {
+    // A host other than wafer may pass a Latin-1 header on as it came.
+    let out = run_with("name=ada", b"", &[("HTTP_X_LATIN1", b"caf\xe9")]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("Status: 200\n"), "{stdout}");
+    assert!(
+        stdout.ends_with("\n\nHello, ada! You sent 0 bytes.\n"),
+        "{stdout}"
+    );
 }
