@@ -301,7 +301,12 @@ fn wagi_env(
     env.push("GATEWAY_INTERFACE", "CGI/1.1");
     env.push_fmt("CONTENT_LENGTH", format_args!("{content_length}"));
     for (key, value) in headers {
-        let Ok(value) = value.to_str() else { continue };
+        // UTF-8 as sent (`to_str` would take visible ASCII only); a value that is not
+        // UTF-8 is left out, since most guests' runtimes cannot read one (Rust's
+        // `std::env::vars` panics on it).
+        let Ok(value) = std::str::from_utf8(value.as_bytes()) else {
+            continue;
+        };
         match key.as_str() {
             "content-type" => env.push("CONTENT_TYPE", value),
             // Credentials for wafer itself are not the guest's business.

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use reqwest::header::HeaderValue;
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 
@@ -26,6 +27,14 @@ async fn every_example_answers() {
     let response = http
         .get(server.url("/fn/hello/a/b?name=Ada%20L&x=1"))
         .header("X-Test", "yes")
+        .header(
+            "X-Name",
+            HeaderValue::from_bytes("José".as_bytes()).expect("header"),
+        )
+        .header(
+            "X-Latin1",
+            HeaderValue::from_bytes(b"caf\xe9").expect("header"),
+        )
         .send()
         .await
         .expect("hello");
@@ -44,6 +53,9 @@ async fn every_example_answers() {
     assert!(body.contains("query: name=Ada L\n"), "{body}");
     assert!(body.contains("query: x=1\n"), "{body}");
     assert!(body.contains("header: x-test: yes\n"), "{body}");
+    // UTF-8 beyond ASCII reaches the guest as sent; a value that is not UTF-8 does not.
+    assert!(body.contains("header: x-name: José\n"), "{body}");
+    assert!(!body.contains("x-latin1"), "{body}");
 
     let (status, body) = text(
         http.get(server.url("/fn/hello"))
