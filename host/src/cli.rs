@@ -1179,7 +1179,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if include {
                 writeln!(out, "HTTP {}", response.status)?;
                 for (k, v) in &response.headers {
-                    writeln!(out, "{}: {}", k, v.to_str().unwrap_or("<binary>"))?;
+                    writeln!(out, "{}: {}", k, String::from_utf8_lossy(v.as_bytes()))?;
                 }
                 writeln!(out)?;
             }

@@ -72,9 +72,8 @@ fn deploy_target(
     let name: FunctionName = name.parse()?;
     let mut spec = match headers.get(MANIFEST_HEADER) {
         Some(value) => {
-            let text = value
-                .to_str()
-                .map_err(|_| ApiError::bad_request("x-wafer-manifest is not valid text"))?;
+            let text = std::str::from_utf8(value.as_bytes())
+                .map_err(|_| ApiError::bad_request("x-wafer-manifest is not UTF-8 text"))?;
             serde_json::from_str::<FunctionSpec>(text).map_err(|e| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,

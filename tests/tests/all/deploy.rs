@@ -232,12 +232,16 @@ async fn bad_names_limits_env_and_manifests_are_rejected() {
         .await
         .expect("deploy");
     expect_error(bad_manifest, StatusCode::BAD_REQUEST, "invalid_manifest").await;
-    // A manifest works, and the query wins over it.
+    // A manifest works (UTF-8 text, not only ASCII), and the query wins over it.
     let good = http
         .put(server.url("/v1/functions/f?timeout_ms=1234"))
         .header(
             "x-wafer-manifest",
-            r#"{"memory_mb": 48, "timeout_ms": 999, "env": {"A": "1"}}"#,
+            reqwest::header::HeaderValue::from_bytes(
+                r#"{"memory_mb": 48, "timeout_ms": 999, "env": {"A": "1", "B": "José"}}"#
+                    .as_bytes(),
+            )
+            .expect("header"),
         )
         .body(wasm)
         .send()
@@ -248,6 +252,7 @@ async fn bad_names_limits_env_and_manifests_are_rejected() {
     assert_eq!(record["memory_mb"], 48);
     assert_eq!(record["timeout_ms"], 1234);
     assert_eq!(record["env"]["A"], "1");
+    assert_eq!(record["env"]["B"], "José");
 }
 
 #[tokio::test]
