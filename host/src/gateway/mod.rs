@@ -233,8 +233,8 @@ pub(crate) fn discard(body: Body, headers: &HeaderMap) {
 /// that ends within the bounds leaves the connection usable for the client's next
 /// request (closing it instead would cost the client its keep-alive connection,
 /// possibly while it is already sending its next request on it). Past the bounds the
-/// body is dropped and hyper closes the connection; by then the client has had the
-/// answer for a while, so the reset that unread bytes cause does not swallow it.
+/// body is dropped and hyper closes the connection; the answer went out before, so a
+/// client that reads while it sends has it before the reset that unread bytes cause.
 fn drain_after_answer(mut body: Body) {
     tokio::spawn(tokio::time::timeout(DRAIN_TIMEOUT, async move {
         let mut seen = 0u64;
