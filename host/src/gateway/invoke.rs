@@ -311,6 +311,16 @@ fn wagi_env(
             "content-type" => env.push("CONTENT_TYPE", value),
             // Credentials for wafer itself are not the guest's business.
             "content-length" | "authorization" | "proxy-authorization" | "cookie" => {}
+            // httpoxy: `HTTP_PROXY` is read by many HTTP clients as their proxy.
+            "proxy" => {}
+            // `X_Forwarded_For` would arrive as `HTTP_X_FORWARDED_FOR`, the same as
+            // `X-Forwarded-For`, past a proxy that strips or sets only the latter:
+            // names with anything but letters, digits and `-` are left out (as Apache's
+            // CGI and nginx's default do).
+            other
+                if !other
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-') => {}
             other => env.push_with(
                 |b| {
                     b.push_str("HTTP_");

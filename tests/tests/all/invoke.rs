@@ -35,6 +35,8 @@ async fn every_example_answers() {
             "X-Latin1",
             HeaderValue::from_bytes(b"caf\xe9").expect("header"),
         )
+        .header("X_Forwarded_For", "10.6.6.6")
+        .header("Proxy", "http://evil.example")
         .send()
         .await
         .expect("hello");
@@ -56,6 +58,9 @@ async fn every_example_answers() {
     // UTF-8 beyond ASCII reaches the guest as sent; a value that is not UTF-8 does not.
     assert!(body.contains("header: x-name: José\n"), "{body}");
     assert!(!body.contains("x-latin1"), "{body}");
+    // A name with `_` would pass for one with `-`; `Proxy` would set HTTP_PROXY.
+    assert!(!body.contains("forwarded"), "{body}");
+    assert!(!body.contains("evil.example"), "{body}");
 
     let (status, body) = text(
         http.get(server.url("/fn/hello"))
