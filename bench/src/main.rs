@@ -43,6 +43,8 @@ struct Args {
     command: Cmd,
 }
 
+// Parsed once at start: `All`'s size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Gateway vs plain hyper vs process-per-request.
@@ -138,6 +140,10 @@ struct InstantiateArgs {
     /// Which allocators to measure.
     #[arg(long, value_enum, default_value_t = Allocators::Both)]
     allocators: Allocators,
+    /// Measure these modules (WASI commands) instead of `hello` and an empty `_start`;
+    /// repeat to compare several in one run.
+    #[arg(long = "wasm", value_name = "FILE")]
+    modules: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -586,6 +592,14 @@ fn process_per_request(
 }
 
 fn instantiate(args: &InstantiateArgs) -> anyhow::Result<()> {
+    if !args.modules.is_empty() {
+        for path in &args.modules {
+            let wasm =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            instantiate_one(args, &path.display().to_string(), &wasm)?;
+        }
+        return Ok(());
+    }
     for (label, wasm) in [
         ("hello", wafer_tests::example("hello")?),
         (
