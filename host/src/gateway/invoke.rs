@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use wafer_guest::http::CgiHead;
@@ -37,12 +37,21 @@ impl FnPath {
     }
 }
 
+/// What the guest learns of a request besides its body.
+struct RequestHead {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
 /// `ANY /fn/{name}` and `ANY /fn/{name}/{*path}`: runs the function once.
 pub async fn invoke(
     State(app): State<Arc<AppState>>,
     Path(params): Path<FnPath>,
     method: Method,
     uri: Uri,
+    version: Version,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -69,7 +78,13 @@ pub async fn invoke(
         }
     };
     let name = &function.record.name;
-    let response = match run(&app, &function, params.path, method, uri, headers, body).await {
+    let head = RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+    };
+    let response = match run(&app, &function, params.path, head, body).await {
         Ok(response) => response,
         Err((kind, err)) => {
             app.metrics.error(name.as_str(), kind);
@@ -88,16 +103,14 @@ async fn run(
     app: &Arc<AppState>,
     function: &Arc<Deployed>,
     path: Option<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    head: RequestHead,
     body: Body,
 ) -> Result<Response, Failure> {
     let name = &function.record.name;
     let limits = function.record.spec.limits;
     let input = read_body(
         body,
-        &headers,
+        &head.headers,
         limits.max_request_bytes,
         "request body",
         app.client_timeout,
@@ -115,15 +128,7 @@ async fn run(
         Some(p) => format!("/{p}"),
         None => "/".to_string(),
     };
-    let env = wagi_env(
-        function,
-        name,
-        &method,
-        &uri,
-        &headers,
-        &path_info,
-        input.len(),
-    );
+    let env = wagi_env(function, name, &head, &path_info, input.len());
     let invocation = Invocation {
         args: vec![name.to_string()],
         env,
@@ -254,20 +259,32 @@ fn in_turn<T: Copy>(list: Vec<T>, first: usize) -> impl Iterator<Item = T> {
 fn wagi_env(
     function: &Deployed,
     name: &FunctionName,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
+    head: &RequestHead,
     path_info: &str,
     content_length: usize,
 ) -> Environ {
-    let host = headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
+    let RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+    } = head;
+    let host_header = headers.get(axum::http::header::HOST);
+    // HTTP/2's `:authority` and an absolute-form target (`GET http://h/p HTTP/1.1`)
+    // name the host in the URI, which then wins over any `Host` (RFC 9112 3.2.2).
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().rsplit('@').next().unwrap_or(a.as_str()));
+    let host = authority
+        .or_else(|| host_header.and_then(|h| h.to_str().ok()))
         .unwrap_or("localhost");
     let (server_name, server_port) = match host.rsplit_once(':') {
+        // `host:` (an empty port) means the default one.
+        Some((h, "")) => (h, "80"),
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, p),
         _ => (host, "80"),
     };
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
     let query = uri.query().unwrap_or("");
     // Room for the fixed variables and every header (a guess: one allocation usually).
     let bytes = 512
@@ -288,18 +305,23 @@ fn wagi_env(
     env.push("REQUEST_METHOD", method.as_str());
     env.push("PATH_INFO", path_info);
     env.push("QUERY_STRING", query);
-    env.push_fmt("X_FULL_URL", format_args!("http://{host}{uri}"));
+    env.push_fmt("X_FULL_URL", format_args!("http://{host}{target}"));
     env.push_fmt("X_MATCHED_ROUTE", format_args!("/fn/{name}/..."));
     env.push_fmt("SCRIPT_NAME", format_args!("/fn/{name}"));
     env.push("SERVER_NAME", server_name);
     env.push("SERVER_PORT", server_port);
-    env.push("SERVER_PROTOCOL", "HTTP/1.1");
+    env.push("SERVER_PROTOCOL", protocol(*version));
     env.push(
         "SERVER_SOFTWARE",
         concat!("wafer/", env!("CARGO_PKG_VERSION")),
     );
     env.push("GATEWAY_INTERFACE", "CGI/1.1");
     env.push_fmt("CONTENT_LENGTH", format_args!("{content_length}"));
+    // An HTTP/2 request carries its host as `:authority`, not `Host`: the guest gets
+    // `HTTP_HOST` either way, as from a CGI server.
+    if let (None, Some(authority)) = (host_header, authority) {
+        env.push("HTTP_HOST", authority);
+    }
     for (key, value) in headers {
         // UTF-8 as sent (`to_str` would take visible ASCII only); a value that is not
         // UTF-8 is left out, since most guests' runtimes cannot read one (Rust's
@@ -334,6 +356,17 @@ fn wagi_env(
         }
     }
     env
+}
+
+/// `SERVER_PROTOCOL` for an HTTP version, as CGI servers write it.
+fn protocol(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
 }
 
 /// Turns a finished run into the HTTP response.

@@ -293,7 +293,8 @@ impl cluster::Server for ClusterService {
                 let value = header.get_value()?.to_str()?;
                 let (Ok(key), Ok(value)) = (
                     HeaderName::from_bytes(key.as_bytes()),
-                    HeaderValue::from_str(value),
+                    // UTF-8 beyond ASCII passes, as through the HTTP gateway.
+                    HeaderValue::from_bytes(value.as_bytes()),
                 ) else {
                     return Err(ApiError::bad_request(format!("bad header {key:?}")));
                 };
@@ -312,6 +313,8 @@ impl cluster::Server for ClusterService {
                 Path(params),
                 method,
                 uri,
+                // Not HTTP on the wire: the guest sees what an HTTP/1.1 call gives it.
+                axum::http::Version::HTTP_11,
                 headers,
                 axum::body::Body::from(body),
             )

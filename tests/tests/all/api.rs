@@ -178,6 +178,24 @@ async fn each_scope_allows_its_calls_and_refuses_the_others() {
             let (c, _, status, body) = invoke(&invoker, "hello", "/?name=capnp", b"").await;
             assert_eq!((c, status), (error::Code::Ok, 200));
             assert!(String::from_utf8_lossy(&body).contains("capnp"));
+            // Headers reach the guest, UTF-8 beyond ASCII included (as over HTTP).
+            let mut request = invoker.invoke_request();
+            request.get().set_name("hello");
+            let mut r = request.get().init_request();
+            r.set_path("/");
+            let mut headers = r.init_headers(1);
+            headers.reborrow().get(0).set_key("X-Name");
+            headers.get(0).set_value("José");
+            let response = request.send().promise.await.expect("invoke call");
+            let results = response.get().expect("results");
+            assert_eq!(code(results.get_error().expect("error")).0, error::Code::Ok);
+            let body = results
+                .get_response()
+                .expect("response")
+                .get_body()
+                .expect("body");
+            let body = String::from_utf8_lossy(body);
+            assert!(body.contains("header: x-name: José\n"), "{body}");
             assert_eq!(
                 invoke(&read, "hello", "/", b"").await.0,
                 error::Code::Forbidden

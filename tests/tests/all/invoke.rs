@@ -7,13 +7,123 @@ use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    deploy, deploy_example, expect_error, expect_error_saying, metrics, plain_program,
+    deploy, deploy_example, env_echo, expect_error, expect_error_saying, metrics, plain_program,
     preview0_program, spawn_gets, start,
 };
 
 async fn text(response: reqwest::Response) -> (StatusCode, String) {
     let status = response.status();
     (status, response.text().await.expect("body"))
+}
+
+/// Checks that `env` (a guest's printed environment) has every line of `lines`.
+fn assert_env_has(env: &str, lines: &[String]) {
+    for line in lines {
+        assert!(env.lines().any(|l| l == line), "no {line:?} in:\n{env}");
+    }
+}
+
+/// `GET target` over a raw HTTP/1.x connection (`head` ends with its own headers); the
+/// response body.
+async fn raw_get(server: &wafer_tests::DevServer, request_line: &str, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = server.url("").trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(addr.trim_end_matches('/'))
+        .await
+        .expect("connect");
+    let request = format!("{request_line}\r\n{head}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status_line = response.lines().next().unwrap_or_default();
+    assert!(
+        status_line.starts_with("HTTP/1.") && status_line.contains(" 200 "),
+        "{response}"
+    );
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// The CGI variables that describe a request follow it: HTTP/1.1, HTTP/1.0, an
+/// absolute-form target (whose host wins over `Host`), and HTTP/2, where the host
+/// arrives as `:authority` instead of a `Host` header.
+#[tokio::test]
+async fn the_cgi_variables_describe_each_http_version() {
+    use http_body_util::BodyExt;
+    let (_dir, server) = start(&["--public-invoke"]);
+    let response = deploy(&server, "env", env_echo(), "").await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let authority = server
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let (host, port) = authority.rsplit_once(':').expect("host:port");
+    let expected = |protocol: &str| {
+        vec![
+            format!("SERVER_PROTOCOL={protocol}"),
+            format!("X_FULL_URL=http://{authority}/fn/env/x?q=1"),
+            format!("HTTP_HOST={authority}"),
+            format!("SERVER_NAME={host}"),
+            format!("SERVER_PORT={port}"),
+            "PATH_INFO=/x".to_string(),
+            "QUERY_STRING=q=1".to_string(),
+        ]
+    };
+
+    let (status, env) = text(
+        reqwest::Client::new()
+            .get(server.url("/fn/env/x?q=1"))
+            .send()
+            .await
+            .expect("HTTP/1.1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{env}");
+    assert_env_has(&env, &expected("HTTP/1.1"));
+
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = server.url("/fn/env/x?q=1").parse().expect("uri");
+    let response = h2.get(uri).await.expect("HTTP/2 request");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_env_has(&String::from_utf8_lossy(&body), &expected("HTTP/2.0"));
+
+    let env = raw_get(
+        &server,
+        "GET /fn/env/x?q=1 HTTP/1.0",
+        &format!("Host: {authority}\r\n"),
+    )
+    .await;
+    assert_env_has(&env, &expected("HTTP/1.0"));
+
+    let env = raw_get(
+        &server,
+        "GET http://example.test:9/fn/env/y?z=2 HTTP/1.1",
+        "Host: other.test\r\n",
+    )
+    .await;
+    assert_env_has(
+        &env,
+        &[
+            "X_FULL_URL=http://example.test:9/fn/env/y?z=2".to_string(),
+            "SERVER_NAME=example.test".to_string(),
+            "SERVER_PORT=9".to_string(),
+            "HTTP_HOST=other.test".to_string(),
+            "PATH_INFO=/y".to_string(),
+        ],
+    );
 }
 
 #[tokio::test]

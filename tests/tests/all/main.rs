@@ -212,6 +212,30 @@ fn program_for(wasi: &str, fd: u32, condition: &str, text: &str, code: i32) -> V
     ))
 }
 
+/// A WASI program that prints its environment, one `NAME=value` a line (no CGI head).
+pub fn env_echo() -> Vec<u8> {
+    wat(r#"(module
+      (import "wasi_snapshot_preview1" "environ_sizes_get" (func $sizes (param i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "environ_get" (func $get (param i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (func (export "_start") (local $i i32) (local $end i32)
+        (drop (call $sizes (i32.const 0) (i32.const 4)))
+        ;; Pointers from 1024 (up to 1792 variables), the strings from 8192.
+        (drop (call $get (i32.const 1024) (i32.const 8192)))
+        (local.set $i (i32.const 8192))
+        (local.set $end (i32.add (i32.const 8192) (i32.load (i32.const 4))))
+        (block $done (loop $next
+          (br_if $done (i32.ge_u (local.get $i) (local.get $end)))
+          (if (i32.eqz (i32.load8_u (local.get $i)))
+            (then (i32.store8 (local.get $i) (i32.const 10))))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br $next)))
+        (i32.store (i32.const 16) (i32.const 8192))
+        (i32.store (i32.const 20) (i32.load (i32.const 4)))
+        (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))))"#)
+}
+
 /// A WASI program that sleeps `ms` (poll_oneoff on the monotonic clock), then echoes
 /// its stdin to stdout.
 pub fn sleepy_echo(ms: u64) -> Vec<u8> {
