@@ -468,9 +468,11 @@ fn http_response(name: &FunctionName, head: &CgiHead<'_>, stdout: &Bytes) -> Res
             continue;
         }
         // `from_bytes` lower-cases the name.
+        // `from_bytes` takes UTF-8 beyond ASCII as the guest wrote it (`from_str` would
+        // drop such a value) and refuses control characters.
         match (
             HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(value),
+            HeaderValue::from_bytes(value.as_bytes()),
         ) {
             (Ok(k), Ok(v)) => {
                 headers.append(k, v);
@@ -479,6 +481,11 @@ fn http_response(name: &FunctionName, head: &CgiHead<'_>, stdout: &Bytes) -> Res
                 tracing::debug!(function = %name, header = %key, "dropping invalid response header")
             }
         }
+    }
+    // 204 and 304 have no body (RFC 9110 15.3.5, 15.4.5): what the guest wrote after
+    // the head is dropped, and no Content-Type or Content-Length made up for it.
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return (status, headers).into_response();
     }
     // The body is a view of the captured stdout, not a copy.
     let body = stdout.slice(head.body_offset..);

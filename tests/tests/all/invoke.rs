@@ -326,7 +326,7 @@ async fn plain_stdout_programs_and_exit_codes() {
 }
 
 #[tokio::test]
-async fn preview0_programs_cgi_redirects_and_invalid_statuses() {
+async fn preview0_programs_cgi_redirects_statuses_and_header_values() {
     let (_dir, server) = start(&[]);
     // Not following redirects, to see the guest's own answer.
     let http = reqwest::Client::builder()
@@ -366,6 +366,39 @@ async fn preview0_programs_cgi_redirects_and_invalid_statuses() {
     assert_eq!(
         (status, body.as_str()),
         (StatusCode::OK, "Status: 999 Weird\n\nbody")
+    );
+
+    // 204 and 304 have no body: what follows the head is dropped, and no
+    // Content-Length or Content-Type is made up for it.
+    for (name, code) in [("empty", 204), ("unchanged", 304)] {
+        let output = format!("Status: {code}\nX-A: 1\n\nnot a body");
+        deployed(name, plain_program(&output, 0)).await;
+        let response = get(name).await.expect(name);
+        assert_eq!(response.status().as_u16(), code);
+        assert_eq!(
+            response.headers().get("x-a").map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        for absent in ["content-length", "content-type"] {
+            assert!(
+                response.headers().get(absent).is_none(),
+                "{name}: {absent} in {:?}",
+                response.headers()
+            );
+        }
+        assert_eq!(response.text().await.expect("body"), "");
+    }
+
+    // A header value in UTF-8 beyond ASCII is passed on as the guest wrote it.
+    let output = "Content-Disposition: attachment; filename=\"café.txt\"\n\ndata";
+    deployed("utf8", plain_program(output, 0)).await;
+    let response = get("utf8").await.expect("utf8");
+    assert_eq!(
+        response
+            .headers()
+            .get("content-disposition")
+            .map(|v| v.as_bytes()),
+        Some("attachment; filename=\"café.txt\"".as_bytes())
     );
 }
 
