@@ -46,7 +46,22 @@ impl Stats {
 
 /// Drives `url` with `connections` connections: 1 s warm-up, then `duration` measured.
 pub fn run(url: &str, connections: usize, duration: Duration) -> anyhow::Result<Stats> {
-    let uri: hyper::Uri = url.parse().context("parsing URL")?;
+    run_spread(url, 1, connections, duration)
+}
+
+/// [`run`], with `{n}` in `url` replaced by 0, 1, ... `spread - 1` in turn, so that one
+/// run drives many functions (each connection starts at another one).
+pub fn run_spread(
+    url: &str,
+    spread: usize,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<Stats> {
+    let uris = (0..spread.max(1))
+        .map(|n| url.replace("{n}", &n.to_string()).parse::<hyper::Uri>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing URL")?;
+    let uris = std::sync::Arc::new(uris);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -54,11 +69,11 @@ pub fn run(url: &str, connections: usize, duration: Duration) -> anyhow::Result<
         let warmup = Instant::now() + Duration::from_secs(1);
         let end = warmup + duration;
         let mut tasks = Vec::new();
-        for _ in 0..connections {
-            let uri = uri.clone();
-            tasks.push(tokio::spawn(
-                async move { connection(uri, warmup, end).await },
-            ));
+        for first in 0..connections {
+            let uris = uris.clone();
+            tasks.push(tokio::spawn(async move {
+                connection(&uris, first, warmup, end).await
+            }));
         }
         let mut stats = Stats::new()?;
         for t in tasks {
@@ -71,16 +86,20 @@ pub fn run(url: &str, connections: usize, duration: Duration) -> anyhow::Result<
     })
 }
 
+/// One keep-alive connection sending GETs to `uris` in turn from `first`, all on the
+/// first one's host.
 async fn connection(
-    uri: hyper::Uri,
+    uris: &[hyper::Uri],
+    first: usize,
     warmup: Instant,
     end: Instant,
 ) -> anyhow::Result<(Histogram<u64>, u64)> {
-    let authority = uri.authority().context("URL has no host")?.clone();
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or("/".into());
+    let authority = uris[0].authority().context("URL has no host")?.clone();
+    let paths: Vec<&str> = uris
+        .iter()
+        .map(|uri| uri.path_and_query().map_or("/", |p| p.as_str()))
+        .collect();
+    let mut next = first;
     let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
     stream.set_nodelay(true)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -93,7 +112,9 @@ async fn connection(
         if now >= end {
             break;
         }
-        let request = Request::get(path.as_str())
+        let path = paths[next % paths.len()];
+        next += 1;
+        let request = Request::get(path)
             .header(hyper::header::HOST, authority.as_str())
             // wafer checks it; the other servers ignore it.
             .header(hyper::header::AUTHORIZATION, authorization.as_str())

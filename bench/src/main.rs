@@ -105,6 +105,9 @@ enum Cmd {
         /// Seconds of measured load (after 1 s of warm-up).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Replace `{n}` in the URL with 0 to N-1 in turn (to drive N functions).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        spread: usize,
     },
 }
 
@@ -161,8 +164,9 @@ fn main() -> anyhow::Result<()> {
             url,
             connections,
             seconds,
+            spread,
         } => {
-            let stats = load::run(&url, connections, Duration::from_secs(seconds))?;
+            let stats = load::run_spread(&url, spread, connections, Duration::from_secs(seconds))?;
             println!(
                 "{url}: {:.0} requests/s, p50 {} µs, p99 {} µs, {} errors",
                 stats.rps(),
