@@ -369,7 +369,15 @@ impl EngineSet {
                 .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
                 .table_keep_resident(KEEP_RESIDENT_BYTES / 8)
                 .async_stack_keep_resident(ASYNC_STACK_KEEP_RESIDENT_BYTES)
-                .pagemap_scan(wasmtime::Enabled::Auto);
+                .pagemap_scan(wasmtime::Enabled::Auto)
+                // Every freed memory slot stays warm for the module that last used it
+                // (wasmtime's default keeps 100): with many functions in turn, a slot
+                // taken from another module costs an image remap, its page faults and
+                // TLB shoot-downs (-15 % CPU per request with 300 functions, see
+                // docs/benchmarks.md). The price: more slots keep the pages their last
+                // guest dirtied, up to KEEP_RESIDENT_BYTES each (at worst
+                // max_instances x 2 MiB; 300 `hello` functions added ~17 MB).
+                .max_unused_warm_slots(config.max_instances);
             wasm_config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&wasm_config).map_err(engine_error)?;
