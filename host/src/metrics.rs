@@ -161,6 +161,16 @@ impl Metrics {
             "Function instances alive now",
             runtime.live_instances.clone(),
         );
+        registry.register(
+            "warm_slots",
+            "Unused instance slots kept warm for the module that last used them",
+            runtime.warm_slots.clone(),
+        );
+        registry.register(
+            "warm_resident_bytes",
+            "Guest memory kept resident in unused instance slots, bytes",
+            runtime.warm_resident_bytes.clone(),
+        );
         let raft = RaftGauges::default();
         registry.register("raft_term", "Current Raft term", raft.term.clone());
         registry.register(

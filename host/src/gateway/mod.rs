@@ -146,6 +146,7 @@ async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
         {
             app.metrics.observe_cluster(&app.cluster.status());
             app.scheduler.observe_metrics();
+            app.functions.runtime().observe_pools();
             app.metrics.render()
         },
     )

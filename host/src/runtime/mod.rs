@@ -218,6 +218,10 @@ pub struct RuntimeMetrics {
     pub compilations: Counter,
     /// Instances alive now.
     pub live_instances: Gauge,
+    /// Unused memory slots that a module used before (warm for it), both engines.
+    pub warm_slots: Gauge,
+    /// Bytes of guest memory kept resident in unused slots, both engines.
+    pub warm_resident_bytes: Gauge,
 }
 
 /// Per-instance host state.
@@ -485,6 +489,22 @@ impl Runtime {
     /// The runtime's counters.
     pub fn metrics(&self) -> &RuntimeMetrics {
         &self.metrics
+    }
+
+    /// Brings the pool gauges ([`RuntimeMetrics::warm_slots`] and
+    /// [`RuntimeMetrics::warm_resident_bytes`]) up to date: they take the pools' locks,
+    /// so they are read when scraped rather than on every invocation.
+    pub fn observe_pools(&self) {
+        let (mut slots, mut bytes) = (0u64, 0u64);
+        for set in std::iter::once(&self.plain).chain(self.metered.get()) {
+            if let Some(pool) = set.engine.pooling_allocator_metrics() {
+                slots += u64::from(pool.unused_warm_memories());
+                bytes += pool.unused_memory_bytes_resident() as u64;
+            }
+        }
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.warm_slots.set(gauge(slots));
+        self.metrics.warm_resident_bytes.set(gauge(bytes));
     }
 
     /// Validates `wasm` (a binary: see [`to_binary`] for uploads) under `limits`, then

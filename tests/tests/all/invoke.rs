@@ -601,6 +601,11 @@ async fn metrics_count_invocations() {
         Some(5.0),
         "{metrics}"
     );
+    // The slot `hello` ran in stays warm for it, with the pages it dirtied resident.
+    let warm = wafer_tests::metric(&metrics, "wafer_warm_slots").unwrap_or(0.0);
+    assert!(warm >= 1.0, "{metrics}");
+    let resident = wafer_tests::metric(&metrics, "wafer_warm_resident_bytes").unwrap_or(0.0);
+    assert!(resident > 0.0, "{metrics}");
     let health = http
         .get(server.url("/healthz"))
         .send()
