@@ -377,7 +377,7 @@ impl EngineSet {
                 // Every freed memory slot stays warm for the module that last used it
                 // (wasmtime's default keeps 100): with many functions in turn, a slot
                 // taken from another module costs an image remap, its page faults and
-                // TLB shoot-downs (-15 % CPU per request with 300 functions, see
+                // TLB shoot-downs (-16 % CPU per request with 300 functions, see
                 // docs/benchmarks.md). The price: more slots keep the pages their last
                 // guest dirtied, up to KEEP_RESIDENT_BYTES each (at worst
                 // max_instances x 2 MiB; 300 `hello` functions added ~17 MB).
