@@ -838,6 +838,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             | Command::Accel { .. }
     ) {
         default_sigpipe();
+    } else if let Err(err) = crate::signals::install() {
+        tracing::warn!(error = %err, "cannot take over SIGINT and SIGTERM");
     }
     match cli.command {
         Command::Dev {

@@ -29,4 +29,5 @@ pub mod rpc;
 pub mod runtime;
 pub mod scheduler;
 pub mod server;
+pub mod signals;
 pub mod state;

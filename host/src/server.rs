@@ -457,7 +457,7 @@ pub async fn serve(node: Node) -> anyhow::Result<()> {
     let cluster = node.cluster.clone();
     let until = async move {
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = crate::signals::stopped() => {}
             why = raft_stopped(&cluster) => {
                 tracing::error!(error = %why, "Raft stopped; this node exits");
             }
@@ -555,27 +555,4 @@ pub async fn start_agent(
         tracing::info!(agent = %agent.id, "the in-process agent registers once this server is a member");
     }
     Ok(Some(agent))
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

@@ -274,6 +274,35 @@ impl DevServer {
         Ok(())
     }
 
+    /// Asks the process to stop (SIGTERM: a graceful stop).
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -TERM failed: {status}");
+        }
+        Ok(())
+    }
+
+    /// Waits, at most `within`, for the process to exit; how it exited.
+    pub async fn exited(mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().context("waiting for wafer dev")? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "wafer dev still runs after {within:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()

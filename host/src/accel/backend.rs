@@ -875,7 +875,7 @@ pub async fn run(config: AccelConfig) -> anyhow::Result<()> {
         say!("  attaching to agent {agent} as {advertised}");
     }
     tracing::info!(%addr, devices = devices.len(), "wafer accel ready");
-    crate::server::shutdown_signal().await;
+    crate::signals::stopped().await;
     tracing::info!("wafer accel stopped");
     Ok(())
 }

@@ -240,7 +240,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         agent.rpc
     );
     say!("  data folder: {}", data.display());
-    crate::server::shutdown_signal().await;
+    crate::signals::stopped().await;
     tracing::info!("wafer agent stopped");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! server-sent event stream, the web console's files, `/healthz` and `/metrics`, behind
 //! the bearer-token check of [`auth`].
 
+mod activity;
 mod api;
 pub mod auth;
 mod cluster;

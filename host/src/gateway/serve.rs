@@ -7,19 +7,23 @@
 //!
 //! Slow or silent clients cannot hold connections open for ever: one that sends nothing
 //! for the client timeout after connecting, or takes longer than that to send a
-//! request's headers, is disconnected, and so is an HTTP/1 connection left idle that
-//! long between requests. (A body that stalls is the handlers' to refuse: see
+//! request's headers, is disconnected, and so is a connection left idle that long
+//! between requests (HTTP/1: hyper times the wait for the next request; HTTP/2: see
+//! [`super::activity`]). (A body that stalls is the handlers' to refuse: see
 //! [`super::read_body`].)
 
 use std::future::Future;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::{mpsc, watch};
+
+use super::activity::{Activity, Tracked};
 
 /// How long open connections get to finish their requests at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -127,35 +131,133 @@ fn hand_off(
 /// The first bytes an HTTP/2 client with prior knowledge ("h2c") sends.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Waits, at most `timeout`, until `stream` has sent enough for hyper to tell HTTP/1
-/// from HTTP/2: a byte that leaves the HTTP/2 preface, or the whole preface. Hyper's
-/// own header timeout starts only once it knows the protocol, so without this a client
-/// that connects and says nothing would hold its connection for ever. False: the
+/// The HTTP version a client speaks, told from its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge ("h2c"; this server has no TLS to negotiate it).
+    Http2,
+}
+
+/// Waits, at most `timeout`, until `stream` has sent enough to tell HTTP/1 from
+/// HTTP/2: a byte that leaves the HTTP/2 preface, or the whole preface. Hyper's own
+/// header timeout starts only once it knows the protocol, so without this a client
+/// that connects and says nothing would hold its connection for ever. `None`: the
 /// client closed, or did not get that far in time.
-async fn protocol_known(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
+async fn sniff_protocol(stream: &tokio::net::TcpStream, timeout: Duration) -> Option<Protocol> {
     let sniff = async {
         let mut head = [0u8; H2_PREFACE.len()];
         loop {
             let n = match stream.peek(&mut head).await {
-                Ok(0) | Err(_) => return false,
+                Ok(0) | Err(_) => return None,
                 Ok(n) => n,
             };
-            if n == H2_PREFACE.len() || head[..n] != H2_PREFACE[..n] {
-                return true;
+            if head[..n] != H2_PREFACE[..n] {
+                return Some(Protocol::Http1);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(Protocol::Http2);
             }
             // Part of the preface: wait for the rest (peeking again at once would
             // spin, since the bytes already there keep the socket readable).
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    tokio::time::timeout(timeout, sniff).await.unwrap_or(false)
+    tokio::time::timeout(timeout, sniff).await.ok().flatten()
+}
+
+/// Serves one connection until it ends. When the server stops, it finishes the
+/// requests in flight and closes (graceful shutdown). An HTTP/2 connection is also
+/// closed that way once it has had no request in flight for `client_timeout`, and
+/// dropped if its client then takes longer than that to let it close.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    builder: &auto::Builder<TokioExecutor>,
+    client_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let protocol = tokio::select! {
+        () = stopped(&mut stop) => return,
+        protocol = sniff_protocol(&stream, client_timeout) => protocol,
+    };
+    let Some(protocol) = protocol else {
+        tracing::debug!("a client sent no request in time");
+        return;
+    };
+    let io = TokioIo::new(stream);
+    let service = TowerToHyperService::new(app);
+    let ended = if protocol == Protocol::Http2 {
+        let activity = Activity::new();
+        let service = Tracked::new(service, activity.clone());
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        drive(conn, stop, Some((&activity, client_timeout))).await
+    } else {
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        drive(conn, stop, None).await
+    };
+    if let Err(err) = ended {
+        tracing::debug!(error = %err, "connection ended");
+    }
+}
+
+/// Drives `conn` to its end (see [`serve_connection`]); `idle`: the connection's
+/// activity and how long it may stay idle.
+async fn drive<C>(
+    conn: C,
+    mut stop: watch::Receiver<bool>,
+    idle: Option<(&Activity, Duration)>,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(conn);
+    let mut check = idle.map(|(_, timeout)| Instant::now() + timeout);
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => return ended,
+            () = stopped(&mut stop) => {
+                conn.as_mut().graceful_shutdown();
+                // The worker bounds how long this may take.
+                return conn.await;
+            }
+            () = sleep_until_some(check) => {
+                let Some((activity, timeout)) = idle else { continue };
+                match activity.idle_since() {
+                    Some(since) if since.elapsed() >= timeout => {
+                        tracing::debug!("closing an idle HTTP/2 connection");
+                        conn.as_mut().graceful_shutdown();
+                        return match tokio::time::timeout(timeout, conn).await {
+                            Ok(ended) => ended,
+                            Err(_) => Ok(()),
+                        };
+                    }
+                    Some(since) => check = Some(since + timeout),
+                    None => check = Some(Instant::now() + timeout),
+                }
+            }
+        }
+    }
+}
+
+/// Returns once the server stops (or has gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Sleeps until `deadline`; for ever if there is none.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn start_worker(
     index: usize,
     app: Router,
     client_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<Worker, ServeError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -166,7 +268,6 @@ fn start_worker(
         .name(format!("wafer-http-{index}"))
         .spawn(move || {
             runtime.block_on(async move {
-                let graceful = hyper_util::server::graceful::GracefulShutdown::new();
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 // Also closes HTTP/1 connections idle that long between requests: the
                 // wait for the next request's headers is timed too.
@@ -180,9 +281,13 @@ fn start_worker(
                     .timer(TokioTimer::new())
                     .keep_alive_interval(client_timeout);
                 let builder = std::sync::Arc::new(builder);
+                // Every connection's task holds a sender: once all are dropped, every
+                // connection has ended.
+                let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+                let mut worker_stop = stop.clone();
                 loop {
                     tokio::select! {
-                        _ = stop.wait_for(|stopped| *stopped) => break,
+                        () = stopped(&mut worker_stop) => break,
                         received = rx.recv() => {
                             let Some(stream) = received else { break };
                             let stream = match tokio::net::TcpStream::from_std(stream) {
@@ -193,24 +298,17 @@ fn start_worker(
                                 }
                             };
                             let _ = stream.set_nodelay(true);
-                            let service = TowerToHyperService::new(app.clone());
-                            let (builder, watcher) = (builder.clone(), graceful.watcher());
+                            let (app, builder, stop) = (app.clone(), builder.clone(), stop.clone());
+                            let open = open_tx.clone();
                             tokio::spawn(async move {
-                                if !protocol_known(&stream, client_timeout).await {
-                                    tracing::debug!("a client sent no request in time");
-                                    return;
-                                }
-                                let conn = builder
-                                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                                    .into_owned();
-                                if let Err(err) = watcher.watch(conn).await {
-                                    tracing::debug!(error = %err, "connection ended");
-                                }
+                                serve_connection(stream, app, &builder, client_timeout, stop).await;
+                                drop(open);
                             });
                         }
                     }
                 }
-                let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+                drop(open_tx);
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, open_rx.recv()).await;
             });
         })
         .map_err(|source| ServeError::Worker { index, source })?;

@@ -550,11 +550,72 @@ async fn slow_or_silent_clients_are_disconnected_and_the_server_keeps_serving() 
     assert!(status.starts_with("HTTP/1.1 200 OK"), "{status}");
     assert!(body.contains("body: 8 bytes"), "{body}");
 
+    // The same over HTTP/2: a slow upload is served, then the idle connection is closed
+    // (before, the server kept it for as long as the client answered its pings).
+    h2_slow_post_then_idle(server.base(), 8).await;
+
     // And the server goes on serving.
     let response = wafer_tests::get(server.url("/fn/hello"))
         .await
         .expect("invoke");
     assert_eq!(response.status(), StatusCode::OK);
+}
+
+/// On one HTTP/2 connection (prior knowledge), POSTs `bytes` bytes to `hello`, one
+/// every 200 ms (the pace of this slow client), checks the answer, then keeps the
+/// connection open from its side; fails unless the server closes it within 20 s.
+async fn h2_slow_post_then_idle(base: &str, bytes: usize) {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    let addr = base.trim_start_matches("http://");
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    let connection = tokio::spawn(connection);
+
+    let pace = std::time::Duration::from_millis(200);
+    let body = StreamBody::new(Box::pin(futures_util::stream::unfold(
+        0,
+        move |sent| async move {
+            if sent == bytes {
+                return None;
+            }
+            tokio::time::sleep(pace).await;
+            let frame = Frame::data(Bytes::from_static(b"x"));
+            Some((Ok::<_, std::convert::Infallible>(frame), sent + 1))
+        },
+    )));
+    let request = http::Request::post(format!("{base}/fn/hello"))
+        .header(
+            "authorization",
+            format!("Bearer {}", wafer_tests::ADMIN_TOKEN),
+        )
+        .body(body)
+        .expect("request");
+    let response = sender.send_request(request).await.expect("HTTP/2 answer");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains(&format!("body: {bytes} bytes")), "{body}");
+
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), connection).await;
+    assert!(
+        closed.is_ok(),
+        "the server still holds an idle HTTP/2 connection"
+    );
+    drop(sender);
 }
 
 /// POSTs `bytes` bytes to `hello`, one every 200 ms (the pace of this slow client, not

@@ -1,6 +1,7 @@
 //! Durability: a restarted server keeps its functions and serves them from the
 //! precompiled-code cache without recompiling.
 
+use anyhow::Context;
 use reqwest::StatusCode;
 use wafer_tests::{metric, DevServer};
 
@@ -164,5 +165,54 @@ async fn a_closed_stdout_does_not_stop_the_server() -> anyhow::Result<()> {
         answer.is_ok_and(|r| r.status() == StatusCode::OK),
         "wafer dev does not serve after its ready lines met the closed pipe"
     );
+    Ok(())
+}
+
+/// SIGTERM stops `wafer dev` gracefully: a request in flight is answered, then the
+/// process exits with success. (With an accelerator backend in the process, PoCL's LLVM
+/// used to turn the signal into an immediate death that dropped the request.)
+#[tokio::test]
+async fn a_stop_signal_lets_requests_in_flight_finish() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, server) = crate::start(&[]);
+    deploy_example(&server, "hello", "").await;
+
+    // A request whose body the server is waiting for: it answers `100 Continue` once
+    // the function reads its body, so the request is in flight when it says so.
+    let addr = server.base().trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+    let head = format!(
+        "POST /fn/hello HTTP/1.1\r\nhost: wafer\r\nauthorization: Bearer {}\r\n\
+         content-length: 6\r\nexpect: 100-continue\r\n\r\n",
+        wafer_tests::ADMIN_TOKEN
+    );
+    stream.write_all(head.as_bytes()).await?;
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stream.read_exact(&mut interim),
+    )
+    .await??;
+    anyhow::ensure!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+
+    server.terminate()?;
+    stream.write_all(b"abcdef").await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stream.read_to_end(&mut answer),
+    )
+    .await?
+    .context("the server dropped the request in flight")?;
+    let answer = String::from_utf8_lossy(&answer);
+    anyhow::ensure!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    anyhow::ensure!(answer.contains("body: 6 bytes"), "{answer}");
+
+    let status = server.exited(std::time::Duration::from_secs(20)).await?;
+    anyhow::ensure!(status.success(), "wafer dev exited with {status}");
     Ok(())
 }
