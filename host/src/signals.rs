@@ -35,10 +35,10 @@ pub fn install() -> std::io::Result<()> {
         let mut wait = wait;
         let mut asked = false;
         loop {
-            let code = wait.next().await;
+            let signal = wait.next().await;
             if asked || !SERVING.load(Ordering::SeqCst) {
                 // Not serving yet, or told twice: no graceful stop to wait for.
-                std::process::exit(code);
+                die_of(signal);
             }
             asked = true;
             tracing::info!("stopping (signal again to stop at once)");
@@ -95,19 +95,32 @@ fn watch_signals() -> std::io::Result<Signals> {
 }
 
 impl Signals {
-    /// Waits for the next signal; the exit code a process killed by it has.
+    /// Waits for the next signal; its number.
     async fn next(&mut self) -> i32 {
         #[cfg(unix)]
         {
             tokio::select! {
-                _ = self.interrupt.recv() => 128 + libc::SIGINT,
-                _ = self.terminate.recv() => 128 + libc::SIGTERM,
+                _ = self.interrupt.recv() => libc::SIGINT,
+                _ = self.terminate.recv() => libc::SIGTERM,
             }
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
-            130
+            2
         }
     }
+}
+
+/// Ends the process as `signal` does by default (no exit handlers run while other
+/// threads, OpenCL's among them, are still at work).
+fn die_of(signal: i32) -> ! {
+    #[cfg(unix)]
+    // SAFETY: `signal` and `raise` take no pointers; setting the default disposition
+    // and raising the signal ends the process, as if these handlers were never set.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+    std::process::exit(128 + signal)
 }
