@@ -178,7 +178,7 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let protocol = tokio::select! {
-        () = stopped(&mut stop) => return,
+        () = server_stopping(&mut stop) => return,
         protocol = sniff_protocol(&stream, client_timeout) => protocol,
     };
     let Some(protocol) = protocol else {
@@ -216,7 +216,7 @@ where
     loop {
         tokio::select! {
             ended = conn.as_mut() => return ended,
-            () = stopped(&mut stop) => {
+            () = server_stopping(&mut stop) => {
                 conn.as_mut().graceful_shutdown();
                 // The worker bounds how long this may take.
                 return conn.await;
@@ -241,7 +241,7 @@ where
 }
 
 /// Returns once the server stops (or has gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+async fn server_stopping(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
@@ -287,7 +287,7 @@ fn start_worker(
                 let mut worker_stop = stop.clone();
                 loop {
                     tokio::select! {
-                        () = stopped(&mut worker_stop) => break,
+                        () = server_stopping(&mut worker_stop) => break,
                         received = rx.recv() => {
                             let Some(stream) = received else { break };
                             let stream = match tokio::net::TcpStream::from_std(stream) {

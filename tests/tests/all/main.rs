@@ -31,6 +31,20 @@ pub fn start(extra: &[&str]) -> (TempDir, DevServer) {
     (dir, server)
 }
 
+/// Checks that `response` came over HTTP/2 with a 200; its body as text.
+pub async fn h2_ok_text(response: http::Response<hyper::body::Incoming>) -> String {
+    use http_body_util::BodyExt;
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// Creates a token with `scopes` over HTTP (as admin); its secret and id.
 pub async fn create_token(server_url: &str, scopes: &[&str]) -> (String, String) {
     let created: serde_json::Value = wafer_tests::http()
